@@ -1,0 +1,1 @@
+"""CRM adapters: one module per CRM, all speaking the protocol in ``base``."""

@@ -1,0 +1,134 @@
+"""The Flask app: the signed-webhook receiver and health checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, current_app, jsonify, request
+
+from . import failures
+from .config import Settings
+from .events import EventError, check_body
+from .logs import configure_logging
+from .queueing import connect, enqueue_event
+from .signature import SignatureError, verify
+
+log = logging.getLogger(__name__)
+JSON_TYPES = ("application/json",)
+
+
+def create_app(settings: Settings | None = None, conn: redis.Redis | None = None) -> Flask:
+    """Build the web app; settings default to the environment, Redis to the settings."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["instruqt_crm"] = {
+        "settings": settings,
+        "redis": conn if conn is not None else connect(settings.redis_url),
+    }
+    app.add_url_rule("/webhooks/instruqt", view_func=receive_webhook, methods=["POST"])
+    app.add_url_rule("/healthz", view_func=healthz)
+    app.add_url_rule("/readyz", view_func=readyz)
+    return app
+
+
+def settings_of(app: Flask) -> Settings:
+    """The app's settings."""
+    settings: Settings = app.extensions["instruqt_crm"]["settings"]
+    return settings
+
+
+def redis_of(app: Flask) -> redis.Redis:
+    """The app's Redis connection."""
+    conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
+    return conn
+
+
+def reply(code: int, **fields: Any) -> tuple[Response, int]:
+    """A small JSON answer with HTTP status ``code``."""
+    return jsonify(fields), code
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type header names JSON (``application/json`` or ``+json``)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _read_body(limit: int) -> bytes | None:
+    """The raw body, or None when it exceeds ``limit`` (read no further than limit + 1 bytes)."""
+    if request.content_length is not None:
+        return None if request.content_length > limit else request.get_data(cache=True)
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""  # no length and no chunked framing: nothing can be read safely
+    stream = request.environ["wsgi.input"]
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        part = stream.read(limit + 1 - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return None if size > limit else b"".join(parts)
+
+
+def receive_webhook() -> tuple[Response, int]:
+    """Verify, dedupe and enqueue one Instruqt event."""
+    settings = settings_of(current_app)
+    if (request.content_length or 0) > settings.max_body_bytes:
+        return reply(413, status="rejected", reason="body too large")
+    if not _is_json(request.content_type):
+        return reply(415, status="rejected", reason="content type must be application/json")
+    body = _read_body(settings.max_body_bytes)
+    if body is None:
+        return reply(413, status="rejected", reason="body too large")
+    try:
+        message_id = verify(body, dict(request.headers), settings.webhook_secrets)
+    except SignatureError as exc:
+        log.info("webhook rejected: %s", exc.reason)
+        return reply(401, status="rejected", reason=exc.reason)
+    conn = redis_of(current_app)
+    try:
+        return _accept(conn, message_id, body, settings)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.error("event %s not queued, Redis unreachable: %s", message_id, exc)
+        return reply(503, status="unavailable", reason="queue unavailable, retry later")
+
+
+def _accept(
+    conn: redis.Redis, message_id: str, body: bytes, settings: Settings
+) -> tuple[Response, int]:
+    """Parse a verified body; keep it if unusable (400), else enqueue it once (202/200)."""
+    try:
+        decoded = json.loads(body)
+        event_type = check_body(decoded)
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc) if isinstance(exc, EventError) else "body is not valid JSON"
+        failure = failures.record(conn, "invalid_body", reason, message_id, body)
+        log.warning("event %s kept as failure %s: %s", message_id, failure.id, reason)
+        return reply(400, status="invalid", reason=reason, id=message_id)
+    outcome = enqueue_event(conn, message_id, decoded, settings.dedupe_ttl_seconds)
+    if outcome.duplicate:
+        log.info("event %s (%s) is a duplicate delivery", message_id, event_type)
+        return reply(200, status="duplicate", id=message_id)
+    log.info("event %s (%s) queued as job %s", message_id, event_type, outcome.job_id)
+    return reply(202, status="queued", id=message_id, job=outcome.job_id)
+
+
+def healthz() -> tuple[Response, int]:
+    """The process is up."""
+    return reply(200, status="ok")
+
+
+def readyz() -> tuple[Response, int]:
+    """Redis answers."""
+    try:
+        redis_of(current_app).ping()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return reply(503, status="unavailable", reason="redis unreachable")
+    return reply(200, status="ready")

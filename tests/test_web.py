@@ -1,0 +1,199 @@
+"""The receiver end to end against a real Redis: status codes, dedupe, enqueue, health."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+
+from instruqt_crm import failures
+from instruqt_crm.config import Settings
+from instruqt_crm.queueing import EVENTS_QUEUE, connect, queue
+from instruqt_crm.web import create_app
+from tests.signing import OTHER_SECRET, SECRET, signed, track_event
+
+URL = "/webhooks/instruqt"
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings.from_env(
+        {
+            "INSTRUQT_WEBHOOK_SECRET": f"{SECRET},{OTHER_SECRET}",
+            "REDIS_URL": redis_url,
+            "MAX_BODY_BYTES": "4096",
+        }
+    )
+
+
+@pytest.fixture
+def app(settings: Settings) -> Flask:
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: Flask) -> Iterator[FlaskClient]:
+    with app.test_client() as client:
+        yield client
+
+
+def queued(conn: redis.Redis) -> int:
+    return queue(EVENTS_QUEUE, conn).count
+
+
+def post(client: FlaskClient, body: bytes, headers: dict[str, str]):
+    return client.post(URL, data=body, headers=headers)
+
+
+def test_valid_event_is_queued_once(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed(track_event())
+    response = post(client, body, headers)
+    assert response.status_code == 202
+    assert response.json["status"] == "queued"
+    assert response.json["id"] == headers["svix-id"]
+    assert queued(redis_conn) == 1
+    job = queue(EVENTS_QUEUE, redis_conn).jobs[0]
+    assert job.args == [headers["svix-id"], json.loads(body)]
+    assert job.func_name == "instruqt_crm.jobs.process_event"
+
+
+def test_unknown_type_is_accepted(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed({"type": "something.new", "user_id": "u"})
+    assert post(client, body, headers).status_code == 202
+    assert queued(redis_conn) == 1
+
+
+def test_both_rotation_secrets_accepted(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    for secret in (SECRET, OTHER_SECRET):
+        body, headers = signed(track_event(), secret=secret)
+        assert post(client, body, headers).status_code == 202
+    assert queued(redis_conn) == 2
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda h: h.pop("svix-signature"), "missing"),
+        (lambda h: h.update({"svix-signature": "v1,bm90IGl0"}), "does not match"),
+        (lambda h: h.update({"svix-signature": "nonsense"}), "malformed"),
+        (lambda h: h.update({"svix-timestamp": "1614265330"}), "window"),
+    ],
+)
+def test_bad_signatures_get_401_and_store_nothing(
+    client: FlaskClient, redis_conn: redis.Redis, tamper, reason: str
+) -> None:
+    body, headers = signed(track_event())
+    tamper(headers)
+    response = post(client, body, headers)
+    assert response.status_code == 401
+    assert reason in response.json["reason"]
+    assert SECRET not in response.get_data(as_text=True)
+    assert redis_conn.dbsize() == 0
+
+
+def test_wrong_secret_gets_401(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed(track_event(), secret="whsec_" + "d3JvbmcgY2VydA==")
+    assert post(client, body, headers).status_code == 401
+    assert redis_conn.dbsize() == 0
+
+
+def test_too_large_gets_413(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed(track_event(padding="x" * 5000))
+    response = post(client, body, headers)
+    assert response.status_code == 413
+    assert redis_conn.dbsize() == 0
+
+
+def test_too_large_without_content_length_gets_413(
+    client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    body, headers = signed(track_event(padding="x" * 5000))
+    headers["Transfer-Encoding"] = "chunked"
+    response = client.post(
+        URL,
+        input_stream=io.BytesIO(body),
+        headers=headers,
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert redis_conn.dbsize() == 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_non_json_content_type_gets_415(
+    client: FlaskClient, redis_conn: redis.Redis, content_type: str
+) -> None:
+    body, headers = signed(track_event())
+    headers["Content-Type"] = content_type
+    assert post(client, body, headers).status_code == 415
+    assert redis_conn.dbsize() == 0
+
+
+def test_json_with_charset_is_fine(client: FlaskClient) -> None:
+    body, headers = signed(track_event())
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    assert post(client, body, headers).status_code == 202
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[1, 2]", b'{"no_type": 1}', b'{"type": 5}', b"not json", b'{"type": ""}']
+)
+def test_verified_but_unusable_body_gets_400_and_is_kept(
+    client: FlaskClient, redis_conn: redis.Redis, raw: bytes
+) -> None:
+    body, headers = signed(raw)
+    response = post(client, body, headers)
+    assert response.status_code == 400
+    assert queued(redis_conn) == 0
+    kept = failures.recent(redis_conn)
+    assert len(kept) == 1
+    assert kept[0].payload == raw.decode()
+    assert kept[0].message_id == headers["svix-id"]
+    assert kept[0].category == "invalid_body"
+
+
+def test_same_id_twice_is_one_job(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed(track_event(), msg_id="msg_repeat")
+    assert post(client, body, headers).status_code == 202
+    body, headers = signed(track_event(), msg_id="msg_repeat")  # Svix re-signs with a new time
+    response = post(client, body, headers)
+    assert response.status_code == 200
+    assert response.json == {"status": "duplicate", "id": "msg_repeat"}
+    assert queued(redis_conn) == 1
+
+
+def test_same_id_ten_times_concurrently_is_one_job(app: Flask, redis_conn: redis.Redis) -> None:
+    deliveries = [signed(track_event(), msg_id="msg_storm") for _ in range(10)]
+
+    def deliver(delivery):
+        with app.test_client() as client:
+            return post(client, *delivery).status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = sorted(pool.map(deliver, deliveries))
+    assert codes.count(202) == 1
+    assert codes.count(200) == 9
+    assert queued(redis_conn) == 1
+
+
+def test_health(client: FlaskClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_and_receiver_answer_503_without_redis(settings: Settings) -> None:
+    dead = connect("redis://127.0.0.1:1")
+    app = create_app(settings, conn=dead)
+    with app.test_client() as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        body, headers = signed(track_event())
+        response = post(client, body, headers)
+        assert response.status_code == 503
+        assert "retry" in response.json["reason"]

@@ -1,0 +1,7 @@
+"""Worker entry (Procfile ``worker``): preload the package, run an RQ worker with its scheduler."""
+
+import instruqt_crm.jobs  # noqa: F401  preloaded so each forked job starts fast
+from instruqt_crm.workers import run_worker
+
+if __name__ == "__main__":
+    run_worker()
