@@ -1,7 +1,9 @@
 """Worker entry (Procfile ``worker``): preload the package, run an RQ worker with its scheduler."""
 
+import sys
+
 import instruqt_crm.jobs  # noqa: F401  preloaded so each forked job starts fast
 from instruqt_crm.workers import run_worker
 
 if __name__ == "__main__":
-    run_worker()
+    sys.exit(run_worker())

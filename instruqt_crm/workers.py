@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import redis
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, HerokuWorker, SimpleWorker
 
-from .config import Settings
+from . import identity, ledger
+from .config import SettingsError
+from .errors import SyncError
 from .logs import configure_logging
+from .mapping import MappingError
 from .queueing import connect, queues
+from .runtime import Runtime, current_runtime
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The worker must not start; the message says why and what to do."""
 
 
 def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = None) -> BaseWorker:
@@ -21,15 +30,51 @@ def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = Non
     return worker_class(queues(conn), connection=conn, serializer=JSONSerializer, name=name)
 
 
-def run_worker(settings: Settings | None = None, burst: bool = False) -> bool:
+def missing_fields(runtime: Runtime, conn: redis.Redis) -> list[str]:
+    """Mapped properties the CRM does not have (one describe call)."""
+    known = runtime.adapter(conn).describe()
+    return sorted(name for name in runtime.mapping.properties if name not in known)
+
+
+def preflight(runtime: Runtime, conn: redis.Redis) -> None:
+    """Refuse to start when the CRM lacks mapped properties; resume pending work otherwise."""
+    try:
+        missing = missing_fields(runtime, conn)
+    except SyncError as exc:
+        raise StartupError(f"cannot read the CRM's fields: {exc.reason}") from exc
+    if missing:
+        raise StartupError(
+            f"the {runtime.mapping.crm} account lacks {len(missing)} mapped propert"
+            f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}. "
+            f"Create them with: instruqt-crm setup {runtime.mapping.crm}"
+        )
+    from .jobs import schedule_flush, schedule_once
+
+    if ledger.dirty_count(conn):
+        schedule_flush(conn, runtime, delay=0)
+    if identity.parked_count(conn):
+        schedule_once(conn, "instruqt_crm.jobs.retry_parked", 1, 60)
+
+
+def run_worker(burst: bool = False) -> int:
     """Run a worker until stopped (SIGTERM: the current job finishes or is retried later)."""
-    settings = settings or Settings.from_env()
-    configure_logging(settings.log_level)
-    conn = connect(settings.redis_url)
+    try:
+        runtime = current_runtime()
+    except (SettingsError, MappingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(runtime.settings.log_level)
+    conn = connect(runtime.settings.redis_url)
+    try:
+        preflight(runtime, conn)
+    except StartupError as exc:
+        log.error("worker not started: %s", exc)
+        return 1
     worker = build_worker(conn)
     log.info("worker %s listening on %s", worker.name, ", ".join(worker.queue_names()))
-    return worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+    worker.work(burst=burst, with_scheduler=True, logging_level=runtime.settings.log_level)
+    return 0
 
 
 if __name__ == "__main__":
-    run_worker()
+    sys.exit(run_worker())

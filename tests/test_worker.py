@@ -11,30 +11,37 @@ from pathlib import Path
 
 import redis
 
-from instruqt_crm.jobs import RECEIVED_KEY
+from instruqt_crm.jobs import STATS_KEY
 from instruqt_crm.queueing import EVENTS_QUEUE, enqueue_event, queue
+from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker
+from tests.engine_helpers import engine_env
 from tests.signing import SECRET, track_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_simple_worker_drains_events(redis_conn: redis.Redis) -> None:
+def test_simple_worker_drains_events(
+    redis_url: str, redis_conn: redis.Redis, tmp_path, monkeypatch
+) -> None:
+    for name, value in engine_env(redis_url, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
     for number in range(3):
-        enqueue_event(redis_conn, f"msg_{number}", track_event(user_id=f"u{number}"), 3600)
-    enqueue_event(redis_conn, "msg_review", {"type": "review.created", "user_id": "u0"}, 3600)
+        body = track_event(user_id=f"u{number}", params={"email": f"u{number}@example.com"})
+        enqueue_event(redis_conn, f"msg_{number}", body, 3600)
+    enqueue_event(redis_conn, "msg_review", {"type": "review.created", "user_id": "u9"}, 3600)
     build_worker(redis_conn, simple=True).work(burst=True)
     assert queue(EVENTS_QUEUE, redis_conn).count == 0
-    assert redis_conn.hgetall(RECEIVED_KEY) == {
-        b"track.challenge_attempted": b"3",
-        b"review.created": b"1",
-    }
+    current_runtime.cache_clear()
+    assert redis_conn.hget(STATS_KEY, "events:merged:track.challenge_attempted") == b"3"
+    assert redis_conn.hget(STATS_KEY, "events:parked:review.created") == b"1"
 
 
 def test_worker_process_runs_jobs_and_stops_on_sigterm(
-    redis_url: str, redis_conn: redis.Redis
+    redis_url: str, redis_conn: redis.Redis, tmp_path
 ) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "INSTRUQT_WEBHOOK_SECRET": SECRET}
+    env = {**os.environ, **engine_env(redis_url, tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "worker.py"],
         cwd=ROOT,
@@ -43,13 +50,11 @@ def test_worker_process_runs_jobs_and_stops_on_sigterm(
         stderr=subprocess.STDOUT,
     )
     try:
-        enqueue_event(redis_conn, "msg_live", track_event(), 3600)
+        enqueue_event(redis_conn, "msg_live", track_event(params={"email": "a@b.co"}), 3600)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not redis_conn.hget(
-            RECEIVED_KEY, "track.challenge_attempted"
-        ):
+        while time.monotonic() < deadline and not redis_conn.hget(STATS_KEY, "events:merged"):
             time.sleep(0.1)
-        assert redis_conn.hget(RECEIVED_KEY, "track.challenge_attempted") == b"1"
+        assert redis_conn.hget(STATS_KEY, "events:merged") == b"1"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:

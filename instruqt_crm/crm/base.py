@@ -1,0 +1,80 @@
+"""The adapter protocol every CRM speaks, and the change/outcome types that cross it.
+
+Errors live in ``instruqt_crm.errors`` (one module for the whole tree); adapters raise
+``RetryableError``/``RateLimited`` for a whole batch that may succeed later,
+``BatchRejected`` when the CRM refused a whole batch because of some record in it (the
+engine splits the batch to find it), and ``PermanentError`` when nothing will work
+until an operator acts (a bad token, a missing scope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from ..errors import PermanentError, RateLimited, RetryableError, SyncError
+
+Value = str | int | float | bool | None
+Status = Literal["synced", "rejected", "retry"]
+
+__all__ = [
+    "BatchRejected",
+    "ContactChange",
+    "CrmAdapter",
+    "Outcome",
+    "PermanentError",
+    "RateLimited",
+    "RetryableError",
+    "SyncError",
+    "Value",
+]
+
+
+class BatchRejected(PermanentError):
+    """The CRM refused the whole batch because of one or more records in it."""
+
+
+@dataclass(frozen=True)
+class ContactChange:
+    """The properties to write on one learner's record (only those that changed)."""
+
+    key: str
+    email: str
+    properties: dict[str, Value]
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the CRM did with one change."""
+
+    key: str
+    status: Status
+    reason: str = ""
+    category: str = ""
+    record_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PropertyInfo:
+    """A property (field) as the CRM describes it."""
+
+    name: str
+    type: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class CrmAdapter(Protocol):
+    """What the sync engine needs from a CRM."""
+
+    name: str
+    batch_size: int
+
+    def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
+        """Write a batch; one outcome per change, in any order, keyed by ``change.key``."""
+        ...
+
+    def describe(self) -> dict[str, PropertyInfo]:
+        """The record properties the CRM knows, by name."""
+        ...

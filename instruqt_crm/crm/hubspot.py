@@ -1,0 +1,236 @@
+"""HubSpot adapter: batched contact upserts through hubspot-api-client, within the rate budget.
+
+Every SDK or urllib3 failure is converted here into the engine's errors (see
+``instruqt_crm.errors``): 429 → ``RateLimited`` (wait per ``policyName``), 5xx/423/connection
+trouble → ``RetryableError``, 401/403 → ``PermanentError`` naming the token or scope, and a
+400 that refuses the whole batch → ``BatchRejected`` naming the culprits when HubSpot says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import urllib3
+from hubspot import HubSpot
+from hubspot.crm.contacts import (
+    BatchInputSimplePublicObjectBatchInputUpsert,
+    SimplePublicObjectBatchInputUpsert,
+)
+
+from ..errors import PermanentError, RateLimited, RetryableError
+from ..ratelimit import RequestBudget
+from ..retry import retrying
+from .base import BatchRejected, ContactChange, Outcome, PropertyInfo, Value
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
+BATCH_SIZE = 100
+
+
+def format_value(value: Value) -> str:
+    """A value as HubSpot wants it: text; numbers without exponent; booleans; empty = clear."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _body(exc: Any) -> dict[str, Any]:
+    """The JSON body of an SDK exception ({} if none)."""
+    try:
+        parsed = json.loads(getattr(exc, "body", None) or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _header(exc: Any, name: str) -> str | None:
+    headers = getattr(exc, "headers", None) or {}
+    return headers.get(name) if hasattr(headers, "get") else None
+
+
+def rate_limit_wait(body: dict[str, Any], headers_interval_ms: str | None) -> tuple[float, str]:
+    """How long to hold off after a 429, from HubSpot's ``policyName``."""
+    policy = str(body.get("policyName") or "TEN_SECONDLY_ROLLING")
+    if policy == "DAILY":
+        now = datetime.now(UTC)
+        tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        return (tomorrow - now).total_seconds() + 60, policy
+    if policy == "SECONDLY":
+        return 1.0, policy
+    interval = float(headers_interval_ms) / 1000 if headers_interval_ms else 10.0
+    return interval, policy
+
+
+def convert(exc: Exception, what: str) -> Exception:
+    """The engine error for an SDK or transport failure during ``what``."""
+    status = getattr(exc, "status", None)
+    if isinstance(exc, urllib3.exceptions.HTTPError) or status in (None, 0):
+        return RetryableError(f"HubSpot {what}: connection problem ({type(exc).__name__})")
+    body = _body(exc)
+    message = str(body.get("message") or getattr(exc, "reason", "") or "")[:500]
+    if status == 429:
+        wait, policy = rate_limit_wait(
+            body, _header(exc, "X-HubSpot-RateLimit-Interval-Milliseconds")
+        )
+        return RateLimited(f"HubSpot {what}: rate limited ({policy})", wait, policy)
+    if status == 401:
+        return PermanentError(
+            f"HubSpot {what}: 401 {body.get('category', 'INVALID_AUTHENTICATION')}: the token "
+            "in HUBSPOT_ACCESS_TOKEN is wrong, expired or revoked (copy the private app's "
+            "access token)",
+            "auth",
+        )
+    if status == 403:
+        scopes = _scopes(body)
+        return PermanentError(
+            f"HubSpot {what}: 403 {body.get('category', 'MISSING_SCOPES')}: the private app lacks "
+            f"scope(s) {scopes or 'needed for this call'}; add them in the app's settings",
+            "auth",
+        )
+    if status == 409:
+        return PermanentError(f"HubSpot {what}: 409 {message}", "conflict")
+    if status == 423:
+        return RetryableError(f"HubSpot {what}: 423 locked, retrying", wait=2.0)
+    if int(status) >= 500:
+        return RetryableError(f"HubSpot {what}: {status} server error")
+    return PermanentError(f"HubSpot {what}: {status} {message}", "validation")
+
+
+def _scopes(body: dict[str, Any]) -> str:
+    """Required scopes named in a 403 body."""
+    found: list[str] = []
+    for error in body.get("errors") or []:
+        context = error.get("context") or {} if isinstance(error, dict) else {}
+        for key in ("requiredGranularScopes", "requiredScopes"):
+            found += [str(s) for s in context.get(key) or []]
+    return ", ".join(sorted(set(found)))
+
+
+class HubSpotAdapter:
+    """Upsert contacts into HubSpot by email, 100 per request, never over the shared budget."""
+
+    name = "hubspot"
+    batch_size = BATCH_SIZE
+
+    def __init__(
+        self,
+        token: str,
+        host: str,
+        budget: RequestBudget | None = None,
+        attempts: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+        id_property: str = "email",
+    ) -> None:
+        self.client = HubSpot(access_token=token, host=host)
+        self.budget = budget
+        self.attempts = attempts
+        self.sleep = sleep
+        self.id_property = id_property
+
+    def __repr__(self) -> str:
+        return f"HubSpotAdapter(host={self.client.api_client.configuration.host!r})"
+
+    def _call(self, what: str, function: Callable[..., tuple[Any, int, Any]], *args: Any) -> Any:
+        """One SDK call: budget first, timeouts, errors converted, headers fed to the budget."""
+        if self.budget is not None:
+            self.budget.acquire(1, timeout=60)
+        try:
+            data, _, headers = function(*args, _request_timeout=TIMEOUT)
+        except Exception as exc:  # the SDK raises per-API classes and urllib3 errors
+            error = convert(exc, what)
+            if isinstance(error, RateLimited) and self.budget is not None:
+                self.budget.pause_for(error.wait or 0.0, error.reason, error.policy)
+            raise error from exc
+        self._observe(headers)
+        return data
+
+    def _observe(self, headers: Any) -> None:
+        """Feed X-HubSpot-RateLimit-* headers to the shared budget."""
+        if self.budget is None or not headers:
+            return
+
+        def number(name: str) -> int | None:
+            value = headers.get(name)
+            return int(value) if value not in (None, "") else None
+
+        self.budget.observe_headers(
+            number("X-HubSpot-RateLimit-Max"),
+            number("X-HubSpot-RateLimit-Remaining"),
+            number("X-HubSpot-RateLimit-Interval-Milliseconds"),
+        )
+
+    def call(self, what: str, function: Callable[..., tuple[Any, int, Any]], *args: Any) -> Any:
+        """``_call`` under the shared retry policy."""
+        policy = retrying(attempts=self.attempts, sleep=self.sleep, label=f"hubspot {what}")
+        return policy(self._call, what, function, *args)
+
+    def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
+        """Upsert a batch keyed by email; per-contact outcomes from a 200 or 207."""
+        by_id = {self._id(change): change for change in changes}
+        inputs = [
+            SimplePublicObjectBatchInputUpsert(
+                id=record_id,
+                id_property=self.id_property,
+                properties={name: format_value(v) for name, v in change.properties.items()},
+            )
+            for record_id, change in by_id.items()
+        ]
+        batch = BatchInputSimplePublicObjectBatchInputUpsert(inputs=inputs)
+        try:
+            data = self.call(
+                "batch upsert", self.client.crm.contacts.batch_api.upsert_with_http_info, batch
+            )
+        except PermanentError as exc:
+            if exc.category == "validation":
+                raise BatchRejected(exc.reason, "validation") from exc
+            raise
+        return self._outcomes(data, by_id)
+
+    def _id(self, change: ContactChange) -> str:
+        """The value of the id property for a change (the email unless configured)."""
+        if self.id_property == "email":
+            return change.email
+        return str(change.properties.get(self.id_property) or change.user_id or change.email)
+
+    def _outcomes(self, data: Any, by_id: dict[str, ContactChange]) -> list[Outcome]:
+        """200: every contact written; 207: those named in ``errors`` rejected, the rest written."""
+        lowered = {record_id.lower(): change for record_id, change in by_id.items()}
+        rejected: dict[str, Outcome] = {}
+        for error in getattr(data, "errors", None) or []:
+            context = getattr(error, "context", None) or {}
+            reason = f"{getattr(error, 'category', '')}: {getattr(error, 'message', '')}".strip(
+                ": "
+            )
+            for values in context.values():
+                for record_id in values or []:
+                    change = lowered.get(str(record_id).lower())
+                    if change is not None:
+                        rejected[change.key] = Outcome(change.key, "rejected", reason, "validation")
+        written = [
+            Outcome(change.key, "synced") for change in by_id.values() if change.key not in rejected
+        ]
+        return written + list(rejected.values())
+
+    def describe(self) -> dict[str, PropertyInfo]:
+        """Contact properties that exist in the account (one GET)."""
+        data = self.call(
+            "list properties",
+            self.client.crm.properties.core_api.get_all_with_http_info,
+            "contacts",
+        )
+        return {
+            p.name: PropertyInfo(
+                p.name, p.type, {"group": p.group_name or "", "field": p.field_type or ""}
+            )
+            for p in data.results
+        }

@@ -1,0 +1,169 @@
+"""Who is the learner? ``user_id`` → email: event parameters, then a Redis cache, then Instruqt.
+
+Events whose learner has no known email yet are *parked* (kept per user, retried on a
+backoff) and released the moment any event or lookup reveals the email.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from .errors import PermanentError, RetryableError
+from .events import Event
+from .mapping import Identity
+from .queueing import KEY_PREFIX, text
+
+log = logging.getLogger(__name__)
+CACHE_TTL = 90 * 24 * 3600
+NEGATIVE_TTL = 15 * 60
+PARKED_USERS = f"{KEY_PREFIX}parked_users"
+BACKOFF = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
+_NO_EMAIL = "-"
+
+
+class EmailLookup(Protocol):
+    """Something that can find a user's email (the Instruqt API client)."""
+
+    def lookup_email(self, user_id: str) -> str | None:
+        """The user's email, or None if Instruqt has none."""
+        ...
+
+
+def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
+    """The first plausible email among the named custom parameters, lower-cased."""
+    for name in keys:
+        value = params.get(name)
+        if isinstance(value, str) and "@" in value.strip():
+            return value.strip().lower()
+    return None
+
+
+def _cache_key(user_id: str) -> str:
+    return f"{KEY_PREFIX}identity:{user_id}"
+
+
+def remember(conn: redis.Redis, user_id: str, email: str | None) -> None:
+    """Cache an answer: an email for long, "no email" briefly."""
+    if email:
+        conn.set(_cache_key(user_id), email, ex=CACHE_TTL)
+    else:
+        conn.set(_cache_key(user_id), _NO_EMAIL, ex=NEGATIVE_TTL)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The email found (or None) and where it came from."""
+
+    email: str | None
+    source: str  # params | cache | lookup | negative-cache | none | lookup-failed
+
+
+class IdentityResolver:
+    """Resolve learners' emails in the configured order, counting hits and misses."""
+
+    def __init__(self, conn: redis.Redis, identity: Identity, lookup: EmailLookup | None) -> None:
+        self.conn = conn
+        self.identity = identity
+        self.lookup = lookup if identity.lookup else None
+
+    def resolve(self, event: Event) -> Resolution:
+        """Find the email for the event's learner."""
+        email = email_in(event.params, self.identity.email_params)
+        if email:
+            if event.user_id:
+                remember(self.conn, event.user_id, email)
+            return self._count(Resolution(email, "params"))
+        if not event.user_id:
+            return self._count(Resolution(None, "none"))
+        return self.resolve_user(event.user_id)
+
+    def resolve_user(self, user_id: str) -> Resolution:
+        """Cache first, then the Instruqt API."""
+        cached = self.conn.get(_cache_key(user_id))
+        if cached is not None:
+            value = text(cached)
+            found = (
+                Resolution(None, "negative-cache")
+                if value == _NO_EMAIL
+                else Resolution(value, "cache")
+            )
+            return self._count(found)
+        if self.lookup is None:
+            return self._count(Resolution(None, "none"))
+        try:
+            email = self.lookup.lookup_email(user_id)
+        except (RetryableError, PermanentError) as exc:
+            log.warning("email lookup for user %s failed: %s", user_id, exc.reason)
+            return self._count(Resolution(None, "lookup-failed"))
+        remember(self.conn, user_id, email)
+        return self._count(Resolution(email, "lookup"))
+
+    def _count(self, found: Resolution) -> Resolution:
+        self.conn.hincrby(f"{KEY_PREFIX}stats", f"identity:{found.source}", 1)
+        return found
+
+
+def _parked_key(user_id: str) -> str:
+    return f"{KEY_PREFIX}parked:{user_id}"
+
+
+def park(conn: redis.Redis, event: Event) -> None:
+    """Keep an event until its learner's email is known (first retry after a minute)."""
+    assert event.user_id, "only events with a user id can wait for an email"
+    key = _parked_key(event.user_id)
+    now = time.time()
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.hset(key, event.id, json.dumps(event.body))
+        pipe.hsetnx(f"{key}:meta", "since", str(now))
+        pipe.zadd(PARKED_USERS, {event.user_id: now + BACKOFF[0]}, nx=True)
+        pipe.execute()
+    log.info("event %s (%s) waits for the email of user %s", event.id, event.type, event.user_id)
+
+
+def release(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Take every event parked for a user (id, body), forgetting them."""
+    key = _parked_key(user_id)
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.hgetall(key)
+        pipe.delete(key, f"{key}:meta")
+        pipe.zrem(PARKED_USERS, user_id)
+        stored, *_ = pipe.execute()
+    return [(text(event_id), json.loads(body)) for event_id, body in stored.items()]
+
+
+def due(conn: redis.Redis, now: float | None = None, limit: int = 100) -> list[str]:
+    """Users whose parked events are due for another lookup."""
+    moment = time.time() if now is None else now
+    return [text(u) for u in conn.zrangebyscore(PARKED_USERS, "-inf", moment, start=0, num=limit)]
+
+
+def next_due(conn: redis.Redis) -> float | None:
+    """When the next parked user is due, if any are parked."""
+    first = conn.zrange(PARKED_USERS, 0, 0, withscores=True)
+    return float(first[0][1]) if first else None
+
+
+def parked_since(conn: redis.Redis, user_id: str) -> float | None:
+    """When the user's first event was parked."""
+    since = conn.hget(f"{_parked_key(user_id)}:meta", "since")
+    return float(since) if since is not None else None
+
+
+def postpone(conn: redis.Redis, user_id: str, now: float | None = None) -> float:
+    """Schedule the user's next lookup on the backoff; returns when."""
+    moment = time.time() if now is None else now
+    attempt = int(conn.hincrby(f"{_parked_key(user_id)}:meta", "attempts", 1))
+    when = moment + BACKOFF[min(attempt, len(BACKOFF) - 1)]
+    conn.zadd(PARKED_USERS, {user_id: when})
+    return when
+
+
+def parked_count(conn: redis.Redis) -> int:
+    """How many learners have events waiting for an email."""
+    return int(conn.zcard(PARKED_USERS))

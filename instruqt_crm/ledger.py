@@ -1,0 +1,168 @@
+"""Per-contact state in Redis: merged property cells, values last sent, and the dirty set.
+
+One hash per contact (``instruqt_crm:contact:<key>``) holds ``c:<property>`` (the merged
+cell, JSON), ``s:<property>`` (the value last accepted by the CRM, JSON), ``email``,
+``user_id`` and ``version`` (bumped by every merge that changed something). Merges use
+WATCH/MULTI, so concurrent workers never lose an update; a contact whose cells changed is
+put in the ``dirty`` sorted set (scored by when it first became dirty).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .crm.base import ContactChange, Value
+from .mapping import Mapping, PropertyChange
+from .mapping.merge import cell_value, merge_cells, to_cell
+from .queueing import KEY_PREFIX, text
+
+log = logging.getLogger(__name__)
+DIRTY_KEY = f"{KEY_PREFIX}dirty"
+MAX_MERGE_ATTEMPTS = 50
+
+# Remove the contact from the dirty set only if no merge happened since it was read.
+_SETTLE = """
+local version = redis.call('HGET', KEYS[1], 'version') or '0'
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if version == ARGV[1] then redis.call('ZREM', KEYS[2], ARGV[2]) return 1 end
+return 0
+"""
+
+
+def contact_key(key: str) -> str:
+    """The hash holding one contact's state."""
+    return f"{KEY_PREFIX}contact:{key}"
+
+
+def events_key(key: str) -> str:
+    """The set of event ids merged into one contact."""
+    return f"{KEY_PREFIX}contact:{key}:events"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def merge(
+    conn: redis.Redis,
+    key: str,
+    changes: Sequence[PropertyChange],
+    event_id: str,
+    email: str,
+    user_id: str | None = None,
+) -> bool:
+    """Merge one event's changes into the contact atomically; True if any cell changed."""
+    hkey = contact_key(key)
+    fields = [f"c:{change.name}" for change in changes]
+    for _ in range(MAX_MERGE_ATTEMPTS):
+        with conn.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(hkey)
+                stored = pipe.hmget(hkey, fields) if fields else []
+                updates = _merged(changes, stored)
+                pipe.multi()
+                written: dict[Any, Any] = {"email": email, **updates}
+                if user_id:
+                    written["user_id"] = user_id
+                pipe.hset(hkey, mapping=written)
+                pipe.sadd(events_key(key), event_id)
+                if updates:
+                    pipe.hincrby(hkey, "version", 1)
+                    pipe.zadd(DIRTY_KEY, {key: time.time()}, nx=True)
+                pipe.execute()
+                return bool(updates)
+            except redis.WatchError:
+                continue
+    raise redis.WatchError(f"contact {key}: too much contention to merge event {event_id}")
+
+
+def _merged(changes: Sequence[PropertyChange], stored: Sequence[Any]) -> dict[str, str]:
+    """The cell fields the changes alter (several changes to one property fold together)."""
+    original = {f"c:{c.name}": raw for c, raw in zip(changes, stored, strict=True)}
+    cells: dict[str, dict[str, Any]] = {}
+    for change in changes:
+        field = f"c:{change.name}"
+        raw = original[field]
+        current = cells[field] if field in cells else (json.loads(raw) if raw else None)
+        cells[field] = merge_cells(change.policy, current, to_cell(change))
+    encoded = {field: _dumps(cell) for field, cell in cells.items()}
+    return {
+        field: value
+        for field, value in encoded.items()
+        if original[field] is None or text(original[field]) != value
+    }
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A dirty contact's unsent values and the version they were computed from."""
+
+    change: ContactChange | None
+    version: str
+
+
+def pending(conn: redis.Redis, key: str, mapping: Mapping) -> Pending:
+    """The values that differ from what the CRM last accepted (None: nothing to send)."""
+    stored = {text(k): text(v) for k, v in conn.hgetall(contact_key(key)).items()}
+    values: dict[str, Value] = {}
+    for name, spec in mapping.properties.items():
+        raw = stored.get(f"c:{name}")
+        if raw is None:
+            continue
+        value = cell_value(spec.merge, json.loads(raw), spec.type)
+        if value is None:
+            continue
+        sent = stored.get(f"s:{name}")
+        if sent is None or json.loads(sent) != value:
+            values[name] = value
+    version = stored.get("version", "0")
+    email = stored.get("email", key)
+    if not values:
+        return Pending(None, version)
+    return Pending(ContactChange(key, email, values, stored.get("user_id")), version)
+
+
+def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | None = None) -> bool:
+    """Record values the CRM accepted; leave the dirty set if nothing merged meanwhile."""
+    pairs: list[str] = []
+    for name, value in (sent or {}).items():
+        pairs += [f"s:{name}", _dumps(value)]
+    script = conn.register_script(_SETTLE)
+    return bool(script(keys=[contact_key(key), DIRTY_KEY], args=[version, key, *pairs]))
+
+
+def dirty(conn: redis.Redis, limit: int) -> list[str]:
+    """Up to ``limit`` dirty contact keys, oldest first."""
+    return [text(k) for k in conn.zrange(DIRTY_KEY, 0, limit - 1)]
+
+
+def dirty_count(conn: redis.Redis) -> int:
+    """How many contacts wait to be sent."""
+    return int(conn.zcard(DIRTY_KEY))
+
+
+def mark_dirty(conn: redis.Redis, keys: Iterable[str]) -> None:
+    """Put contacts back in the dirty set (e.g. to requeue them)."""
+    now = time.time()
+    with conn.pipeline() as pipe:
+        for key in keys:
+            pipe.zadd(DIRTY_KEY, {key: now}, nx=True)
+        pipe.execute()
+
+
+def event_ids(conn: redis.Redis, key: str) -> list[str]:
+    """The ids of the events merged into a contact, sorted."""
+    return sorted(text(member) for member in conn.smembers(events_key(key)))
+
+
+def cells(conn: redis.Redis, key: str) -> dict[str, Any]:
+    """A contact's merged cells, by property name (for tests and the trace view)."""
+    stored = conn.hgetall(contact_key(key))
+    return {text(k)[2:]: json.loads(v) for k, v in stored.items() if text(k).startswith("c:")}

@@ -1,0 +1,31 @@
+"""The YAML mapping: load and validate it, turn events into property changes, merge them."""
+
+from .apply import apply_event
+from .errors import MappingError, MappingFailure
+from .loader import load_mapping, parse_mapping
+from .merge import POLICIES, canonical_policy, cell_value, fold, merge_cells, to_cell
+from .model import EventClass, Identity, Mapping, PropertySpec, Rule, RuleProperty
+from .values import PropertyChange, Value, ValueType
+
+__all__ = [
+    "POLICIES",
+    "EventClass",
+    "Identity",
+    "Mapping",
+    "MappingError",
+    "MappingFailure",
+    "PropertyChange",
+    "PropertySpec",
+    "Rule",
+    "RuleProperty",
+    "Value",
+    "ValueType",
+    "apply_event",
+    "canonical_policy",
+    "cell_value",
+    "fold",
+    "load_mapping",
+    "merge_cells",
+    "parse_mapping",
+    "to_cell",
+]

@@ -1,0 +1,215 @@
+"""Cross-reference checks a schema cannot express: declared properties, policies, patterns."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from instruqt_crm.events import KNOWN_TYPES
+
+from .errors import short_repr, suggest
+from .values import coerce
+from .yamlsource import Path
+
+if TYPE_CHECKING:
+    from .model import Mapping
+
+OBJECTS: dict[str, tuple[str, ...]] = {
+    "hubspot": ("contact",),
+    "salesforce": ("Contact", "Lead", "auto"),
+}
+NAME_RULES: dict[str, tuple[re.Pattern[str], int, str]] = {
+    "hubspot": (re.compile(r"[a-z][a-z0-9_]*"), 100, "lowercase letters, digits and _"),
+    "salesforce": (
+        re.compile(r"[A-Za-z](?:[A-Za-z0-9]|_(?!_))*(?<!_)(?:__c)?"),
+        40,
+        "a field API name such as Instruqt_User_Id__c",
+    ),
+}
+IDENTITY_FIELDS = frozenset({"email", "Email"})
+_GLOB_TEXT = re.compile(r"[A-Za-z0-9_.:*?\[\]!-]+")
+_TEMPLATE_MARKS = ("{{", "{%", "{#")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A message about ``path``; ``see`` points at a second place it involves."""
+
+    path: Path
+    message: str
+    see: Path | None = None
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a usable event-type glob, or None."""
+    if not pattern:
+        return "empty event pattern"
+    if not _GLOB_TEXT.fullmatch(pattern):
+        return (
+            f"{short_repr(pattern)} is not a glob: use letters, digits, '.', '_', '-' and "
+            "the glob characters * ? [abc] (regular expressions and spaces are not supported)"
+        )
+    depth = 0
+    for char in pattern:
+        if char == "[":
+            if depth:
+                return f"{short_repr(pattern)}: '[' inside '[...]'"
+            depth = 1
+        elif char == "]":
+            if not depth:
+                return f"{short_repr(pattern)}: ']' without '['"
+            depth = 0
+    return f"{short_repr(pattern)}: '[' is never closed" if depth else None
+
+
+def _is_glob(pattern: str) -> bool:
+    """Whether a pattern uses glob characters."""
+    return any(c in pattern for c in "*?[")
+
+
+def _header_problems(m: Mapping) -> list[Problem]:
+    """The object fits the CRM; property names fit the CRM; salesforce options fit."""
+    problems = []
+    objects = OBJECTS[m.crm]
+    if m.object not in objects:
+        hint = suggest(m.object, objects) or f"; {m.crm} supports {', '.join(objects)}"
+        problems.append(
+            Problem(("object",), f"unknown {m.crm} object {short_repr(m.object)}{hint}")
+        )
+    if not m.properties:
+        problems.append(Problem(("properties",), "declare at least one property"))
+    rule, longest, wording = NAME_RULES[m.crm]
+    for name in m.properties:
+        if name in IDENTITY_FIELDS:
+            problems.append(
+                Problem(("properties", name), "the email is the match key, not a property")
+            )
+        elif not rule.fullmatch(name) or len(name) > longest:
+            message = f"not a {m.crm} property name: {wording}, at most {longest} characters"
+            problems.append(Problem(("properties", name), message))
+    if m.salesforce is not None:
+        if m.crm != "salesforce":
+            problems.append(Problem(("salesforce",), "only allowed when crm is salesforce"))
+        elif m.object != "Contact":
+            for field in ("LastName", "Company"):
+                if not m.salesforce.lead_defaults.get(field, "").strip():
+                    problems.append(
+                        Problem(
+                            ("salesforce", "lead_defaults"), f"{field} is required to create a Lead"
+                        )
+                    )
+    return problems
+
+
+def _property_problems(m: Mapping) -> list[Problem]:
+    """Merge policies fit the declared types."""
+    problems = []
+    for name, spec in m.properties.items():
+        if spec.merge == "union" and spec.type != "string":
+            problems.append(
+                Problem(("properties", name, "type"), "merge 'union' needs type string")
+            )
+        if spec.merge == "count" and spec.type != "number":
+            problems.append(
+                Problem(("properties", name, "type"), "merge 'count' needs type number")
+            )
+    return problems
+
+
+def _identity_problems(m: Mapping) -> list[Problem]:
+    """The identity section can produce an email and names only declared properties."""
+    problems = []
+    identity = m.identity
+    if not identity.email_params and not identity.lookup:
+        problems.append(
+            Problem(("identity",), "no way to find an email: add email_params or lookup: true")
+        )
+    for index, param in enumerate(identity.email_params):
+        if not param.strip():
+            problems.append(Problem(("identity", "email_params", index), "empty parameter name"))
+    key = identity.match_key
+    if key is not None and key not in m.properties:
+        problems.append(
+            Problem(
+                ("identity", "match_key"),
+                f"match_key {key!r} is not declared under properties{suggest(key, m.properties)}",
+            )
+        )
+    return problems
+
+
+def _pattern_problems(m: Mapping) -> list[Problem]:
+    """Every pattern is a glob; no exact rule is shadowed by an ignore pattern."""
+    problems = []
+    for index, pattern in enumerate(m.ignore):
+        reason = pattern_problem(pattern)
+        if reason:
+            problems.append(Problem(("ignore", index), reason))
+    for pattern in m.events:
+        reason = pattern_problem(pattern)
+        if reason:
+            problems.append(Problem(("events", pattern), reason))
+            continue
+        shadow = m.ignored_by(pattern) if not _is_glob(pattern) else None
+        if shadow is not None:
+            where = ("ignore", m.ignore.index(shadow))
+            message = f"this rule never applies: ignore pattern {shadow!r} matches it first"
+            problems.append(Problem(("events", pattern), message, see=where))
+    return problems
+
+
+def _rule_problems(m: Mapping) -> list[Problem]:
+    """Rules write only declared properties, with the declared policy and fitting constants."""
+    problems = []
+    for pattern, rule in m.events.items():
+        if not rule.properties:
+            message = "a rule needs at least one property (to skip an event type, use ignore)"
+            problems.append(Problem(("events", pattern, "properties"), message))
+        for name, prop in rule.properties.items():
+            path: Path = ("events", pattern, "properties", name)
+            spec = m.properties.get(name)
+            if spec is None:
+                hint = suggest(name, m.properties)
+                message = f"property {name!r} is not declared under properties{hint}"
+                problems.append(Problem(path, message))
+                continue
+            if prop.merge is not None and prop.merge != spec.merge:
+                message = f"merge {prop.merge!r} conflicts with the declared merge {spec.merge!r}"
+                problems.append(
+                    Problem((*path, "merge"), message, see=("properties", name, "merge"))
+                )
+            if not prop.value.strip():
+                problems.append(Problem(path, "empty value: this would never write anything"))
+            elif not any(mark in prop.value for mark in _TEMPLATE_MARKS):
+                try:
+                    coerce(prop.value.strip(), spec.input_type)
+                except ValueError as exc:
+                    message = f"constant does not fit type {spec.input_type}: {exc}"
+                    problems.append(Problem(path, message))
+    return problems
+
+
+def mapping_problems(m: Mapping) -> list[Problem]:
+    """Everything wrong with a structurally valid mapping."""
+    return [
+        *_header_problems(m),
+        *_property_problems(m),
+        *_identity_problems(m),
+        *_pattern_problems(m),
+        *_rule_problems(m),
+    ]
+
+
+def mapping_warnings(m: Mapping) -> list[Problem]:
+    """Valid but suspicious: exact event types Instruqt does not document (typos?)."""
+    warnings = []
+    for pattern in [*m.events, *m.ignore]:
+        if not _is_glob(pattern) and pattern not in KNOWN_TYPES:
+            hint = suggest(pattern, KNOWN_TYPES)
+            path: Path = (
+                ("events", pattern) if pattern in m.events else ("ignore", m.ignore.index(pattern))
+            )
+            message = f"{pattern!r} is not a documented Instruqt event type{hint}"
+            warnings.append(Problem(path, message))
+    return warnings

@@ -1,0 +1,143 @@
+"""Flush: send dirty contacts to the CRM in batches and record each contact's outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from . import failures, ledger
+from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
+from .errors import PermanentError, RateLimited
+from .mapping import Mapping
+from .queueing import KEY_PREFIX
+
+log = logging.getLogger(__name__)
+LOCK_KEY = f"{KEY_PREFIX}flush:lock"
+LOCK_SECONDS = 60
+TIME_BUDGET_SECONDS = 20.0
+LAST_FLUSH_KEY = f"{KEY_PREFIX}flush:last_success"
+
+
+@dataclass
+class FlushReport:
+    """What one flush did."""
+
+    requests: int = 0
+    synced: int = 0
+    rejected: int = 0
+    retry: int = 0
+    unchanged: int = 0
+    locked: bool = False
+    wait: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def send(
+    adapter: CrmAdapter, changes: Sequence[ContactChange], report: FlushReport
+) -> list[Outcome]:
+    """Upsert a batch; when the CRM refuses the whole batch, split it to isolate the bad record."""
+    report.requests += 1
+    try:
+        return adapter.upsert(changes)
+    except BatchRejected as exc:
+        if len(changes) == 1:
+            return [Outcome(changes[0].key, "rejected", exc.reason, exc.category)]
+        middle = len(changes) // 2
+        return send(adapter, changes[:middle], report) + send(adapter, changes[middle:], report)
+
+
+def _record(
+    conn: redis.Redis, change: ContactChange, outcome: Outcome, version: str, report: FlushReport
+) -> None:
+    """Apply one outcome to the ledger (and the failure registry for a rejection)."""
+    if outcome.status == "synced":
+        ledger.settle(conn, change.key, version, change.properties)
+        report.synced += 1
+    elif outcome.status == "rejected":
+        payload = {
+            "email": change.email,
+            "properties": change.properties,
+            "events": ledger.event_ids(conn, change.key),
+        }
+        failures.record(
+            conn,
+            outcome.category or "validation",
+            outcome.reason,
+            change.key,
+            json.dumps(payload, sort_keys=True),
+        )
+        ledger.settle(conn, change.key, version)
+        report.rejected += 1
+        report.reasons.append(outcome.reason)
+        log.warning("contact %s rejected by the CRM: %s", change.key, outcome.reason)
+    else:
+        report.retry += 1
+
+
+def flush_batch(
+    conn: redis.Redis, adapter: CrmAdapter, mapping: Mapping, report: FlushReport
+) -> bool:
+    """Send one batch of dirty contacts; False when nothing more can be sent now."""
+    keys = ledger.dirty(conn, adapter.batch_size)
+    if not keys:
+        return False
+    batch: list[tuple[ContactChange, str]] = []
+    for key in keys:
+        found = ledger.pending(conn, key, mapping)
+        if found.change is None:
+            ledger.settle(conn, key, found.version)
+            report.unchanged += 1
+        else:
+            batch.append((found.change, found.version))
+    if not batch:
+        return True
+    versions = {change.key: (change, version) for change, version in batch}
+    for outcome in send(adapter, [change for change, _ in batch], report):
+        change, version = versions[outcome.key]
+        _record(conn, change, outcome, version, report)
+    return report.retry == 0
+
+
+def flush(
+    conn: redis.Redis,
+    adapter: CrmAdapter,
+    mapping: Mapping,
+    time_budget: float = TIME_BUDGET_SECONDS,
+) -> FlushReport:
+    """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
+    report = FlushReport()
+    lock = conn.lock(LOCK_KEY, timeout=LOCK_SECONDS)
+    if not lock.acquire(blocking=False):
+        report.locked = True
+        return report
+    deadline = time.monotonic() + time_budget
+    try:
+        while time.monotonic() < deadline and flush_batch(conn, adapter, mapping, report):
+            lock.reacquire()
+    except RateLimited as exc:
+        report.wait = exc.wait
+        log.warning("CRM rate limit (%s): flush parked for %.0f s", exc.policy or "quota", exc.wait)
+    except PermanentError as exc:
+        failures.record(conn, exc.category, exc.reason, "flush", "{}")
+        log.error("flush failed for every contact: %s", exc.reason)
+        raise
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
+    if report.synced:
+        conn.set(LAST_FLUSH_KEY, str(time.time()))
+    log.info(
+        "flush: %d synced, %d rejected, %d to retry, %d unchanged, %d requests",
+        report.synced,
+        report.rejected,
+        report.retry,
+        report.unchanged,
+        report.requests,
+    )
+    return report

@@ -1,0 +1,182 @@
+"""The HubSpot adapter and provisioning against the fake HubSpot, through the real SDK."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from hubspot import HubSpot
+
+from instruqt_crm.crm import hubspot_setup
+from instruqt_crm.crm.base import ContactChange
+from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.errors import PermanentError
+from instruqt_crm.mapping import load_mapping
+from instruqt_crm.ratelimit import RequestBudget
+from instruqt_crm.sync import FlushReport, send
+from tests.fakes.hubspot import FakeHubSpot
+
+MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHubSpot]:
+    with FakeHubSpot(requests_per_window=100, window_seconds=1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def adapter(fake: FakeHubSpot, redis_conn: redis.Redis) -> HubSpotAdapter:
+    budget = RequestBudget(redis_conn, "hubspot-test", 100, 1.0)
+    hub = HubSpotAdapter(fake.token, fake.url, budget, sleep=lambda s: None)
+    hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
+    return hub
+
+
+def change(number: int, **properties) -> ContactChange:
+    email = f"learner{number}@example.com"
+    return ContactChange(email, email, properties or {"instruqt_user_id": f"u{number}"})
+
+
+def test_upsert_creates_then_updates(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
+    outcomes = adapter.upsert([change(1, instruqt_last_track="a"), change(2)])
+    assert {o.status for o in outcomes} == {"synced"}
+    assert fake.contacts["learner1@example.com"]["instruqt_last_track"] == "a"
+    adapter.upsert([change(1, instruqt_last_track="b")])
+    contacts = fake.contacts
+    assert contacts["learner1@example.com"]["instruqt_last_track"] == "b"
+    assert len(contacts) == 2
+
+
+def test_values_are_formatted_for_hubspot(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
+    adapter.upsert(
+        [
+            change(
+                1,
+                instruqt_last_activity_at="2021-07-29T16:14:57.312Z",
+                instruqt_tracks_completed_count=3,
+                instruqt_last_review_score=4.0,
+            )
+        ]
+    )
+    stored = fake.contacts["learner1@example.com"]
+    assert stored["instruqt_last_activity_at"] == "2021-07-29T16:14:57.312Z"
+    assert stored["instruqt_tracks_completed_count"] == "3"
+    assert stored["instruqt_last_review_score"] == "4"
+    assert format_value(True) == "true" and format_value(None) == "" and format_value(2.5) == "2.5"
+
+
+def test_unknown_property_is_rejected_naming_it(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
+    report = FlushReport()
+    outcomes = send(adapter, [change(1, instruqt_no_such_thing="x"), change(2)], report)
+    by_key = {o.key: o for o in outcomes}
+    assert by_key["learner2@example.com"].status == "synced"
+    rejected = by_key["learner1@example.com"]
+    assert rejected.status == "rejected"
+    assert "instruqt_no_such_thing" in rejected.reason
+
+
+def test_one_invalid_email_among_100(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
+    batch = [change(n) for n in range(99)]
+    batch.insert(42, ContactChange("bad", "not-an-email", {"instruqt_user_id": "x"}))
+    report = FlushReport()
+    outcomes = send(adapter, batch, report)
+    assert sum(o.status == "synced" for o in outcomes) == 99
+    [bad] = [o for o in outcomes if o.status == "rejected"]
+    assert bad.key == "bad" and "not-an-email" in bad.reason
+    assert len(fake.contacts) == 99
+    assert report.requests <= 15
+
+
+def test_429_waits_and_succeeds_without_going_over(
+    fake: FakeHubSpot, redis_conn: redis.Redis
+) -> None:
+    budget = RequestBudget(redis_conn, "hubspot-shared", 5, 1.0)
+    hub = HubSpotAdapter(fake.token, fake.url, budget)
+    hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
+    fake.set_rate_limit(5, window_seconds=1.0)
+    time.sleep(1.1)  # let the set-up requests age out of the window
+    other = HubSpot(access_token=fake.token, host=fake.url)  # another integration, same quota
+    for _ in range(5):
+        other.crm.properties.core_api.get_all("contacts")
+    started = time.monotonic()
+    assert hub.upsert([change(1)])[0].status == "synced"
+    assert fake.count_429 == 1
+    assert time.monotonic() - started >= 0.5, "it must wait for the window, not hammer"
+    assert fake.summary()["max_admitted_in_window"] <= 5
+    for number in range(2, 12):
+        assert hub.upsert([change(number)])[0].status == "synced"
+    assert fake.count_429 == 1
+    assert len(fake.contacts) == 11
+
+
+def test_budget_at_the_limit_gets_no_429(fake: FakeHubSpot, redis_conn: redis.Redis) -> None:
+    fake.set_rate_limit(5, window_seconds=1.0)
+    budget = RequestBudget(redis_conn, "hubspot-right", 5, 1.0)
+    hub = HubSpotAdapter(fake.token, fake.url, budget)
+    hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
+    for number in range(8):
+        hub.upsert([change(number)])
+    assert fake.count_429 == 0
+    assert len(fake.contacts) == 8
+
+
+def test_5xx_twice_then_success(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
+    before = len(fake.requests)
+    fake.inject_errors(502, count=2)
+    assert adapter.upsert([change(1)])[0].status == "synced"
+    assert [r.status for r in fake.requests[before:]] == [502, 502, 200]
+
+
+def test_401_is_permanent_with_a_clear_message(fake: FakeHubSpot) -> None:
+    hub = HubSpotAdapter("wrong-token", fake.url, sleep=lambda s: None)
+    with pytest.raises(PermanentError) as caught:
+        hub.upsert([change(1)])
+    assert caught.value.category == "auth"
+    assert "HUBSPOT_ACCESS_TOKEN" in caught.value.reason
+    assert "wrong-token" not in caught.value.reason
+    assert len(fake.requests) == 1
+
+
+def test_403_names_the_missing_scope(fake: FakeHubSpot) -> None:
+    fake.add_token("read-only", scopes=["crm.objects.contacts.read"])
+    hub = HubSpotAdapter("read-only", fake.url, sleep=lambda s: None)
+    with pytest.raises(PermanentError, match=r"crm\.objects\.contacts\.write"):
+        hub.upsert([change(1)])
+
+
+def test_provisioning_creates_exactly_the_missing_and_is_idempotent(fake: FakeHubSpot) -> None:
+    hub = HubSpotAdapter(fake.token, fake.url, sleep=lambda s: None)
+    first = hubspot_setup.plan(hub, MAPPING)
+    assert sorted(first.create) == sorted(MAPPING.properties)
+    assert first.create_group
+    created = hubspot_setup.apply(hub, MAPPING, first)
+    assert "group instruqt" in created
+    definition = fake.properties["instruqt_last_activity_at"]
+    assert (definition["type"], definition["groupName"]) == ("datetime", "instruqt")
+    again = hubspot_setup.plan(hub, MAPPING)
+    assert again.create == [] and not again.create_group
+    assert sorted(again.existing) == sorted(MAPPING.properties)
+    assert hubspot_setup.missing_properties(hub, MAPPING) == []
+
+
+def test_provisioning_reports_a_type_mismatch(fake: FakeHubSpot) -> None:
+    hub = HubSpotAdapter(fake.token, fake.url, sleep=lambda s: None)
+    from hubspot.crm.properties import PropertyCreate
+
+    hub.client.crm.properties.core_api.create(
+        "contacts",
+        PropertyCreate(
+            name="instruqt_last_review_score",
+            label="x",
+            type="string",
+            field_type="text",
+            group_name="contactinformation",
+        ),
+    )
+    steps = hubspot_setup.plan(hub, MAPPING)
+    assert steps.mismatched == ["instruqt_last_review_score: is string, the mapping needs number"]
+    assert "instruqt_last_review_score" not in steps.create

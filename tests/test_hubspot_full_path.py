@@ -1,0 +1,82 @@
+"""Receiver → worker → fake HubSpot with the default mapping, for a shuffled, duplicated history."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from instruqt_crm.config import Settings
+from instruqt_crm.crm import hubspot_setup
+from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.runtime import current_runtime
+from instruqt_crm.web import create_app
+from tests.engine_helpers import drain, engine_env
+from tests.fakes.hubspot import FakeHubSpot
+from tests.history import deliveries, expected_records, history
+from tests.signing import signed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hubspot_env(redis_url: str, tmp_path: Path, fake: FakeHubSpot) -> dict[str, str]:
+    return engine_env(
+        redis_url, tmp_path, HUBSPOT_ACCESS_TOKEN=fake.token, HUBSPOT_API_BASE=fake.url
+    )
+
+
+def test_full_path_produces_the_data_model(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeHubSpot() as fake:
+        for name, value in hubspot_env(redis_url, tmp_path, fake).items():
+            monkeypatch.setenv(name, value)
+        current_runtime.cache_clear()
+        runtime = current_runtime()
+        adapter = HubSpotAdapter(fake.token, fake.url)
+        hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
+
+        events = history(40, seed=3)
+        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+        codes = []
+        for msg_id, body in deliveries(events, seed=5):
+            raw, headers = signed(body, msg_id=msg_id)
+            codes.append(client.post("/webhooks/instruqt", data=raw, headers=headers).status_code)
+        assert codes.count(202) == len(events)
+        assert set(codes) == {200, 202}
+        drain(redis_conn)
+        current_runtime.cache_clear()
+
+        expected = {
+            email: {name: format_value(value) for name, value in record.items()}
+            for email, record in expected_records(events).items()
+        }
+        stored = {
+            email: {k: v for k, v in props.items() if k.startswith("instruqt_") or k == "email"}
+            for email, props in fake.contacts.items()
+        }
+        assert stored == expected
+        upserts = [r for r in fake.requests if r.path.endswith("/batch/upsert")]
+        assert len(upserts) <= len(events) / 10, "the CRM must see batches, not one call per event"
+        assert fake.count_429 == 0
+
+
+def test_worker_refuses_to_start_without_the_properties(redis_url: str, tmp_path: Path) -> None:
+    with FakeHubSpot() as fake:
+        env = {**os.environ, **hubspot_env(redis_url, tmp_path, fake)}
+        done = subprocess.run(
+            [sys.executable, "worker.py"],
+            cwd=ROOT,
+            env=env,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 1
+    assert "instruqt_last_track" in done.stderr
+    assert "instruqt-crm setup hubspot" in done.stderr
+    assert fake.token not in done.stderr
