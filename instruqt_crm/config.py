@@ -125,6 +125,7 @@ class Settings:
     hubspot_api_base: str = DEFAULT_HUBSPOT_API_BASE
     hubspot_requests_per_10s: int = 90
     flush_window_seconds: float = 1.0
+    flush_lease_seconds: int = 30
     identity_wait_days: float = 7.0
     max_body_bytes: int = 256 * 1024
     dedupe_ttl_seconds: int = 72 * 3600
@@ -177,6 +178,9 @@ class Settings:
             ),
             flush_window_seconds=get(
                 "FLUSH_WINDOW_SECONDS", _number("FLUSH_WINDOW_SECONDS", float, 0), 1.0
+            ),
+            flush_lease_seconds=get(
+                "FLUSH_LEASE_SECONDS", _number("FLUSH_LEASE_SECONDS", int, 2), 30
             ),
             identity_wait_days=get(
                 "IDENTITY_WAIT_DAYS", _number("IDENTITY_WAIT_DAYS", float, 0), 7.0

@@ -115,7 +115,8 @@ def _parked_key(user_id: str) -> str:
 
 def park(conn: redis.Redis, event: Event) -> None:
     """Keep an event until its learner's email is known (first retry after a minute)."""
-    assert event.user_id, "only events with a user id can wait for an email"
+    if not event.user_id:
+        raise ValueError("only events with a user id can wait for an email")
     key = _parked_key(event.user_id)
     now = time.time()
     with conn.pipeline(transaction=True) as pipe:

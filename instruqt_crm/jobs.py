@@ -46,23 +46,33 @@ def count(conn: redis.Redis, outcome: str, event_type: str) -> None:
         pipe.execute()
 
 
-def schedule_once(conn: redis.Redis, func: str, delay: float, hold: float) -> bool:
+def schedule_once(
+    conn: redis.Redis, func: str, delay: float, hold: float, force: bool = False
+) -> bool:
     """Enqueue ``func`` in ``delay`` s unless one is already pending (the mark lasts ``hold`` s)."""
-    if not conn.set(f"{PENDING}{func}", "1", nx=True, px=max(1, int(hold * 1000))):
+    marked = conn.set(f"{PENDING}{func}", "1", nx=True, px=max(1, int(hold * 1000)))
+    if not marked and not force:
         return False
     flushes = queue(FLUSH_QUEUE, conn)
-    options: dict[str, Any] = {"retry": FLUSH_RETRY, "result_ttl": 600, "failure_ttl": 30 * 86400}
+    options: dict[str, Any] = {
+        "retry": FLUSH_RETRY,
+        "result_ttl": 600,
+        "failure_ttl": 30 * 86400,
+        "job_timeout": 120,
+    }
     if delay <= 0:
-        flushes.enqueue_call(func, **options)
+        flushes.enqueue(func, **options)
     else:
         flushes.enqueue_in(timedelta(seconds=delay), func, **options)
     return True
 
 
-def schedule_flush(conn: redis.Redis, runtime: Runtime, delay: float | None = None) -> bool:
+def schedule_flush(
+    conn: redis.Redis, runtime: Runtime, delay: float | None = None, force: bool = False
+) -> bool:
     """Ask for a flush after the debounce window (once, however many events arrive)."""
     window = runtime.settings.flush_window_seconds if delay is None else delay
-    return schedule_once(conn, "instruqt_crm.jobs.flush_contacts", window, window + 30)
+    return schedule_once(conn, "instruqt_crm.jobs.flush_contacts", window, window + 30, force)
 
 
 def process_event(message_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +158,9 @@ def flush_contacts() -> dict[str, Any]:
     conn = current_connection()
     runtime = current_runtime()
     conn.delete(f"{PENDING}instruqt_crm.jobs.flush_contacts")
-    report = flush(conn, runtime.adapter(conn), runtime.mapping)
+    report = flush(
+        conn, runtime.adapter(conn), runtime.mapping, lease=runtime.settings.flush_lease_seconds
+    )
     if report.wait is not None:
         schedule_once(conn, "instruqt_crm.jobs.flush_contacts", report.wait, report.wait + 30)
     elif report.retry:
@@ -166,22 +178,29 @@ def flush_contacts() -> dict[str, Any]:
 def retry_parked() -> dict[str, Any]:
     """Look up emails for learners whose events are due; expire those waiting too long."""
     conn = current_connection()
-    runtime = current_runtime()
     conn.delete(f"{PENDING}instruqt_crm.jobs.retry_parked")
+    return retry_parked_users(conn, current_runtime())
+
+
+def retry_parked_users(
+    conn: redis.Redis, runtime: Runtime, now: float | None = None
+) -> dict[str, Any]:
+    """Release parked learners whose email can now be found; expire those past the wait."""
+    moment = time.time() if now is None else now
     resolver = identity.IdentityResolver(conn, runtime.mapping.identity, runtime.lookup)
     max_wait = runtime.settings.identity_wait_days * 86400
     released = expired = 0
-    for user_id in identity.due(conn):
+    for user_id in identity.due(conn, moment):
         found = resolver.resolve_user(user_id)
         if found.email:
             released += _release(conn, runtime, user_id, found.email)
-        elif time.time() - (identity.parked_since(conn, user_id) or time.time()) >= max_wait:
+        elif moment - (identity.parked_since(conn, user_id) or moment) >= max_wait:
             expired += _expire(conn, user_id, runtime.settings.identity_wait_days)
         else:
-            identity.postpone(conn, user_id)
+            identity.postpone(conn, user_id, moment)
     upcoming = identity.next_due(conn)
     if upcoming is not None:
-        delay = max(1.0, upcoming - time.time())
+        delay = max(1.0, upcoming - moment)
         schedule_once(conn, "instruqt_crm.jobs.retry_parked", delay, delay)
     return {"released": released, "expired": expired}
 

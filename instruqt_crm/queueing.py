@@ -115,6 +115,7 @@ def enqueue_event(
                 args=(message_id, body),
                 job_id=job_id,
                 retry=EVENT_RETRY,
+                timeout=60,
                 result_ttl=3600,
                 failure_ttl=30 * 24 * 3600,
                 description=f"{body.get('type')} {message_id}",

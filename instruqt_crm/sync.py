@@ -19,7 +19,7 @@ from .queueing import KEY_PREFIX
 
 log = logging.getLogger(__name__)
 LOCK_KEY = f"{KEY_PREFIX}flush:lock"
-LOCK_SECONDS = 60
+LOCK_SECONDS = 30
 TIME_BUDGET_SECONDS = 20.0
 LAST_FLUSH_KEY = f"{KEY_PREFIX}flush:last_success"
 
@@ -109,11 +109,12 @@ def flush(
     adapter: CrmAdapter,
     mapping: Mapping,
     time_budget: float = TIME_BUDGET_SECONDS,
+    lease: int = LOCK_SECONDS,
 ) -> FlushReport:
     """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
     report = FlushReport()
-    lock = conn.lock(LOCK_KEY, timeout=LOCK_SECONDS)
-    if not lock.acquire(blocking=False):
+    lock = conn.lock(LOCK_KEY, timeout=lease)
+    if not lock.acquire(blocking=True, blocking_timeout=lease + 1):  # another flush is running
         report.locked = True
         return report
     deadline = time.monotonic() + time_budget

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import sys
+from pathlib import Path
 
 import redis
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, HerokuWorker, SimpleWorker
 
@@ -14,7 +19,7 @@ from .config import SettingsError
 from .errors import SyncError
 from .logs import configure_logging
 from .mapping import MappingError
-from .queueing import connect, queues
+from .queueing import QUEUE_NAMES, connect, queues, text
 from .runtime import Runtime, current_runtime
 
 log = logging.getLogger(__name__)
@@ -27,7 +32,47 @@ class StartupError(RuntimeError):
 def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = None) -> BaseWorker:
     """A worker on the app's queues; HerokuWorker forks per job, SimpleWorker runs in-process."""
     worker_class = SimpleWorker if simple else HerokuWorker
-    return worker_class(queues(conn), connection=conn, serializer=JSONSerializer, name=name)
+    return worker_class(
+        queues(conn),
+        connection=conn,
+        serializer=JSONSerializer,
+        name=name,
+        maintenance_interval=30,  # finds jobs of killed workers (and retries them) sooner
+        worker_ttl=60,  # idle workers wake every ~45 s, so a dead scheduler is replaced soon
+    )
+
+
+def release_stale_scheduler_locks(conn: redis.Redis) -> list[str]:
+    """Free scheduler locks held by a dead worker process on this host (e.g. after SIGKILL)."""
+    freed = []
+    for name in QUEUE_NAMES:
+        lock_key = RQScheduler.get_locking_key(name)
+        owner = conn.get(lock_key)
+        if owner is None:
+            continue
+        info = {text(k): text(v) for k, v in conn.hgetall(f"rq:scheduler:{text(owner)}").items()}
+        if info.get("hostname") == socket.gethostname() and not _alive(int(info.get("pid", 0))):
+            conn.delete(lock_key)
+            freed.append(name)
+    if freed:
+        log.warning("freed scheduler locks left by a dead worker: %s", ", ".join(freed))
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a zombie does not count)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 def missing_fields(runtime: Runtime, conn: redis.Redis) -> list[str]:
@@ -50,8 +95,9 @@ def preflight(runtime: Runtime, conn: redis.Redis) -> None:
         )
     from .jobs import schedule_flush, schedule_once
 
-    if ledger.dirty_count(conn):
-        schedule_flush(conn, runtime, delay=0)
+    release_stale_scheduler_locks(conn)
+    if ledger.dirty_count(conn):  # left by a stopped or killed worker: send it now
+        schedule_flush(conn, runtime, delay=0, force=True)
     if identity.parked_count(conn):
         schedule_once(conn, "instruqt_crm.jobs.retry_parked", 1, 60)
 

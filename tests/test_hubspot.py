@@ -104,12 +104,12 @@ def test_429_waits_and_succeeds_without_going_over(
         other.crm.properties.core_api.get_all("contacts")
     started = time.monotonic()
     assert hub.upsert([change(1)])[0].status == "synced"
-    assert fake.count_429 == 1
-    assert time.monotonic() - started >= 0.5, "it must wait for the window, not hammer"
+    assert fake.count_429 == 1, fake.summary()
+    assert time.monotonic() - started >= 0.3, "it must wait for the window, not hammer"
     assert fake.summary()["max_admitted_in_window"] <= 5
     for number in range(2, 12):
         assert hub.upsert([change(number)])[0].status == "synced"
-    assert fake.count_429 == 1
+    assert fake.count_429 == 1, fake.summary()
     assert len(fake.contacts) == 11
 
 

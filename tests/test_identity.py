@@ -1,0 +1,138 @@
+"""Identity: params, then cache, then Instruqt's API; parking, release and expiry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import responses
+
+from instruqt_crm import failures, identity
+from instruqt_crm.config import Settings
+from instruqt_crm.crm.dryrun import dry_run_records
+from instruqt_crm.events import parse_event
+from instruqt_crm.instruqt_api import InstruqtClient
+from instruqt_crm.jobs import handle_event, retry_parked_users
+from instruqt_crm.mapping import Identity, load_mapping
+from instruqt_crm.runtime import Runtime
+from instruqt_crm.sync import flush
+from tests.signing import SECRET
+
+GRAPHQL = "https://instruqt.test/graphql"
+MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
+DAY = 86400.0
+
+
+def user_reply(email: str | None) -> dict:
+    user = {"id": "u1", "profile": {"email": email, "display_name": "Ada"}}
+    return {"data": {"user": user if email is not None else None}}
+
+
+@pytest.fixture
+def lookup() -> InstruqtClient:
+    return InstruqtClient("key-123", url=GRAPHQL, sleep=lambda s: None)
+
+
+@pytest.fixture
+def runtime(redis_url: str, tmp_path: Path) -> Runtime:
+    env = {
+        "INSTRUQT_WEBHOOK_SECRET": SECRET,
+        "REDIS_URL": redis_url,
+        "FLUSH_WINDOW_SECONDS": "0",
+        "INSTRUQT_API_KEY": "key-123",
+        "INSTRUQT_GRAPHQL_URL": GRAPHQL,
+        "DRY_RUN_PATH": str(tmp_path / "out.jsonl"),
+    }
+    return Runtime(Settings.from_env(env), MAPPING)
+
+
+def event(user_id: str | None = "u1", email: str | None = None, kind: str = "track.started"):
+    body = {
+        "type": kind,
+        "user_id": user_id,
+        "track_slug": "t",
+        "timestamp": "2026-11-01T10:00:00Z",
+        "params": {"icp_email": email} if email else {},
+    }
+    return parse_event(f"m-{user_id}-{kind}", body)
+
+
+@responses.activate
+def test_params_come_first_and_fill_the_cache(redis_conn: redis.Redis, lookup) -> None:
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    found = resolver.resolve(event(email=" Ada@Example.COM "))
+    assert (found.email, found.source) == ("ada@example.com", "params")
+    assert resolver.resolve(event()).source == "cache"
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_lookup_when_not_cached_then_cache(redis_conn: redis.Redis, lookup) -> None:
+    responses.post(GRAPHQL, json=user_reply("Grace@Example.com"))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event()).email == "grace@example.com"
+    assert resolver.resolve(event()).source == "cache"
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_no_email_is_cached_briefly(redis_conn: redis.Redis, lookup) -> None:
+    responses.post(GRAPHQL, json=user_reply(None))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event()).source == "lookup"
+    assert resolver.resolve(event()).source == "negative-cache"
+    assert 0 < redis_conn.ttl("instruqt_crm:identity:u1") <= identity.NEGATIVE_TTL
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_lookup_failure_is_not_an_email(redis_conn: redis.Redis, lookup) -> None:
+    responses.post(GRAPHQL, status=401)
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event()) == identity.Resolution(None, "lookup-failed")
+
+
+def test_lookup_off_in_the_mapping(redis_conn: redis.Redis, lookup) -> None:
+    no_lookup = Identity(email_params=["email"], lookup=False)
+    resolver = identity.IdentityResolver(redis_conn, no_lookup, lookup)
+    assert resolver.resolve(event()) == identity.Resolution(None, "none")
+
+
+@responses.activate
+def test_parked_event_is_released_by_a_later_lookup(
+    redis_conn: redis.Redis, runtime: Runtime
+) -> None:
+    responses.post(GRAPHQL, json=user_reply(None))
+    assert handle_event(redis_conn, runtime, event())["status"] == "parked"
+    assert identity.parked_count(redis_conn) == 1
+    responses.replace(responses.POST, GRAPHQL, json=user_reply("late@example.com"))
+    redis_conn.delete("instruqt_crm:identity:u1")  # the negative answer has expired
+    start = identity.next_due(redis_conn)
+    assert start is not None
+    assert retry_parked_users(redis_conn, runtime, now=start + 1) == {"released": 1, "expired": 0}
+    assert identity.parked_count(redis_conn) == 0
+    flush(redis_conn, runtime.adapter(redis_conn), MAPPING)
+    assert dry_run_records(redis_conn)["late@example.com"]["instruqt_tracks_started"] == "t"
+
+
+@responses.activate
+def test_parked_events_back_off_then_expire_with_a_reason(
+    redis_conn: redis.Redis, runtime: Runtime
+) -> None:
+    responses.post(GRAPHQL, json=user_reply(None))
+    handle_event(redis_conn, runtime, event())
+    handle_event(redis_conn, runtime, event(kind="track.completed"))
+    since = identity.parked_since(redis_conn, "u1")
+    assert since is not None
+    moment = since + 61
+    first = retry_parked_users(redis_conn, runtime, now=moment)
+    assert first == {"released": 0, "expired": 0}
+    assert identity.next_due(redis_conn) == pytest.approx(moment + identity.BACKOFF[1])
+    late = since + runtime.settings.identity_wait_days * DAY + 1
+    redis_conn.delete("instruqt_crm:identity:u1")
+    assert retry_parked_users(redis_conn, runtime, now=late) == {"released": 0, "expired": 2}
+    kept = failures.recent(redis_conn)
+    assert {f.category for f in kept} == {"identity"}
+    assert all("within 7 days" in f.reason for f in kept)
+    assert identity.parked_count(redis_conn) == 0

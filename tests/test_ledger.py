@@ -1,0 +1,169 @@
+"""The ledger: order- and duplicate-proof merges, diffs, batching, version-guarded settling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from instruqt_crm import ledger
+from instruqt_crm.config import Settings
+from instruqt_crm.crm.base import ContactChange, Outcome
+from instruqt_crm.crm.dryrun import DryRunAdapter
+from instruqt_crm.events import parse_event
+from instruqt_crm.jobs import handle_event
+from instruqt_crm.mapping import load_mapping
+from instruqt_crm.runtime import Runtime
+from instruqt_crm.sync import flush
+from tests.history import history
+from tests.signing import SECRET
+
+MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
+EVENTS = history(4, seed=21)
+
+
+def runtime(redis_url: str) -> Runtime:
+    env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url, "FLUSH_WINDOW_SECONDS": "0"}
+    return Runtime(Settings.from_env(env), MAPPING)
+
+
+def snapshot(conn: redis.Redis) -> dict[str, Any]:
+    """Every contact's cells and unsent values: the whole state the CRM will be told."""
+    keys = sorted(
+        k.decode().split(":", 2)[2]
+        for k in conn.scan_iter("instruqt_crm:contact:*")
+        if not k.endswith(b":events")
+    )
+    return {
+        key: (ledger.cells(conn, key), ledger.pending(conn, key, MAPPING).change) for key in keys
+    }
+
+
+def apply_all(conn: redis.Redis, run: Runtime, order: list[int]) -> dict[str, Any]:
+    conn.flushdb()
+    for index in order:
+        handle_event(conn, run, parse_event(f"msg_{index}", EVENTS[index]))
+    return snapshot(conn)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    order=st.permutations(range(len(EVENTS))),
+    repeats=st.lists(st.integers(0, len(EVENTS) - 1), max_size=15),
+)
+def test_any_order_and_duplicates_give_the_same_ledger(
+    redis_url: str, redis_conn: redis.Redis, order: list[int], repeats: list[int]
+) -> None:
+    run = runtime(redis_url)
+    expected = apply_all(redis_conn, run, list(range(len(EVENTS))))
+    shuffled = list(order)
+    for position, index in enumerate(repeats):
+        shuffled.insert((position * 7) % (len(shuffled) + 1), index)
+    assert apply_all(redis_conn, run, shuffled) == expected
+
+
+class CountingAdapter(DryRunAdapter):
+    """The dry-run CRM, counting requests and optionally refusing some emails."""
+
+    def __init__(self, *args: Any, batch_size: int = 100) -> None:
+        super().__init__(*args, batch_size=batch_size)
+        self.calls: list[int] = []
+
+    def upsert(self, changes: list[ContactChange]) -> list[Outcome]:
+        self.calls.append(len(changes))
+        return super().upsert(changes)
+
+
+def dirty_contacts(conn: redis.Redis, run: Runtime, count: int) -> None:
+    for number in range(count):
+        body = {
+            "type": "track.started",
+            "user_id": f"u{number}",
+            "track_slug": "t",
+            "params": {"email": f"u{number}@example.com"},
+            "timestamp": "2026-11-01T10:00:00Z",
+        }
+        handle_event(conn, run, parse_event(f"m{number}", body))
+
+
+def test_250_dirty_contacts_with_batch_size_100_is_3_requests(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 250)
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    report = flush(redis_conn, adapter, MAPPING)
+    assert adapter.calls == [100, 100, 50]
+    assert report.synced == 250 and report.requests == 3
+    assert ledger.dirty_count(redis_conn) == 0
+
+
+def test_no_change_means_no_request(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 3)
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    flush(redis_conn, adapter, MAPPING)
+    ledger.mark_dirty(redis_conn, ["u0@example.com", "u1@example.com"])
+    dirty_contacts(redis_conn, run, 3)  # the same events again: nothing new
+    report = flush(redis_conn, adapter, MAPPING)
+    assert adapter.calls == [3]
+    assert report.requests == 0 and report.unchanged == 2
+
+
+def test_only_changed_properties_are_sent(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 1)
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    flush(redis_conn, adapter, MAPPING)
+    later = {
+        "type": "track.started",
+        "user_id": "u0",
+        "track_slug": "t",
+        "params": {"email": "u0@example.com"},
+        "timestamp": "2026-11-02T10:00:00Z",
+    }
+    handle_event(redis_conn, run, parse_event("later", later))
+    change = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
+    assert change is not None
+    assert change.properties == {"instruqt_last_activity_at": "2026-11-02T10:00:00.000Z"}
+
+
+def test_a_merge_during_a_flush_keeps_the_contact_dirty(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 1)
+    seen = ledger.pending(redis_conn, "u0@example.com", MAPPING)
+    later = {
+        "type": "track.completed",
+        "user_id": "u0",
+        "track_slug": "t",
+        "params": {"email": "u0@example.com"},
+        "timestamp": "2026-11-02T10:00:00Z",
+    }
+    handle_event(redis_conn, run, parse_event("later", later))  # arrives while "sending"
+    assert seen.change is not None
+    assert not ledger.settle(redis_conn, "u0@example.com", seen.version, seen.change.properties)
+    assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
+    remaining = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
+    assert remaining is not None and "instruqt_tracks_completed" in remaining.properties
+
+
+def test_flush_sends_batches_not_one_call_per_event(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    run = runtime(redis_url)
+    for number, body in enumerate(EVENTS):
+        handle_event(redis_conn, run, parse_event(f"e{number}", body))
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    assert flush(redis_conn, adapter, MAPPING).requests == 1
+    assert adapter.calls == [4]
