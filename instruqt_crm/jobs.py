@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from rq import Retry, get_current_job
 
-from . import failures, identity, ledger
+from . import failures, identity, ledger, trace
 from .errors import RetryableError
 from .events import Event, parse_event
 from .mapping import MappingFailure, apply_event
@@ -110,11 +110,31 @@ def _merge(conn: redis.Redis, runtime: Runtime, event: Event, email: str) -> dic
         changes = apply_event(runtime.mapping, event, email)
     except MappingFailure as exc:
         failures.record(conn, "mapping", exc.reason, event.id, json.dumps(event.body))
+        trace.note(
+            conn,
+            email,
+            "failed",
+            event.user_id,
+            event_id=event.id,
+            type=event.type,
+            reason=exc.reason,
+        )
         count(conn, "failed", event.type)
         log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
         return {"status": "failed", "reason": exc.reason}
     changed = (
         ledger.merge(conn, email, changes, event.id, email, event.user_id) if changes else False
+    )
+    trace.note(
+        conn,
+        email,
+        "event",
+        event.user_id,
+        event_id=event.id,
+        type=event.type,
+        timestamp=event.body.get("timestamp"),
+        changed=changed,
+        changes={change.name: change.value for change in changes},
     )
     if changed:
         schedule_flush(conn, runtime)

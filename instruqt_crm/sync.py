@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import failures, ledger
+from . import failures, ledger, trace
 from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
 from .errors import PermanentError, RateLimited
 from .mapping import Mapping
@@ -56,6 +56,14 @@ def _record(
     conn: redis.Redis, change: ContactChange, outcome: Outcome, version: str, report: FlushReport
 ) -> None:
     """Apply one outcome to the ledger (and the failure registry for a rejection)."""
+    trace.note(
+        conn,
+        change.email,
+        "sent" if outcome.status == "synced" else outcome.status,
+        properties=change.properties,
+        reason=outcome.reason,
+        record_id=outcome.record_id,
+    )
     if outcome.status == "synced":
         ledger.settle(conn, change.key, version, change.properties)
         report.synced += 1

@@ -1,0 +1,57 @@
+"""A per-learner activity trail: each event, what the mapping made of it, what was sent, the answer.
+
+Kept in Redis as a capped list per learner (newest first), under the learner's email, plus
+an index from Instruqt user id to email, so operators can look a learner up by either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from .queueing import KEY_PREFIX, text
+
+MAX_ENTRIES = 200
+TTL_SECONDS = 30 * 86400
+
+
+def _key(email: str) -> str:
+    return f"{KEY_PREFIX}trace:{email.lower()}"
+
+
+def _user_key(user_id: str) -> str:
+    return f"{KEY_PREFIX}trace_user:{user_id}"
+
+
+def note(
+    conn: redis.Redis, email: str, kind: str, user_id: str | None = None, **details: Any
+) -> None:
+    """Append one entry (kind: event | sent | rejected | retry | failed) to a learner's trail."""
+    entry = json.dumps({"at": time.time(), "kind": kind, **details}, sort_keys=True, default=str)
+    with conn.pipeline() as pipe:
+        pipe.lpush(_key(email), entry)
+        pipe.ltrim(_key(email), 0, MAX_ENTRIES - 1)
+        pipe.expire(_key(email), TTL_SECONDS)
+        if user_id:
+            pipe.set(_user_key(user_id), email.lower(), ex=TTL_SECONDS)
+        pipe.execute()
+
+
+def resolve(conn: redis.Redis, who: str) -> str | None:
+    """The email for an email or an Instruqt user id (None if never seen)."""
+    if "@" in who:
+        return who.strip().lower()
+    found = conn.get(_user_key(who.strip()))
+    return text(found) if found is not None else None
+
+
+def entries(conn: redis.Redis, who: str, limit: int = MAX_ENTRIES) -> list[dict[str, Any]]:
+    """A learner's trail, oldest first."""
+    email = resolve(conn, who)
+    if email is None:
+        return []
+    raw = conn.lrange(_key(email), 0, limit - 1)
+    return [json.loads(item) for item in reversed(raw)]
