@@ -104,6 +104,42 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser for one of a few words."""
+
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise SettingsError(f"{name}: expected one of {', '.join(options)}, got {text!r}")
+        return text.lower()
+
+    return parse
+
+
+def _flag(name: str) -> Callable[[str], bool]:
+    """A parser for a true/false setting."""
+
+    def parse(text: str) -> bool:
+        value = text.lower()
+        if value not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            raise SettingsError(f"{name}: expected true or false, got {text!r}")
+        return value in {"1", "true", "yes", "on"}
+
+    return parse
+
+
+def _sentry(dsn: Secret | None) -> Secret | None:
+    """Check that sentry-sdk is installed when a DSN is given."""
+    if dsn is None:
+        return None
+    try:
+        import sentry_sdk  # noqa: F401
+    except ImportError:
+        raise SettingsError(
+            "SENTRY_DSN: set, but sentry-sdk is not installed (pip install 'instruqt-crm[sentry]')"
+        ) from None
+    return dsn
+
+
 def _log_level(text: str) -> str:
     """Check a logging level name."""
     level = text.upper()
@@ -133,6 +169,9 @@ class Settings:
     dashboard_username: str | None = None
     dashboard_password: Secret | None = None
     log_level: str = "INFO"
+    log_format: str = "json"
+    log_emails: bool = False
+    sentry_dsn: Secret | None = None
     port: int = 8000
 
     @classmethod
@@ -195,5 +234,8 @@ class Settings:
             dashboard_username=username,
             dashboard_password=password,
             log_level=get("LOG_LEVEL", _log_level, "INFO"),
+            log_format=get("LOG_FORMAT", _choice("LOG_FORMAT", ("json", "text")), "json"),
+            log_emails=get("LOG_EMAILS", _flag("LOG_EMAILS"), False),
+            sentry_dsn=_sentry(secret("SENTRY_DSN")),
             port=get("PORT", _number("PORT", int, 1), 8000),
         )

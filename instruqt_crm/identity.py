@@ -17,7 +17,7 @@ import redis
 from .errors import PermanentError, RetryableError
 from .events import Event
 from .mapping import Identity
-from .queueing import KEY_PREFIX, text
+from .queueing import KEY_PREFIX, STATS_KEY, text
 
 log = logging.getLogger(__name__)
 CACHE_TTL = 90 * 24 * 3600
@@ -105,7 +105,7 @@ class IdentityResolver:
         return self._count(Resolution(email, "lookup"))
 
     def _count(self, found: Resolution) -> Resolution:
-        self.conn.hincrby(f"{KEY_PREFIX}stats", f"identity:{found.source}", 1)
+        self.conn.hincrby(STATS_KEY, f"identity:{found.source}", 1)
         return found
 
 

@@ -20,12 +20,11 @@ from . import failures, identity, ledger, trace
 from .errors import RetryableError
 from .events import Event, parse_event
 from .mapping import MappingFailure, apply_event
-from .queueing import FLUSH_QUEUE, KEY_PREFIX, queue
+from .queueing import FLUSH_QUEUE, KEY_PREFIX, STATS_KEY, queue
 from .runtime import Runtime, current_runtime
 from .sync import flush
 
 log = logging.getLogger(__name__)
-STATS_KEY = f"{KEY_PREFIX}stats"
 FLUSH_RETRY = Retry(max=8, interval=[5, 15, 30, 60, 120, 300, 600, 1200])
 PENDING = f"{KEY_PREFIX}pending:"
 

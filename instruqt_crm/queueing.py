@@ -23,6 +23,7 @@ EVENTS_QUEUE = "instruqt-events"
 FLUSH_QUEUE = "instruqt-flush"
 QUEUE_NAMES = (FLUSH_QUEUE, EVENTS_QUEUE)  # workers drain flushes first
 KEY_PREFIX = "instruqt_crm:"
+STATS_KEY = f"{KEY_PREFIX}stats"  # event and identity counters (hash)
 EVENT_RETRY = JobRetry(max=5, interval=[5, 30, 120, 600, 1800])
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 

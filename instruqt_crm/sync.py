@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import failures, ledger, trace
+from . import failures, ledger, metrics, trace
 from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
 from .errors import PermanentError, RateLimited
 from .mapping import Mapping
@@ -106,9 +106,14 @@ def flush_batch(
     if not batch:
         return True
     versions = {change.key: (change, version) for change, version in batch}
+    since = dict(zip(keys, conn.zmscore(ledger.DIRTY_KEY, keys), strict=True))
+    latencies = []
     for outcome in send(adapter, [change for change, _ in batch], report):
         change, version = versions[outcome.key]
         _record(conn, change, outcome, version, report)
+        if outcome.status == "synced" and since.get(change.key) is not None:
+            latencies.append(time.time() - float(since[change.key] or 0))
+    metrics.observe(conn, "flush_latency", latencies)
     return report.retry == 0
 
 

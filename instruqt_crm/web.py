@@ -9,10 +9,10 @@ from typing import Any
 import redis
 from flask import Flask, Response, current_app, jsonify, request
 
-from . import failures
+from . import admin, failures, metrics
 from .config import Settings
 from .events import EventError, check_body
-from .logs import configure_logging
+from .logs import configure
 from .queueing import connect, enqueue_event
 from .signature import SignatureError, verify
 
@@ -23,7 +23,7 @@ JSON_TYPES = ("application/json",)
 def create_app(settings: Settings | None = None, conn: redis.Redis | None = None) -> Flask:
     """Build the web app; settings default to the environment, Redis to the settings."""
     settings = settings or Settings.from_env()
-    configure_logging(settings.log_level)
+    configure(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["instruqt_crm"] = {
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
     app.add_url_rule("/webhooks/instruqt", view_func=receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
+    admin.init_app(app)
     return app
 
 
@@ -49,7 +50,11 @@ def redis_of(app: Flask) -> redis.Redis:
 
 
 def reply(code: int, **fields: Any) -> tuple[Response, int]:
-    """A small JSON answer with HTTP status ``code``."""
+    """A small JSON answer with HTTP status ``code``, counted by outcome in the metrics."""
+    outcome = str(fields.get("outcome") or fields.get("status") or code)
+    fields.pop("outcome", None)
+    if request.endpoint == "receive_webhook" and code != 503:
+        metrics.incr(redis_of(current_app), "webhook_requests", outcome)
     return jsonify(fields), code
 
 
@@ -81,17 +86,22 @@ def receive_webhook() -> tuple[Response, int]:
     """Verify, dedupe and enqueue one Instruqt event."""
     settings = settings_of(current_app)
     if (request.content_length or 0) > settings.max_body_bytes:
-        return reply(413, status="rejected", reason="body too large")
+        return reply(413, status="rejected", reason="body too large", outcome="too_large")
     if not _is_json(request.content_type):
-        return reply(415, status="rejected", reason="content type must be application/json")
+        return reply(
+            415,
+            status="rejected",
+            reason="content type must be application/json",
+            outcome="unsupported_media_type",
+        )
     body = _read_body(settings.max_body_bytes)
     if body is None:
-        return reply(413, status="rejected", reason="body too large")
+        return reply(413, status="rejected", reason="body too large", outcome="too_large")
     try:
         message_id = verify(body, dict(request.headers), settings.webhook_secrets)
     except SignatureError as exc:
         log.info("webhook rejected: %s", exc.reason)
-        return reply(401, status="rejected", reason=exc.reason)
+        return reply(401, status="rejected", reason=exc.reason, outcome="bad_signature")
     conn = redis_of(current_app)
     try:
         return _accept(conn, message_id, body, settings)

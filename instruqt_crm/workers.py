@@ -17,7 +17,7 @@ from rq.worker import BaseWorker, HerokuWorker, SimpleWorker
 from . import identity, ledger
 from .config import SettingsError
 from .errors import SyncError
-from .logs import configure_logging
+from .logs import configure
 from .mapping import MappingError
 from .queueing import QUEUE_NAMES, connect, queues, text
 from .runtime import Runtime, current_runtime
@@ -109,7 +109,7 @@ def run_worker(burst: bool = False) -> int:
     except (SettingsError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(runtime.settings.log_level)
+    configure(runtime.settings)
     conn = connect(runtime.settings.redis_url)
     try:
         preflight(runtime, conn)

@@ -41,6 +41,9 @@ def test_several_secrets_for_rotation() -> None:
         ({**BASE, "PORT": "http"}, "PORT", "int"),
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "DEBUG"),
         ({**BASE, "RQ_DASHBOARD_USERNAME": "ops"}, "RQ_DASHBOARD_USERNAME", "both"),
+        ({**BASE, "LOG_FORMAT": "xml"}, "LOG_FORMAT", "json, text"),
+        ({**BASE, "LOG_EMAILS": "maybe"}, "LOG_EMAILS", "true or false"),
+        ({**BASE, "FLUSH_LEASE_SECONDS": "1"}, "FLUSH_LEASE_SECONDS", "at least"),
     ],
 )
 def test_errors_name_the_variable(env: dict[str, str], variable: str, expects: str) -> None:

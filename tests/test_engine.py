@@ -11,7 +11,7 @@ import redis
 
 from instruqt_crm import failures, identity, ledger
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.jobs import STATS_KEY
+from instruqt_crm.queueing import STATS_KEY
 from instruqt_crm.runtime import current_runtime
 from tests.engine_helpers import drain, dry_run_batches, engine_env, enqueue_all
 from tests.history import deliveries, expected_records, history

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import redis
 
-from instruqt_crm.jobs import STATS_KEY
-from instruqt_crm.queueing import EVENTS_QUEUE, enqueue_event, queue
+from instruqt_crm.queueing import EVENTS_QUEUE, STATS_KEY, enqueue_event, queue
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker
 from tests.engine_helpers import engine_env

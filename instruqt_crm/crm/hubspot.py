@@ -22,6 +22,7 @@ from hubspot.crm.contacts import (
     SimplePublicObjectBatchInputUpsert,
 )
 
+from .. import metrics
 from ..errors import PermanentError, RateLimited, RetryableError
 from ..ratelimit import RequestBudget
 from ..retry import retrying
@@ -145,14 +146,27 @@ class HubSpotAdapter:
         if self.budget is not None:
             self.budget.acquire(1, timeout=60)
         try:
-            data, _, headers = function(*args, _request_timeout=TIMEOUT)
+            data, status, headers = function(*args, _request_timeout=TIMEOUT)
         except Exception as exc:  # the SDK raises per-API classes and urllib3 errors
             error = convert(exc, what)
-            if isinstance(error, RateLimited) and self.budget is not None:
-                self.budget.pause_for(error.wait or 0.0, error.reason, error.policy)
+            self._count(str(getattr(exc, "status", None) or "error"))
+            if isinstance(error, RateLimited):
+                self._count_429(error.policy)
+                if self.budget is not None:
+                    self.budget.pause_for(error.wait or 0.0, error.reason, error.policy)
             raise error from exc
+        self._count(str(status))
         self._observe(headers)
         return data
+
+    def _count(self, status: str) -> None:
+        """Count one request in the shared metrics (needs the budget's Redis)."""
+        if self.budget is not None:
+            metrics.incr(self.budget.conn, "crm_requests", self.name, status)
+
+    def _count_429(self, policy: str) -> None:
+        if self.budget is not None:
+            metrics.incr(self.budget.conn, "crm_rate_limited", self.name, policy)
 
     def _observe(self, headers: Any) -> None:
         """Feed X-HubSpot-RateLimit-* headers to the shared budget."""

@@ -1,0 +1,100 @@
+"""Operator pages: the RQ dashboard at /rq and the status page behind HTTP basic auth, and /metrics.
+
+No dashboard credentials configured → /rq and /status are not mounted (never open by default).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import redis
+from flask import Flask, Response, current_app, jsonify, request
+
+from . import metrics
+from .config import Settings
+
+PROTECTED_PREFIXES = ("/rq", "/status")
+
+
+def connection_url(conn: redis.Redis) -> str:
+    """A URL that reaches the same Redis database as ``conn`` (for the dashboard)."""
+    kwargs = conn.connection_pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={db}"
+    password = kwargs.get("password")
+    auth = f":{password}@" if password else ""
+    scheme = (
+        "rediss"
+        if kwargs.get("ssl") or "SSL" in str(conn.connection_pool.connection_class)
+        else "redis"
+    )
+    return f"{scheme}://{auth}{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
+
+
+def credentials_match(settings: Settings, username: str, password: str) -> bool:
+    """Constant-time comparison of both parts (both always compared)."""
+    if settings.dashboard_username is None or settings.dashboard_password is None:
+        return False
+    user_ok = hmac.compare_digest(username.encode(), settings.dashboard_username.encode())
+    password_ok = hmac.compare_digest(
+        password.encode(), settings.dashboard_password.reveal().encode()
+    )
+    return user_ok & password_ok
+
+
+def _challenge() -> Response:
+    response = jsonify(status="unauthorized", reason="login required")
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = 'Basic realm="instruqt-crm", charset="UTF-8"'
+    return response
+
+
+def require_login() -> Response | None:
+    """Before each request: the protected pages need the dashboard credentials."""
+    if not request.path.startswith(PROTECTED_PREFIXES):
+        return None
+    settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
+    if settings.dashboard_username is None:
+        response = jsonify(
+            status="disabled",
+            reason="set RQ_DASHBOARD_USERNAME and "
+            "RQ_DASHBOARD_PASSWORD to enable the dashboard and status pages",
+        )
+        response.status_code = 404
+        return response
+    auth = request.authorization
+    if auth is None or auth.type != "basic":
+        return _challenge()
+    if not credentials_match(settings, auth.username or "", auth.password or ""):
+        return _challenge()
+    return None
+
+
+def metrics_view() -> Response:
+    """Prometheus text format."""
+    conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
+    return Response(metrics.render(conn), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+
+def mount_dashboard(app: Flask, conn: redis.Redis) -> None:
+    """Register rq-dashboard at /rq, reading our queues with the JSON serializer."""
+    import rq_dashboard
+    from rq.serializers import JSONSerializer
+    from rq_dashboard.web import config as dashboard_config
+
+    app.config.from_object(rq_dashboard.default_settings)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = (connection_url(conn),)
+    dashboard_config.serializer = JSONSerializer
+    app.redis_conn = conn  # type: ignore[attr-defined]  # where rq-dashboard looks for it
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+
+
+def init_app(app: Flask) -> None:
+    """Add /metrics, and the login-protected dashboard when credentials are configured."""
+    settings: Settings = app.extensions["instruqt_crm"]["settings"]
+    conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
+    app.add_url_rule("/metrics", view_func=metrics_view)
+    app.before_request(require_login)
+    if settings.dashboard_username is not None:
+        mount_dashboard(app, conn)
