@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 
 import redis
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, jsonify, render_template_string, request, url_for
 
 from . import metrics
 from .config import Settings
@@ -71,6 +71,44 @@ def require_login() -> Response | None:
     return None
 
 
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>instruqt-crm status</title>
+{% if not who %}<meta http-equiv="refresh" content="30">{% endif %}
+<style>body{font:14px/1.4 system-ui,sans-serif;margin:2rem;max-width:70rem}
+pre{background:#f6f8fa;padding:1rem;overflow-x:auto}input{font:inherit;width:24rem}</style>
+</head><body>
+<h1>instruqt-crm</h1>
+<p><a href="{{ dashboard }}">RQ dashboard</a> · <a href="/metrics">metrics</a></p>
+<pre>{% for line in lines %}{{ line }}
+{% endfor %}</pre>
+<h2>Trace a learner</h2>
+<form method="get"><input name="who" value="{{ who }}" placeholder="email or Instruqt user id">
+<button>Trace</button></form>
+{% if who %}<h3>{{ who }}</h3>
+{% if trail %}<pre>{% for line in trail %}{{ line }}
+{% endfor %}</pre>{% else %}<p>Nothing known about this learner.</p>{% endif %}{% endif %}
+</body></html>
+"""
+
+
+def status_view() -> str:
+    """The status figures, and a learner's trail when one is searched for."""
+    from . import status, trace
+
+    settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
+    conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
+    who = (request.args.get("who") or "").strip()[:200]
+    trail = [trace.describe(entry) for entry in trace.entries(conn, who)] if who else []
+    lines = status.render(status.collect(conn, settings))
+    return render_template_string(
+        STATUS_PAGE,
+        lines=lines,
+        who=who,
+        trail=trail,
+        dashboard=url_for("rq_dashboard.queues_overview"),
+    )
+
+
 def metrics_view() -> Response:
     """Prometheus text format."""
     conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
@@ -98,3 +136,4 @@ def init_app(app: Flask) -> None:
     app.before_request(require_login)
     if settings.dashboard_username is not None:
         mount_dashboard(app, conn)
+        app.add_url_rule("/status", view_func=status_view)

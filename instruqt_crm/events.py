@@ -27,6 +27,7 @@ KNOWN_TYPES: tuple[str, ...] = (
     "review.updated",
 )
 
+MAX_TYPE_LENGTH = 120
 PARAM_KEYS: tuple[str, ...] = ("params", "custom_parameters", "customParameters")
 
 _FRACTION = re.compile(r"(\.\d+)")
@@ -97,6 +98,8 @@ def check_body(body: Any) -> str:
     event_type = body.get("type")
     if not isinstance(event_type, str) or not event_type:
         raise EventError("body must have a string 'type'")
+    if len(event_type) > MAX_TYPE_LENGTH or not event_type.isprintable():
+        raise EventError(f"'type' must be printable and at most {MAX_TYPE_LENGTH} characters")
     return event_type
 
 

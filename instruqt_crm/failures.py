@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from .queueing import KEY_PREFIX, text
+from .queueing import KEY_PREFIX, add_event_job, text
 
 INDEX_KEY = f"{KEY_PREFIX}failures"
 COUNTS_KEY = f"{KEY_PREFIX}failure_counts"
@@ -82,3 +82,77 @@ def recent(conn: redis.Redis, limit: int = 100) -> list[Failure]:
 def counts(conn: redis.Redis) -> dict[str, int]:
     """How many failures were recorded, by category."""
     return {text(k): int(v) for k, v in conn.hgetall(COUNTS_KEY).items()}
+
+
+class NotRequeueable(ValueError):
+    """The failure's payload is neither an event, a rejected contact, nor a failed flush."""
+
+
+def every(conn: redis.Redis, category: str | None = None) -> list[Failure]:
+    """Every stored failure (newest first), optionally of one category."""
+    found = recent(conn, limit=int(conn.zcard(INDEX_KEY)) or 1)
+    return [f for f in found if category is None or f.category == category]
+
+
+def by_category(conn: redis.Redis) -> dict[str, list[Failure]]:
+    """Stored failures grouped by category (newest first within each)."""
+    groups: dict[str, list[Failure]] = {}
+    for failure in every(conn):
+        groups.setdefault(failure.category, []).append(failure)
+    return groups
+
+
+def open_counts(conn: redis.Redis) -> dict[str, int]:
+    """How many failures are stored now (not yet requeued or purged), by category."""
+    return {category: len(items) for category, items in by_category(conn).items()}
+
+
+def remove(conn: redis.Redis, failure_id: str) -> bool:
+    """Forget one failure (its count by category stays); False if there was none."""
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.delete(_entry_key(failure_id))
+        pipe.zrem(INDEX_KEY, failure_id)
+        deleted, _ = pipe.execute()
+    return bool(deleted)
+
+
+def purge(conn: redis.Redis, category: str | None = None) -> int:
+    """Forget every failure (or those of one category); returns how many."""
+    return sum(remove(conn, failure.id) for failure in every(conn, category))
+
+
+def kind_of(failure: Failure) -> str:
+    """What requeueing means for a failure: ``event``, ``contact``, ``flush`` or ``none``."""
+    body = failure.body()
+    if isinstance(body, dict) and isinstance(body.get("type"), str) and body["type"]:
+        return "event"
+    if isinstance(body, dict) and isinstance(body.get("email"), str) and "properties" in body:
+        return "contact"
+    return "flush" if failure.message_id == "flush" else "none"
+
+
+def requeue(conn: redis.Redis, failure_id: str, flush_delay: float = 0.0) -> str:
+    """Put a failure's work back in the queue and forget it; returns its kind (see kind_of)."""
+    from . import jobs, ledger  # late: jobs imports this module
+
+    failure = get(conn, failure_id)
+    if failure is None:
+        raise KeyError(failure_id)
+    kind = kind_of(failure)
+    if kind == "none":
+        raise NotRequeueable(f"failure {failure_id}: the payload is not an event, cannot requeue")
+    if kind == "event":
+        body = failure.body()
+        with conn.pipeline(transaction=True) as pipe:
+            add_event_job(
+                conn, pipe, failure.message_id, body, f"requeue-{failure.id}", " (requeued)"
+            )
+            pipe.delete(_entry_key(failure.id))
+            pipe.zrem(INDEX_KEY, failure.id)
+            pipe.execute()
+        return kind
+    if kind == "contact":
+        ledger.mark_dirty(conn, [failure.message_id])
+    remove(conn, failure.id)
+    jobs.schedule_once(conn, "instruqt_crm.jobs.flush_contacts", flush_delay, flush_delay + 30)
+    return kind

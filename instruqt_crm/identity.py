@@ -138,6 +138,20 @@ def release(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]
     return [(text(event_id), json.loads(body)) for event_id, body in stored.items()]
 
 
+def parked_events(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """One learner's waiting events (id, body), sorted by id, without releasing them."""
+    stored = conn.hgetall(_parked_key(user_id))
+    return sorted((text(event_id), json.loads(body)) for event_id, body in stored.items())
+
+
+def parked_event_count(conn: redis.Redis, user_ids: list[str]) -> int:
+    """How many events wait for these learners' emails."""
+    with conn.pipeline(transaction=False) as pipe:
+        for user_id in user_ids:
+            pipe.hlen(_parked_key(user_id))
+        return sum(int(n) for n in pipe.execute())
+
+
 def due(conn: redis.Redis, now: float | None = None, limit: int = 100) -> list[str]:
     """Users whose parked events are due for another lookup."""
     moment = time.time() if now is None else now

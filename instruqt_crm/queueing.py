@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.client import Pipeline
 from redis.retry import Retry
 from rq import Queue
 from rq import Retry as JobRetry
@@ -89,6 +90,28 @@ def dedupe_key(message_id: str) -> str:
     return f"{KEY_PREFIX}seen:{hashlib.sha256(message_id.encode()).hexdigest()}"
 
 
+def add_event_job(
+    conn: redis.Redis,
+    pipe: Pipeline,
+    message_id: str,
+    body: dict[str, Any],
+    job_id: str,
+    note: str = "",
+) -> None:
+    """Queue one ``process_event`` job inside ``pipe``'s transaction."""
+    queue(EVENTS_QUEUE, conn).enqueue_call(
+        "instruqt_crm.jobs.process_event",
+        args=(message_id, body),
+        job_id=job_id,
+        retry=EVENT_RETRY,
+        timeout=60,
+        result_ttl=3600,
+        failure_ttl=30 * 24 * 3600,
+        description=f"{body.get('type')} {message_id}{note}",
+        pipeline=pipe,
+    )
+
+
 @dataclass(frozen=True)
 class Enqueued:
     """What happened to an accepted delivery: queued now, or seen before."""
@@ -103,7 +126,6 @@ def enqueue_event(
     """Mark the message id seen and enqueue its job in one transaction (all or nothing)."""
     key = dedupe_key(message_id)
     job_id = job_id_for(message_id)
-    events = queue(EVENTS_QUEUE, conn)
     with conn.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(key)
@@ -111,17 +133,7 @@ def enqueue_event(
                 return Enqueued(job_id, duplicate=True)
             pipe.multi()
             pipe.set(key, job_id, ex=dedupe_ttl)
-            events.enqueue_call(
-                "instruqt_crm.jobs.process_event",
-                args=(message_id, body),
-                job_id=job_id,
-                retry=EVENT_RETRY,
-                timeout=60,
-                result_ttl=3600,
-                failure_ttl=30 * 24 * 3600,
-                description=f"{body.get('type')} {message_id}",
-                pipeline=pipe,
-            )
+            add_event_job(conn, pipe, message_id, body, job_id)
             pipe.execute()
         except redis.WatchError:
             return Enqueued(job_id, duplicate=True)  # a concurrent delivery of the same id won

@@ -48,6 +48,30 @@ def resolve(conn: redis.Redis, who: str) -> str | None:
     return text(found) if found is not None else None
 
 
+def when(epoch: float | None) -> str:
+    """An epoch as ``YYYY-MM-DD HH:MM:SSZ`` (UTC), or ``never``."""
+    if epoch is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch))
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """One trail entry in words."""
+    kind = entry.get("kind", "?")
+    head = f"  {when(entry.get('at'))}  {kind:<8} "
+    if kind == "event":
+        changes = ", ".join(f"{k}={v}" for k, v in (entry.get("changes") or {}).items())
+        flag = "changed" if entry.get("changed") else "no change"
+        return head + f"{entry.get('type')} {entry.get('event_id')} ({flag}) {changes}".rstrip()
+    if kind == "sent":
+        record = f" record {entry['record_id']}" if entry.get("record_id") else ""
+        return head + f"{json.dumps(entry.get('properties'), sort_keys=True)}{record}"
+    detail = entry.get("reason") or ""
+    if entry.get("event_id"):
+        detail = f"{entry.get('type')} {entry['event_id']}: {detail}"
+    return head + detail
+
+
 def entries(conn: redis.Redis, who: str, limit: int = MAX_ENTRIES) -> list[dict[str, Any]]:
     """A learner's trail, oldest first."""
     email = resolve(conn, who)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-TEST_DB = 9
+TEST_DBS = range(9, 16)  # one per concurrent test session; db 0 holds the claims
 
 
 def _answers(url: str) -> bool:
@@ -35,13 +36,28 @@ def redis_server_url() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.fixture(scope="session")
+def test_db(redis_server_url: str) -> Iterator[int]:
+    """A database number this test session has to itself (claimed in db 0, released after)."""
+    control = redis.Redis.from_url(redis_server_url)
+    token = f"{os.getpid()}-{time.time()}"
+    for number in TEST_DBS:
+        claim = f"instruqt_crm_test_db_claim:{number}"
+        if control.set(claim, token, nx=True, ex=3 * 3600):
+            yield number
+            if control.get(claim) == token.encode():
+                control.delete(claim)
+            return
+    raise RuntimeError(f"every test database {list(TEST_DBS)} is claimed by another test run")
+
+
 @pytest.fixture
-def redis_url(redis_server_url: str) -> Iterator[str]:
+def redis_url(redis_server_url: str, test_db: int) -> Iterator[str]:
     """The URL of a clean test database, emptied before and after the test."""
     if redis_server_url.startswith("unix://"):
-        url = f"{redis_server_url}?db={TEST_DB}"
+        url = f"{redis_server_url}?db={test_db}"
     else:
-        url = f"{redis_server_url}/{TEST_DB}"
+        url = f"{redis_server_url}/{test_db}"
     conn = redis.Redis.from_url(url)
     conn.flushdb()
     yield url

@@ -98,3 +98,27 @@ def test_metrics_move_when_events_flow(
     assert metric(after, "instruqt_crm_flush_latency_seconds_count") == 3
     assert metric(after, 'instruqt_crm_queue_depth{queue="instruqt-events"}') == 0
     assert metric(after, "instruqt_crm_dirty_contacts") == 0
+
+
+def test_status_page_shows_figures_and_traces_a_learner(
+    redis_conn, redis_url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in engine_env(redis_url, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
+    client = client_for(redis_conn, redis_url, **LOGIN)
+    body, headers = signed(track_event(user_id="u7", params={"email": "grace@example.com"}))
+    client.post("/webhooks/instruqt", data=body, headers=headers)
+    drain(redis_conn)
+    current_runtime.cache_clear()
+    page = client.get("/status", headers=basic("ops", "s3cret-pass"))
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "Contacts      0 waiting to be sent" in html
+    assert 'href="/rq/"' in html
+    traced = client.get("/status?who=u7", headers=basic("ops", "s3cret-pass")).get_data(
+        as_text=True
+    )
+    assert "track.challenge_attempted" in traced and "sent" in traced
+    hostile = client.get("/status?who=<script>x</script>", headers=basic("ops", "s3cret-pass"))
+    assert "<script>x" not in hostile.get_data(as_text=True)

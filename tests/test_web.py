@@ -202,3 +202,11 @@ def test_readyz_and_receiver_answer_503_without_redis(settings: Settings) -> Non
         response = post(client, body, headers)
         assert response.status_code == 503
         assert "retry" in response.json["reason"]
+
+
+def test_absurd_type_is_an_invalid_body(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body, headers = signed({"type": "x" * 500, "user_id": "u"})
+    response = post(client, body, headers)
+    assert response.status_code == 400
+    assert "at most" in response.json["reason"]
+    assert queued(redis_conn) == 0

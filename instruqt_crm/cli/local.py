@@ -1,4 +1,4 @@
-"""The ``instruqt-crm`` command line."""
+"""Trying it out: `dev` runs everything locally, `send-example` posts a signed event."""
 
 from __future__ import annotations
 
@@ -12,34 +12,21 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import click
 import requests
 from svix.webhooks import Webhook
 
-from .config import Settings, SettingsError
-from .examples import example_event, example_types
-from .queueing import EmbeddedRedis
-
-DEFAULT_URL = "http://127.0.0.1:8000/webhooks/instruqt"
-
-
-def _settings() -> Settings:
-    """Settings from the environment, or exit 2 with the one-line reason."""
-    try:
-        return Settings.from_env()
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
+from ..examples import example_event, example_types
+from ..queueing import EmbeddedRedis
+from .common import (
+    DEFAULT_URL,
+    LOCAL_REDIS,
+    settings_or_exit,
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="instruqt-crm")
-def main() -> None:
-    """Sync Instruqt learner activity into HubSpot or Salesforce."""
-
-
-@main.command()
+@click.command(short_help="Run receiver + worker + embedded Redis locally.")
 @click.option("--port", default=8000, show_default=True, help="Port for the local receiver.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 def dev(port: int, host: str) -> None:
@@ -51,11 +38,11 @@ def dev(port: int, host: str) -> None:
         )
     embedded = None
     if not env.get("REDIS_URL"):
-        embedded = EmbeddedRedis(Path("var/redis"))
+        embedded = EmbeddedRedis(LOCAL_REDIS)
         env["REDIS_URL"] = embedded.url
     os.environ.update(env)
-    settings = _settings()
-    from .web import create_app
+    settings = settings_or_exit()
+    from ..web import create_app
 
     app = create_app(settings)
     worker = subprocess.Popen([sys.executable, "-m", "instruqt_crm.workers"], env=env)
@@ -90,7 +77,7 @@ def sign_body(secret: str, body: bytes, msg_id: str | None = None) -> dict[str, 
     }
 
 
-@main.command("send-example")
+@click.command("send-example", short_help="Sign and POST a realistic test event.")
 @click.argument("event_type", required=False, type=click.Choice(example_types()))
 @click.option("--all", "send_all", is_flag=True, help="Send one event of every known type.")
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
@@ -102,7 +89,7 @@ def send_example(
     """Sign a realistic Instruqt event with INSTRUQT_WEBHOOK_SECRET and POST it."""
     if not event_type and not send_all:
         raise click.UsageError("give an EVENT_TYPE or --all")
-    secret = _settings().webhook_secrets[0].reveal()
+    secret = settings_or_exit().webhook_secrets[0].reveal()
     failed = 0
     for kind in example_types() if send_all else (event_type or "",):
         body = json.dumps(example_event(kind, user_id=user_id, email=email)).encode()

@@ -1,0 +1,133 @@
+"""`failed`: list, show, requeue or purge what failed for good."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from .. import failures, status
+from .common import (
+    json_option,
+    print_json,
+    redis_for,
+    settings_or_exit,
+)
+
+
+@click.group("failed", short_help="List, show, requeue or purge failures.")
+def failed_group() -> None:
+    """Inspect, requeue or purge failures (events and contacts that need an operator)."""
+
+
+def _failure_line(failure: failures.Failure) -> str:
+    """One failure on one line."""
+    return f"  {failure.id}  {status.when(failure.at)}  {failure.message_id}  {failure.reason}"
+
+
+@failed_group.command("list")
+@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+@click.option("--limit", default=20, show_default=True, help="Failures shown per category.")
+@json_option
+def failed_list(category: str | None, limit: int, as_json: bool) -> None:
+    """List stored failures by category, newest first, with counts."""
+    conn = redis_for(settings_or_exit(need_secret=False))
+    groups = failures.by_category(conn)
+    if category:
+        groups = {category: groups.get(category, [])}
+    if as_json:
+        print_json(
+            {name: [dataclasses.asdict(f) for f in items[:limit]] for name, items in groups.items()}
+        )
+        return
+    total = sum(len(items) for items in groups.values())
+    click.echo(f"{total} failure(s) stored" + (f" in {category}" if category else ""))
+    for name, items in sorted(groups.items()):
+        click.echo(f"{name} ({len(items)})")
+        for failure in items[:limit]:
+            click.echo(_failure_line(failure))
+        if len(items) > limit:
+            click.echo(f"  ... {len(items) - limit} more (use --limit)")
+    rq_failed = {k: v["failed"] for k, v in status.queue_figures(conn).items() if v["failed"]}
+    if rq_failed:
+        click.echo(f"RQ's failed registry (see the dashboard): {status._pairs(rq_failed)}")
+
+
+@failed_group.command("show")
+@click.argument("failure_id")
+@json_option
+def failed_show(failure_id: str, as_json: bool) -> None:
+    """Show one failure's reason and payload (exit 1 if there is no such failure)."""
+    conn = redis_for(settings_or_exit(need_secret=False))
+    failure = failures.get(conn, failure_id)
+    if failure is None:
+        raise click.ClickException(
+            f"no failure with id {failure_id!r} (see: instruqt-crm failed list)"
+        )
+    if as_json:
+        print_json({**dataclasses.asdict(failure), "payload": failure.body()})
+        return
+    requeue = {
+        "event": "process the event again",
+        "contact": "mark the contact for sending again",
+        "flush": "run a flush again",
+        "none": "nothing (not requeueable)",
+    }[failures.kind_of(failure)]
+    click.echo(f"id:        {failure.id}")
+    click.echo(f"category:  {failure.category}")
+    click.echo(f"when:      {status.when(failure.at)}")
+    click.echo(f"message:   {failure.message_id}")
+    click.echo(f"reason:    {failure.reason}")
+    click.echo(f"requeue:   {requeue}")
+    body = failure.body()
+    click.echo("payload:")
+    click.echo(json.dumps(body, indent=2, sort_keys=True) if not isinstance(body, str) else body)
+
+
+@failed_group.command("requeue")
+@click.argument("failure_id", required=False)
+@click.option("--all", "requeue_all", is_flag=True, help="Requeue every failure (of --category).")
+@click.option("--reason", "reason_text", help="Requeue failures whose reason contains TEXT.")
+@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+def failed_requeue(
+    failure_id: str | None, requeue_all: bool, reason_text: str | None, category: str | None
+) -> None:
+    """Requeue failures (FAILURE_ID, --all or --reason) and forget them."""
+    if sum((failure_id is not None, requeue_all, reason_text is not None)) != 1:
+        raise click.UsageError("give exactly one of FAILURE_ID, --all or --reason TEXT")
+    conn = redis_for(settings_or_exit(need_secret=False))
+    if failure_id is not None:
+        try:
+            kind = failures.requeue(conn, failure_id)
+        except KeyError:
+            raise click.ClickException(f"no failure with id {failure_id!r}") from None
+        except failures.NotRequeueable as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"requeued {failure_id} ({kind})")
+        return
+    chosen = failures.every(conn, category)
+    if reason_text is not None:
+        chosen = [f for f in chosen if reason_text.lower() in f.reason.lower()]
+    done = skipped = 0
+    for failure in chosen:
+        try:
+            kind = failures.requeue(conn, failure.id)
+        except (KeyError, failures.NotRequeueable):
+            skipped += 1
+            continue
+        done += 1
+        click.echo(f"requeued {failure.id} ({kind})")
+    click.echo(f"{done} requeued, {skipped} not requeueable (purge those once read)")
+
+
+@failed_group.command("purge")
+@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def failed_purge(category: str | None, yes: bool) -> None:
+    """Delete stored failures (all, or one category) for good."""
+    conn = redis_for(settings_or_exit(need_secret=False))
+    count = len(failures.every(conn, category))
+    if count and not yes:
+        click.confirm(f"Delete {count} failure(s) for good?", abort=True)
+    click.echo(f"purged {failures.purge(conn, category)} failure(s)")

@@ -1,0 +1,161 @@
+"""Operational figures in one JSON-ready dict, for ``instruqt-crm status`` and the status page."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from rq import Worker
+
+from . import failures, identity, ledger
+from .config import Settings
+from .mapping import Mapping, MappingError, load_mapping
+from .queueing import EVENTS_QUEUE, FLUSH_QUEUE, STATS_KEY, queue, text
+from .ratelimit import RequestBudget
+from .runtime import Runtime
+from .sync import LAST_FLUSH_KEY
+from .trace import when
+
+QUEUES = {"events": EVENTS_QUEUE, "flush": FLUSH_QUEUE}
+BUDGET_WINDOW_SECONDS = 10.0
+MAX_PARKED_SCAN = 1000
+
+
+def queue_figures(conn: redis.Redis) -> dict[str, dict[str, int]]:
+    """Per queue: jobs waiting, scheduled for later, running, and in RQ's failed registry."""
+    figures = {}
+    for short, name in QUEUES.items():
+        jobs = queue(name, conn)
+        figures[short] = {
+            "queued": jobs.count,
+            "scheduled": jobs.scheduled_job_registry.get_job_count(cleanup=False),
+            "started": jobs.started_job_registry.get_job_count(cleanup=False),
+            "failed": jobs.failed_job_registry.get_job_count(cleanup=False),
+        }
+    return figures
+
+
+def counters(conn: redis.Redis) -> dict[str, Any]:
+    """The workers' counters: events by outcome (overall and by type), identity lookups."""
+    events: dict[str, int] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    lookups: dict[str, int] = {}
+    for field, raw in conn.hgetall(STATS_KEY).items():
+        parts, value = text(field).split(":", 2), int(raw)
+        if parts[0] == "events" and len(parts) == 2:
+            events[parts[1]] = value
+        elif parts[0] == "events" and len(parts) == 3:
+            by_type.setdefault(parts[2], {})[parts[1]] = value
+        elif parts[0] == "identity" and len(parts) >= 2:
+            lookups[":".join(parts[1:])] = value
+    return {"events": events, "events_by_type": by_type, "identity": lookups}
+
+
+def parked_event_count(conn: redis.Redis, limit: int = MAX_PARKED_SCAN) -> int:
+    """How many events wait for an email (counted over at most ``limit`` learners)."""
+    users = [text(u) for u in conn.zrange(identity.PARKED_USERS, 0, limit - 1)]
+    return identity.parked_event_count(conn, users)
+
+
+def last_flush(conn: redis.Redis, now: float) -> dict[str, float | None]:
+    """When a flush last wrote something to the CRM, and how long ago."""
+    raw = conn.get(LAST_FLUSH_KEY)
+    at = float(text(raw)) if raw is not None else None
+    return {"at": at, "age_seconds": None if at is None else max(0.0, now - at)}
+
+
+def _parts(source: Runtime | Settings) -> tuple[Settings, Mapping | None, str | None]:
+    """Settings, the mapping (None if it cannot be loaded) and why not."""
+    if isinstance(source, Runtime):
+        return source.settings, source.mapping, None
+    try:
+        return source, load_mapping(source.mapping_path), None
+    except MappingError as exc:
+        return source, None, exc.problems[0] if exc.problems else str(exc)
+
+
+def crm_figures(conn: redis.Redis, settings: Settings, mapping: Mapping | None) -> dict[str, Any]:
+    """Which CRM the mapping targets, which adapter runs, and the request budget left."""
+    crm = mapping.crm if mapping is not None else None
+    has_token = settings.hubspot_access_token is not None
+    figures: dict[str, Any] = {
+        "crm": crm,
+        "adapter": "hubspot" if crm == "hubspot" and has_token else "dry-run",
+    }
+    if crm == "hubspot":
+        limit = settings.hubspot_requests_per_10s
+        budget = RequestBudget(conn, "hubspot", limit, BUDGET_WINDOW_SECONDS)
+        figures["budget"] = {
+            "remaining": budget.remaining(),
+            "limit": limit,
+            "window_seconds": BUDGET_WINDOW_SECONDS,
+            "paused_until": budget.paused_until(),
+        }
+    return figures
+
+
+def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
+    """Every figure an operator watches, read fresh from Redis (JSON-serialisable)."""
+    settings, mapping, mapping_error = _parts(source)
+    now = time.time()
+    return {
+        "at": now,
+        "mapping": {
+            "path": str(mapping.source if mapping is not None else settings.mapping_path),
+            "crm": mapping.crm if mapping is not None else None,
+            "error": mapping_error,
+        },
+        "workers": Worker.count(connection=conn),
+        "queues": queue_figures(conn),
+        "contacts": {"dirty": ledger.dirty_count(conn)},
+        "identity": {
+            "waiting_learners": identity.parked_count(conn),
+            "waiting_events": parked_event_count(conn),
+        },
+        "failures": {"open": failures.open_counts(conn), "recorded": failures.counts(conn)},
+        "counters": counters(conn),
+        "last_flush": last_flush(conn, now),
+        "crm": crm_figures(conn, settings, mapping),
+    }
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    """``a 1, b 2`` sorted by name, or ``none``."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """The figures as short aligned lines of text."""
+    q, crm = figures["queues"], figures["crm"]
+    flushed = figures["last_flush"]
+    age = flushed["age_seconds"]
+    mapping = figures["mapping"]
+    crm_name = mapping["crm"] or f"not loadable: {mapping['error']}"
+    lines = [
+        f"Mapping       {mapping['path']} ({crm_name})",
+        f"Workers       {figures['workers']}",
+    ]
+    for name, jobs in q.items():
+        lines.append(
+            f"Queue {name:<7} {jobs['queued']} queued, {jobs['scheduled']} scheduled, "
+            f"{jobs['started']} running, {jobs['failed']} in RQ's failed registry"
+        )
+    waiting = figures["identity"]
+    lines += [
+        f"Contacts      {figures['contacts']['dirty']} waiting to be sent",
+        f"Identity      {waiting['waiting_learners']} learner(s) waiting for an email "
+        f"({waiting['waiting_events']} event(s))",
+        f"Failures      open: {_pairs(figures['failures']['open'])}; "
+        f"recorded ever: {_pairs(figures['failures']['recorded'])}",
+        f"Events        {_pairs(figures['counters']['events'])}",
+        f"Last flush    {when(flushed['at'])}" + (f" ({age:.0f} s ago)" if age is not None else ""),
+    ]
+    budget = crm.get("budget")
+    line = f"CRM           {crm['crm'] or 'unknown'} via {crm['adapter']}"
+    if budget:
+        line += f"; {budget['remaining']} of {budget['limit']} requests left per 10 s"
+        if budget["paused_until"]:
+            line += f" (paused until {when(budget['paused_until'])})"
+    lines.append(line)
+    return lines

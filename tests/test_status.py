@@ -1,0 +1,76 @@
+"""status.collect: the figures shared by ``instruqt-crm status`` and the status page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+
+from instruqt_crm import failures, status
+from instruqt_crm.config import Secret, Settings
+from instruqt_crm.mapping import load_mapping
+from instruqt_crm.queueing import STATS_KEY
+from instruqt_crm.ratelimit import RequestBudget
+from instruqt_crm.runtime import Runtime
+from instruqt_crm.sync import LAST_FLUSH_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings(**extra: object) -> Settings:
+    base: dict = {"webhook_secrets": (), "mapping_path": ROOT / "mappings" / "hubspot.yaml"}
+    return Settings(**{**base, **extra})
+
+
+def test_empty_redis(redis_conn: redis.Redis) -> None:
+    figures = status.collect(redis_conn, settings())
+    assert figures["queues"]["events"] == {"queued": 0, "scheduled": 0, "started": 0, "failed": 0}
+    assert figures["contacts"] == {"dirty": 0}
+    assert figures["identity"] == {"waiting_learners": 0, "waiting_events": 0}
+    assert figures["failures"] == {"open": {}, "recorded": {}}
+    assert figures["last_flush"] == {"at": None, "age_seconds": None}
+    assert figures["crm"]["adapter"] == "dry-run"
+    assert figures["mapping"]["error"] is None
+    json.dumps(figures)  # JSON-ready
+    assert any(line.startswith("Last flush    never") for line in status.render(figures))
+
+
+def test_counters_failures_flush_and_budget(redis_conn: redis.Redis) -> None:
+    redis_conn.hset(
+        STATS_KEY,
+        mapping={
+            "events:merged": 3,
+            "events:merged:track.started": 2,
+            "events:merged:review.created": 1,
+            "identity:params": 3,
+        },
+    )
+    failures.record(redis_conn, "mapping", "bad", "m1", "{}")
+    purged = failures.record(redis_conn, "mapping", "bad", "m2", "{}")
+    failures.remove(redis_conn, purged.id)
+    redis_conn.set(LAST_FLUSH_KEY, "1000.0")
+    RequestBudget(redis_conn, "hubspot", 50, 10).acquire(3)
+    runtime = Runtime(
+        settings(hubspot_access_token=Secret("t"), hubspot_requests_per_10s=50),
+        load_mapping(ROOT / "mappings" / "hubspot.yaml"),
+    )
+    figures = status.collect(redis_conn, runtime)
+    assert figures["counters"] == {
+        "events": {"merged": 3},
+        "events_by_type": {"track.started": {"merged": 2}, "review.created": {"merged": 1}},
+        "identity": {"params": 3},
+    }
+    assert figures["failures"] == {"open": {"mapping": 1}, "recorded": {"mapping": 2}}
+    assert figures["last_flush"]["at"] == 1000.0
+    assert figures["crm"]["adapter"] == "hubspot"
+    assert figures["crm"]["budget"]["remaining"] == 47
+    assert figures["crm"]["budget"]["limit"] == 50
+
+
+def test_unloadable_mapping_is_reported_not_raised(redis_conn: redis.Redis, tmp_path: Path) -> None:
+    figures = status.collect(redis_conn, settings(mapping_path=tmp_path / "missing.yaml"))
+    assert figures["mapping"]["crm"] is None
+    assert "cannot read the mapping" in figures["mapping"]["error"]
+    assert figures["crm"] == {"crm": None, "adapter": "dry-run"}
+    assert "not loadable" in status.render(figures)[0]
