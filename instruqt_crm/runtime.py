@@ -13,7 +13,6 @@ from .crm.base import CrmAdapter
 from .crm.dryrun import DryRunAdapter
 from .identity import EmailLookup
 from .mapping import Mapping, load_mapping
-from .ratelimit import RequestBudget
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,9 @@ class Runtime:
         """The CRM adapter for the mapping's CRM, or the dry run when it has no credentials."""
         token = self.settings.hubspot_access_token
         if self.mapping.crm == "hubspot" and token is not None:
-            from .crm.hubspot import HubSpotAdapter
+            from .crm.hubspot import HubSpotAdapter, hubspot_budget
 
-            budget = RequestBudget(conn, "hubspot", self.settings.hubspot_requests_per_10s, 10.0)
+            budget = hubspot_budget(conn, self.settings.hubspot_requests_per_10s)
             return HubSpotAdapter(token.reveal(), self.settings.hubspot_api_base, budget)
         return DryRunAdapter(conn, self.mapping, self.settings.dry_run_path)
 

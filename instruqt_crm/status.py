@@ -10,15 +10,14 @@ from rq import Worker
 
 from . import failures, identity, ledger
 from .config import Settings
+from .crm.hubspot import WINDOW_SECONDS, hubspot_budget
 from .mapping import Mapping, MappingError, load_mapping
 from .queueing import EVENTS_QUEUE, FLUSH_QUEUE, STATS_KEY, queue, text
-from .ratelimit import RequestBudget
 from .runtime import Runtime
 from .sync import LAST_FLUSH_KEY
 from .trace import when
 
 QUEUES = {"events": EVENTS_QUEUE, "flush": FLUSH_QUEUE}
-BUDGET_WINDOW_SECONDS = 10.0
 MAX_PARKED_SCAN = 1000
 
 
@@ -85,11 +84,11 @@ def crm_figures(conn: redis.Redis, settings: Settings, mapping: Mapping | None) 
     }
     if crm == "hubspot":
         limit = settings.hubspot_requests_per_10s
-        budget = RequestBudget(conn, "hubspot", limit, BUDGET_WINDOW_SECONDS)
+        budget = hubspot_budget(conn, limit)
         figures["budget"] = {
             "remaining": budget.remaining(),
             "limit": limit,
-            "window_seconds": BUDGET_WINDOW_SECONDS,
+            "window_seconds": WINDOW_SECONDS,
             "paused_until": budget.paused_until(),
         }
     return figures

@@ -115,7 +115,7 @@ def test_429_waits_and_succeeds_without_going_over(
 
 def test_budget_at_the_limit_gets_no_429(fake: FakeHubSpot, redis_conn: redis.Redis) -> None:
     fake.set_rate_limit(5, window_seconds=1.0)
-    budget = RequestBudget(redis_conn, "hubspot-right", 5, 1.0)
+    budget = RequestBudget(redis_conn, "hubspot-right", 5, 1.2)  # with a margin, as in production
     hub = HubSpotAdapter(fake.token, fake.url, budget)
     hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
     for number in range(8):

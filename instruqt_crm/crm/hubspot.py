@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import redis
 import urllib3
 from hubspot import HubSpot
 from hubspot.crm.contacts import (
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 BATCH_SIZE = 100
+WINDOW_SECONDS = 10.0  # HubSpot's rolling window for private apps
+WINDOW_MARGIN = 0.5  # our window is a little longer: requests reach HubSpot with some jitter
+
+
+def hubspot_budget(conn: redis.Redis, requests_per_10s: int) -> RequestBudget:
+    """The request budget all workers share for one HubSpot account."""
+    return RequestBudget(conn, "hubspot", requests_per_10s, WINDOW_SECONDS + WINDOW_MARGIN)
 
 
 def format_value(value: Value) -> str:
