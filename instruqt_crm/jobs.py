@@ -100,6 +100,8 @@ def handle_event(conn: redis.Redis, runtime: Runtime, event: Event) -> dict[str,
     found = resolver.resolve(event)
     if found.email is None:
         return _wait_for_identity(conn, runtime, event)
+    if found.source == "lookup" and event.user_id:  # earlier events may wait for this answer
+        _release(conn, runtime, event.user_id, found.email)
     return _merge(conn, runtime, event, found.email)
 
 

@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 DIRTY_KEY = f"{KEY_PREFIX}dirty"
 MAX_MERGE_ATTEMPTS = 50
 
-# Remove the contact from the dirty set only if no merge happened since it was read.
+# Record what the CRM accepted; leave the dirty set only if no merge happened since the
+# values were read, else make sure the contact is (still) dirty so the newer values follow.
 _SETTLE = """
 local version = redis.call('HGET', KEYS[1], 'version') or '0'
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if version == ARGV[1] then redis.call('ZREM', KEYS[2], ARGV[2]) return 1 end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
 return 0
 """
 
@@ -135,7 +137,8 @@ def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | N
     for name, value in (sent or {}).items():
         pairs += [f"s:{name}", _dumps(value)]
     script = conn.register_script(_SETTLE)
-    return bool(script(keys=[contact_key(key), DIRTY_KEY], args=[version, key, *pairs]))
+    args: list[str | float] = [version, key, time.time(), *pairs]
+    return bool(script(keys=[contact_key(key), DIRTY_KEY], args=args))
 
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:

@@ -126,15 +126,20 @@ def enqueue_event(
     """Mark the message id seen and enqueue its job in one transaction (all or nothing)."""
     key = dedupe_key(message_id)
     job_id = job_id_for(message_id)
-    with conn.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(key)
-            if pipe.exists(key):
-                return Enqueued(job_id, duplicate=True)
-            pipe.multi()
-            pipe.set(key, job_id, ex=dedupe_ttl)
-            add_event_job(conn, pipe, message_id, body, job_id)
-            pipe.execute()
-        except redis.WatchError:
-            return Enqueued(job_id, duplicate=True)  # a concurrent delivery of the same id won
-    return Enqueued(job_id, duplicate=False)
+    for _ in range(3):
+        with conn.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.exists(key):
+                    return Enqueued(job_id, duplicate=True)
+                pipe.multi()
+                pipe.set(key, job_id, ex=dedupe_ttl)
+                add_event_job(conn, pipe, message_id, body, job_id)
+                pipe.execute()
+                return Enqueued(job_id, duplicate=False)
+            except redis.WatchError:
+                # A concurrent delivery of the same id won -- or the connection died while
+                # watching (redis-py raises WatchError then too): only Redis itself can tell.
+                if conn.exists(key):
+                    return Enqueued(job_id, duplicate=True)
+    raise redis.ConnectionError(f"event {message_id} not stored: transaction kept failing")

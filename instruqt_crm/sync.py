@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
+from redis.lock import Lock
 
 from . import failures, ledger, metrics, trace
 from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
@@ -41,11 +43,17 @@ class FlushReport:
 def send(
     adapter: CrmAdapter, changes: Sequence[ContactChange], report: FlushReport
 ) -> list[Outcome]:
-    """Upsert a batch; when the CRM refuses the whole batch, split it to isolate the bad record."""
+    """Upsert a batch; when the CRM refuses the whole batch, set aside the records it names
+    (or, when it names none, split the batch in halves) and send the others again."""
     report.requests += 1
     try:
         return adapter.upsert(changes)
     except BatchRejected as exc:
+        named = [c for c in changes if c.key in exc.culprits]
+        if named:
+            rest = [c for c in changes if c.key not in exc.culprits]
+            rejected = [Outcome(c.key, "rejected", exc.reason, exc.category) for c in named]
+            return rejected + (send(adapter, rest, report) if rest else [])
         if len(changes) == 1:
             return [Outcome(changes[0].key, "rejected", exc.reason, exc.category)]
         middle = len(changes) // 2
@@ -117,6 +125,25 @@ def flush_batch(
     return report.retry == 0
 
 
+@contextlib.contextmanager
+def lease_kept(lock: Lock, lease: float) -> Iterator[None]:
+    """Renew the flush lock every lease/3 s while a flush runs (a killed worker stops renewing)."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 3):
+            with contextlib.suppress(redis.RedisError):
+                lock.reacquire()
+
+    keeper = threading.Thread(target=renew, name="flush-lease", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join(timeout=5)
+
+
 def flush(
     conn: redis.Redis,
     adapter: CrmAdapter,
@@ -126,14 +153,15 @@ def flush(
 ) -> FlushReport:
     """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
     report = FlushReport()
-    lock = conn.lock(LOCK_KEY, timeout=lease)
+    lock = conn.lock(LOCK_KEY, timeout=lease, thread_local=False)  # renewed from a thread
     if not lock.acquire(blocking=True, blocking_timeout=lease + 1):  # another flush is running
         report.locked = True
         return report
     deadline = time.monotonic() + time_budget
     try:
-        while time.monotonic() < deadline and flush_batch(conn, adapter, mapping, report):
-            lock.reacquire()
+        with lease_kept(lock, lease):
+            while time.monotonic() < deadline and flush_batch(conn, adapter, mapping, report):
+                pass
     except RateLimited as exc:
         report.wait = exc.wait
         log.warning("CRM rate limit (%s): flush parked for %.0f s", exc.policy or "quota", exc.wait)

@@ -94,7 +94,7 @@ def test_one_invalid_email_among_100(adapter: HubSpotAdapter, fake: FakeHubSpot)
 def test_429_waits_and_succeeds_without_going_over(
     fake: FakeHubSpot, redis_conn: redis.Redis
 ) -> None:
-    budget = RequestBudget(redis_conn, "hubspot-shared", 5, 1.0)
+    budget = RequestBudget(redis_conn, "hubspot-shared", 5, 1.2)  # with a margin, as in production
     hub = HubSpotAdapter(fake.token, fake.url, budget)
     hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
     fake.set_rate_limit(5, window_seconds=1.0)
@@ -180,3 +180,15 @@ def test_provisioning_reports_a_type_mismatch(fake: FakeHubSpot) -> None:
     steps = hubspot_setup.plan(hub, MAPPING)
     assert steps.mismatched == ["instruqt_last_review_score: is string, the mapping needs number"]
     assert "instruqt_last_review_score" not in steps.create
+
+
+def test_a_400_naming_the_bad_email_costs_one_extra_request(
+    adapter: HubSpotAdapter, fake: FakeHubSpot
+) -> None:
+    batch = [change(n) for n in range(60)]
+    batch.insert(7, ContactChange("bad", "not-an-email", {"instruqt_user_id": "x"}))
+    report = FlushReport()
+    outcomes = send(adapter, batch, report)
+    assert [o.key for o in outcomes if o.status == "rejected"] == ["bad"]
+    assert report.requests == 2
+    assert len(fake.contacts) == 60

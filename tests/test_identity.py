@@ -136,3 +136,18 @@ def test_parked_events_back_off_then_expire_with_a_reason(
     assert {f.category for f in kept} == {"identity"}
     assert all("within 7 days" in f.reason for f in kept)
     assert identity.parked_count(redis_conn) == 0
+
+
+@responses.activate
+def test_a_later_event_whose_lookup_succeeds_releases_the_waiting_ones(
+    redis_conn: redis.Redis, runtime: Runtime
+) -> None:
+    responses.post(GRAPHQL, json=user_reply(None))
+    assert handle_event(redis_conn, runtime, event())["status"] == "parked"
+    redis_conn.delete("instruqt_crm:identity:u1")  # the negative answer has expired
+    responses.replace(responses.POST, GRAPHQL, json=user_reply("found@example.com"))
+    handle_event(redis_conn, runtime, event(kind="track.completed"))
+    assert identity.parked_count(redis_conn) == 0
+    flush(redis_conn, runtime.adapter(redis_conn), MAPPING)
+    record = dry_run_records(redis_conn)["found@example.com"]
+    assert record["instruqt_tracks_started"] == "t" and record["instruqt_tracks_completed"] == "t"

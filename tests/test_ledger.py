@@ -167,3 +167,48 @@ def test_flush_sends_batches_not_one_call_per_event(
     adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
     assert flush(redis_conn, adapter, MAPPING).requests == 1
     assert adapter.calls == [4]
+
+
+def test_a_stale_batch_landing_last_makes_the_contact_dirty_again(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 1)
+    old = ledger.pending(redis_conn, "u0@example.com", MAPPING)
+    later = {
+        "type": "track.completed",
+        "user_id": "u0",
+        "track_slug": "t",
+        "params": {"email": "u0@example.com"},
+        "timestamp": "2026-11-02T10:00:00Z",
+    }
+    handle_event(redis_conn, run, parse_event("later", later))
+    new = ledger.pending(redis_conn, "u0@example.com", MAPPING)
+    assert old.change is not None and new.change is not None
+    assert ledger.settle(redis_conn, "u0@example.com", new.version, new.change.properties)
+    assert ledger.dirty(redis_conn, 10) == []
+    # the older batch's answer arrives last: the CRM now holds its values, so resend the newer
+    assert not ledger.settle(redis_conn, "u0@example.com", old.version, old.change.properties)
+    assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
+    resend = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
+    assert resend is not None  # only what the stale batch overwrote goes again
+    assert resend.properties == {"instruqt_last_activity_at": "2026-11-02T10:00:00.000Z"}
+
+
+def test_the_flush_lease_is_renewed_while_a_batch_is_slow(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    import time as clock
+
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 2)
+
+    class Slow(CountingAdapter):
+        def upsert(self, changes):
+            clock.sleep(2.5)  # longer than the 2 s lease
+            assert redis_conn.exists("instruqt_crm:flush:lock"), "the lease lapsed mid-batch"
+            return super().upsert(changes)
+
+    report = flush(redis_conn, Slow(redis_conn, MAPPING, tmp_path / "o.jsonl"), MAPPING, lease=2)
+    assert report.synced == 2
+    assert not redis_conn.exists("instruqt_crm:flush:lock")

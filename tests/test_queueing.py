@@ -98,3 +98,16 @@ def test_embedded_redis_when_redis_url_unset(caplog: pytest.LogCaptureFixture) -
         assert queue(EVENTS_QUEUE, conn).count == 1
     finally:
         conn.shutdown(nosave=True)
+
+
+def test_interrupted_transaction_is_not_a_duplicate(redis_conn: redis.Redis, monkeypatch) -> None:
+    """redis-py raises WatchError when the connection drops while watching: not a duplicate."""
+    from redis.client import Pipeline
+
+    def dropped(self, *args, **kwargs):
+        raise redis.WatchError("Watched variable changed.")  # what a dropped connection gives
+
+    monkeypatch.setattr(Pipeline, "execute", dropped)
+    with pytest.raises(redis.ConnectionError):
+        enqueue_event(redis_conn, "msg_dropped", track_event(), 3600)
+    assert not redis_conn.exists(dedupe_key("msg_dropped"))

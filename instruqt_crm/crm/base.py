@@ -32,7 +32,14 @@ __all__ = [
 
 
 class BatchRejected(PermanentError):
-    """The CRM refused the whole batch because of one or more records in it."""
+    """The CRM refused the whole batch because of some records in it (``culprits``: their keys,
+    when the CRM's answer names them; empty when it does not)."""
+
+    def __init__(
+        self, reason: str, category: str = "validation", culprits: frozenset[str] = frozenset()
+    ) -> None:
+        super().__init__(reason, category)
+        self.culprits = culprits
 
 
 @dataclass(frozen=True)

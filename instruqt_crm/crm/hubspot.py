@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -125,6 +126,16 @@ def _scopes(body: dict[str, Any]) -> str:
     return ", ".join(sorted(set(found)))
 
 
+def culprits(answer: str, by_id: dict[str, ContactChange]) -> frozenset[str]:
+    """Keys of the changes a whole-batch 400 names: by their id (email) or a property they set."""
+    named = set()
+    for record_id, change in by_id.items():
+        words = [record_id, *change.properties]
+        if any(re.search(rf"(?<![\w.@-]){re.escape(w)}(?![\w.@-])", answer) for w in words):
+            named.add(change.key)
+    return frozenset(named)
+
+
 class HubSpotAdapter:
     """Upsert contacts into HubSpot by email, 100 per request, never over the shared budget."""
 
@@ -214,7 +225,8 @@ class HubSpotAdapter:
             )
         except PermanentError as exc:
             if exc.category == "validation":
-                raise BatchRejected(exc.reason, "validation") from exc
+                answer = str(getattr(exc.__cause__, "body", None) or exc.reason)
+                raise BatchRejected(exc.reason, "validation", culprits(answer, by_id)) from exc
             raise
         return self._outcomes(data, by_id)
 
