@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import TypeVar
 
 DEFAULT_INSTRUQT_GRAPHQL_URL = "https://play.instruqt.com/graphql"
 DEFAULT_HUBSPOT_API_BASE = "https://api.hubapi.com"
+DEFAULT_SALESFORCE_LOGIN_URL = "https://login.salesforce.com"
+DEFAULT_SALESFORCE_API_VERSION = "62.0"
 MIN_DEDUPE_SECONDS = 99_000  # Svix retries for about 27.5 hours
 T = TypeVar("T")
 
@@ -148,6 +151,82 @@ def _log_level(text: str) -> str:
     return level
 
 
+# --- Salesforce settings (issue 5) ---------------------------------------------------------
+
+
+def _api_version(text: str) -> str:
+    """Check a Salesforce API version such as 62.0."""
+    version = text.removeprefix("v")
+    if not re.fullmatch(r"\d{2,3}\.0", version):
+        raise SettingsError(f"SALESFORCE_API_VERSION: expected a version like 62.0, got {text!r}")
+    return version
+
+
+def _private_key(raw: str) -> Secret:
+    """A PEM private key given as text (\\n escapes allowed) or as a file path."""
+    text = raw.replace("\\n", "\n")
+    if "-----BEGIN" not in text:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise SettingsError(
+                "SALESFORCE_PRIVATE_KEY: expected PEM text (-----BEGIN ... PRIVATE KEY-----) "
+                "or the path of a PEM file; no such file"
+            )
+        text = path.read_text()
+    if "PRIVATE KEY-----" not in text:
+        raise SettingsError("SALESFORCE_PRIVATE_KEY: expected a PEM private key")
+    return Secret(text)
+
+
+def _salesforce(env: Mapping[str, str]) -> dict[str, object]:
+    """The SALESFORCE_* settings, checked for a complete login flow."""
+
+    def value(name: str) -> str | None:
+        return env.get(name, "").strip() or None
+
+    client_id, secret = value("SALESFORCE_CLIENT_ID"), value("SALESFORCE_CLIENT_SECRET")
+    username, key = value("SALESFORCE_USERNAME"), value("SALESFORCE_PRIVATE_KEY")
+    instance, token = value("SALESFORCE_INSTANCE_URL"), value("SALESFORCE_ACCESS_TOKEN")
+    if (username or key) and not (client_id and username and key):
+        raise SettingsError(
+            "SALESFORCE_PRIVATE_KEY: the JWT flow needs SALESFORCE_CLIENT_ID, SALESFORCE_USERNAME "
+            "and SALESFORCE_PRIVATE_KEY together"
+        )
+    if secret and not client_id:
+        raise SettingsError("SALESFORCE_CLIENT_ID: needed with SALESFORCE_CLIENT_SECRET")
+    if client_id and not (secret or key):
+        raise SettingsError(
+            "SALESFORCE_CLIENT_ID: set SALESFORCE_CLIENT_SECRET (client credentials) or "
+            "SALESFORCE_USERNAME + SALESFORCE_PRIVATE_KEY (JWT bearer) with it"
+        )
+    if bool(token) != bool(instance) and not client_id:
+        raise SettingsError(
+            "SALESFORCE_ACCESS_TOKEN: set both SALESFORCE_INSTANCE_URL and SALESFORCE_ACCESS_TOKEN "
+            "(or a login flow instead)"
+        )
+    login = value("SALESFORCE_LOGIN_URL")
+    return {
+        "salesforce_login_url": _url("SALESFORCE_LOGIN_URL")(login)
+        if login
+        else DEFAULT_SALESFORCE_LOGIN_URL,
+        "salesforce_client_id": client_id,
+        "salesforce_client_secret": Secret(secret) if secret else None,
+        "salesforce_username": username,
+        "salesforce_private_key": _private_key(key) if key else None,
+        "salesforce_instance_url": _url("SALESFORCE_INSTANCE_URL")(instance) if instance else None,
+        "salesforce_access_token": Secret(token) if token else None,
+        "salesforce_api_version": _api_version(v)
+        if (v := value("SALESFORCE_API_VERSION"))
+        else DEFAULT_SALESFORCE_API_VERSION,
+        "salesforce_requests_per_minute": _number("SALESFORCE_REQUESTS_PER_MINUTE", int, 1)(r)
+        if (r := value("SALESFORCE_REQUESTS_PER_MINUTE"))
+        else 120,
+    }
+
+
+# -------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting the service reads, typed; build with ``Settings.from_env()``."""
@@ -173,6 +252,16 @@ class Settings:
     log_emails: bool = False
     sentry_dsn: Secret | None = None
     port: int = 8000
+    # Salesforce (see docs/salesforce.md)
+    salesforce_login_url: str = DEFAULT_SALESFORCE_LOGIN_URL
+    salesforce_client_id: str | None = None
+    salesforce_client_secret: Secret | None = None
+    salesforce_username: str | None = None
+    salesforce_private_key: Secret | None = None
+    salesforce_instance_url: str | None = None
+    salesforce_access_token: Secret | None = None
+    salesforce_api_version: str = DEFAULT_SALESFORCE_API_VERSION
+    salesforce_requests_per_minute: int = 120
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -238,4 +327,5 @@ class Settings:
             log_emails=get("LOG_EMAILS", _flag("LOG_EMAILS"), False),
             sentry_dsn=_sentry(secret("SENTRY_DSN")),
             port=get("PORT", _number("PORT", int, 1), 8000),
+            **_salesforce(env),  # type: ignore[arg-type]
         )

@@ -32,6 +32,12 @@ class Runtime:
 
             budget = hubspot_budget(conn, self.settings.hubspot_requests_per_10s)
             return HubSpotAdapter(token.reveal(), self.settings.hubspot_api_base, budget)
+        if self.mapping.crm == "salesforce":  # Salesforce (issue 5)
+            from .crm.salesforce import salesforce_adapter
+
+            adapter = salesforce_adapter(self.settings, self.mapping, conn)
+            if adapter is not None:
+                return adapter
         return DryRunAdapter(conn, self.mapping, self.settings.dry_run_path)
 
     @functools.cached_property
@@ -41,8 +47,10 @@ class Runtime:
             return None
         from .instruqt_api import InstruqtClient
 
-        return InstruqtClient(
-            self.settings.instruqt_api_key.reveal(), url=self.settings.instruqt_graphql_url
+        return InstruqtClient(  # one attempt per event: a waiting event is retried anyway
+            self.settings.instruqt_api_key.reveal(),
+            url=self.settings.instruqt_graphql_url,
+            attempts=1,
         )
 
 

@@ -69,3 +69,33 @@ def test_secret_values_never_appear_in_repr_or_errors() -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": "whsec_!!" + "x" * 10})
     assert "x" * 10 not in str(caught.value)
+
+
+# --- Salesforce settings (issue 5) ---
+
+
+@pytest.mark.parametrize(
+    ("extra", "variable"),
+    [
+        ({"SALESFORCE_CLIENT_SECRET": "s"}, "SALESFORCE_CLIENT_ID"),
+        ({"SALESFORCE_CLIENT_ID": "id"}, "SALESFORCE_CLIENT_ID"),
+        ({"SALESFORCE_CLIENT_ID": "i", "SALESFORCE_USERNAME": "u"}, "SALESFORCE_PRIVATE_KEY"),
+        (
+            {
+                "SALESFORCE_CLIENT_ID": "i",
+                "SALESFORCE_USERNAME": "u",
+                "SALESFORCE_PRIVATE_KEY": "x",
+            },
+            "SALESFORCE_PRIVATE_KEY",
+        ),
+        ({"SALESFORCE_ACCESS_TOKEN": "t"}, "SALESFORCE_ACCESS_TOKEN"),
+        ({"SALESFORCE_LOGIN_URL": "login.salesforce.com"}, "SALESFORCE_LOGIN_URL"),
+        ({"SALESFORCE_API_VERSION": "62"}, "SALESFORCE_API_VERSION"),
+        ({"SALESFORCE_REQUESTS_PER_MINUTE": "0"}, "SALESFORCE_REQUESTS_PER_MINUTE"),
+    ],
+)
+def test_salesforce_settings_errors_name_the_variable(extra: dict, variable: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": SECRET, **extra})
+    assert str(caught.value).startswith(variable)
+    assert "s3cret" not in str(caught.value)

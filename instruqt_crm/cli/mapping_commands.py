@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import preview
 from ..errors import SyncError
+from ..mapping import Mapping
 from .common import (
     DEFAULT_MAPPING,
     hubspot_adapter,
@@ -16,7 +18,11 @@ from .common import (
     load_mapping_or_exit,
     mapping_option,
     print_json,
+    settings_or_exit,
 )
+
+if TYPE_CHECKING:
+    from ..crm.salesforce import SalesforceAdapter
 
 
 @click.command(short_help="Validate a mapping and the CRM's properties.")
@@ -47,8 +53,8 @@ def check(mapping_path: str, check_crm: bool) -> None:
     if not check_crm:
         return
     token = os.environ.get("HUBSPOT_ACCESS_TOKEN", "").strip()
-    if mapping.crm != "hubspot":
-        click.echo(f"{mapping.crm}: fields not checked (not supported by this command yet)")
+    if mapping.crm == "salesforce":
+        check_salesforce(mapping)
         return
     if not token:
         click.echo("HubSpot: properties not checked (HUBSPOT_ACCESS_TOKEN is not set)")
@@ -135,3 +141,94 @@ def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
     if steps.mismatched:
         click.echo("Fix these in HubSpot (or rename the property in the mapping).")
         raise click.exceptions.Exit(1)
+
+
+# --- Salesforce (issue 5) -------------------------------------------------------------------
+
+
+def salesforce_adapter(mapping: Mapping) -> SalesforceAdapter | None:
+    """An adapter from the SALESFORCE_* settings (no Redis), or None without credentials."""
+    from ..crm.salesforce import SalesforceAdapter
+    from ..crm.salesforce_auth import Connection, credentials_from
+
+    creds = credentials_from(settings_or_exit(need_secret=False))
+    if not creds.flow:
+        return None
+    return SalesforceAdapter(Connection(creds), mapping, attempts=3)
+
+
+def check_salesforce(mapping: Mapping) -> None:
+    """The Salesforce branch of `check`: every mapped field on Contact and Lead."""
+    from ..crm.salesforce_setup import missing_fields
+
+    adapter = salesforce_adapter(mapping)
+    if adapter is None:
+        click.echo("Salesforce: fields not checked (no SALESFORCE_* credentials are set)")
+        return
+    try:
+        missing = missing_fields(adapter)
+    except SyncError as exc:
+        raise click.ClickException(
+            f"Salesforce: cannot describe the objects: {exc.reason}"
+        ) from None
+    if missing:
+        click.echo(f"Salesforce: {len(missing)} mapped field(s) missing: {', '.join(missing)}")
+        click.echo("Create them with: instruqt-crm setup salesforce --deploy (or deploy --out DIR)")
+        raise click.exceptions.Exit(1)
+    click.echo(f"Salesforce: every mapped field exists ({len(mapping.properties)})")
+
+
+@setup.command("salesforce")
+@mapping_option
+@click.option(
+    "--out",
+    "out",
+    default="salesforce-metadata",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the sfdx project.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Only list what would be written (and missing fields)."
+)
+@click.option("--deploy", is_flag=True, help="Also deploy it through the Metadata API.")
+@click.option("--sandbox", is_flag=True, help="The org is a sandbox (deploy options).")
+def setup_salesforce(
+    mapping_path: str, out: Path, dry_run: bool, deploy: bool, sandbox: bool
+) -> None:
+    """Write the custom fields + permission set as an sfdx project; optionally deploy them."""
+    from ..crm import salesforce_setup
+
+    mapping = load_mapping_or_exit(mapping_path)
+    if mapping.crm != "salesforce":
+        raise click.UsageError(f"{mapping_path} is a {mapping.crm} mapping, not a Salesforce one")
+    version = settings_or_exit(need_secret=False).salesforce_api_version
+    files = salesforce_setup.package(mapping, version)
+    states = (salesforce_setup.changes if dry_run else salesforce_setup.write)(files, out)
+    verb = "would write" if dry_run else "wrote"
+    for relative, state in states.items():
+        if state != "unchanged":
+            click.echo(f"{verb} ({state}): {out / relative}")
+    unchanged = sum(state == "unchanged" for state in states.values())
+    click.echo(f"{out}: {len(states) - unchanged} file(s) {verb}, {unchanged} unchanged")
+    adapter = salesforce_adapter(mapping) if (dry_run or deploy) else None
+    if deploy and adapter is None:
+        raise click.UsageError("--deploy needs SALESFORCE_* credentials (see docs/salesforce.md)")
+    if adapter is None:
+        return
+    try:
+        if dry_run:
+            from ..crm.salesforce_setup import missing_fields
+
+            missing = missing_fields(adapter)
+            click.echo(f"deploy would create ({len(missing)}): {', '.join(missing) or '-'}")
+            return
+        if deploy:
+            result = salesforce_setup.deploy(adapter.connection, mapping, sandbox=sandbox)
+            click.echo(f"deployed: {result.get('state')}")
+            click.echo(
+                f"Assign the permission set {salesforce_setup.PERMISSION_SET} "
+                "to the integration user."
+            )
+    except SyncError as exc:
+        raise click.ClickException(f"Salesforce: {exc.reason}") from None

@@ -1,0 +1,340 @@
+"""Salesforce adapter: Contact / Lead / auto routing, one lookup per object, sObject Collections.
+
+Per batch: one SOQL query per object finds records by Email or the external id
+(``Instruqt_User_Id__c``); matched records are updated by Id, new ones are upserted by the
+external id (≤ 200 per request, ``allOrNone: false``), a converted Lead is followed to its
+Contact. Per-record errors become outcomes (UNABLE_TO_LOCK_ROW is retried, the rest rejected
+with Salesforce's message); whole-request failures become the engine's errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .. import metrics
+from ..config import Settings
+from ..errors import PermanentError, RateLimited
+from ..mapping import Mapping
+from ..ratelimit import RequestBudget
+from ..retry import retrying
+from .base import BatchRejected, ContactChange, Outcome, PropertyInfo, Value
+from .salesforce_auth import Connection, credentials_from
+
+log = logging.getLogger(__name__)
+BATCH_SIZE = 200
+EXTERNAL_ID = "Instruqt_User_Id__c"
+RETRYABLE_CODES = {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}
+LOCK_RETRIES = 2
+MAX_SOQL = 9000  # characters; longer lookups are split in two
+LIMIT_RESERVE = 0.05  # keep this share of the daily API quota for the org's other integrations
+RESERVE_WAIT = 900.0  # seconds to hold off once only the reserve is left
+
+
+def field_name(prop: str) -> str:
+    """API name of a property: ``instruqt_tracks_completed`` → ``Instruqt_Tracks_Completed__c``."""
+    if prop.endswith("__c") or prop[:1].isupper():
+        return prop  # already an API name (custom or standard)
+    return "_".join(part.capitalize() for part in prop.split("_") if part) + "__c"
+
+
+def format_value(value: Value) -> Value:
+    """A value as Salesforce JSON wants it: numbers as numbers, None clears, ISO text as is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def soql_quote(text: str) -> str:
+    """A SOQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass
+class Target:
+    """Where one change goes: an object, and an Id (update) or nothing (create)."""
+
+    change: ContactChange
+    sobject: str
+    record_id: str | None
+    fields: dict[str, Any]
+
+
+class SalesforceAdapter:
+    """Write learner fields to Contacts and/or Leads, 200 records per request."""
+
+    name = "salesforce"
+    batch_size = BATCH_SIZE
+
+    def __init__(
+        self,
+        connection: Connection,
+        mapping: Mapping,
+        budget: RequestBudget | None = None,
+        attempts: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.connection = connection
+        self.mapping = mapping
+        self.budget = budget
+        self.attempts = attempts
+        self.sleep = sleep
+        self.object = mapping.object if mapping.object in ("Contact", "Lead") else "auto"
+        options = mapping.salesforce
+        self.lead_defaults = dict(options.lead_defaults) if options else {}
+        key = mapping.identity.match_key
+        self.match_key = key
+        self.external_id = field_name(key) if key else EXTERNAL_ID
+        self.api_usage: tuple[int, int] | None = None
+        connection.on_response = self._observe
+
+    def __repr__(self) -> str:
+        return f"SalesforceAdapter(object={self.object!r}, {self.connection!r})"
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _request(self, what: str, method: str, path: str, **kwargs: Any) -> Any:
+        """One REST call: budget first, then the connection (login, one refresh, conversion)."""
+        if self.budget is not None:
+            self.budget.acquire(1, timeout=60)
+        try:
+            result = self.connection.call(
+                what, lambda sf: sf.restful(path, method=method, **kwargs)
+            )
+        except RateLimited as exc:
+            log.error(
+                "SALESFORCE API QUOTA EXHAUSTED (%s): flushes parked for %.0f s",
+                exc.reason,
+                exc.wait,
+            )
+            if self.budget is not None:
+                metrics.incr(self.budget.conn, "crm_rate_limited", self.name, exc.policy)
+                self.budget.pause_for(exc.wait or 0.0, exc.reason, exc.policy)
+            raise
+        return result
+
+    def call(self, what: str, method: str, path: str, **kwargs: Any) -> Any:
+        """``_request`` under the shared retry policy."""
+        policy = retrying(attempts=self.attempts, sleep=self.sleep, label=f"salesforce {what}")
+        return policy(self._request, what, method, path, **kwargs)
+
+    def _observe(self, client: Any) -> None:
+        """Read ``Sforce-Limit-Info`` (api-usage=N/M) and keep a reserve in the shared budget."""
+        usage = (getattr(client, "api_usage", None) or {}).get("api-usage")
+        if usage is None:
+            return
+        self.api_usage = (int(usage.used), int(usage.total))
+        left = usage.total - usage.used - int(usage.total * LIMIT_RESERVE)
+        log.debug("salesforce api-usage %d/%d", usage.used, usage.total)
+        if self.budget is None:
+            return
+        if left <= 0:
+            reason = f"Salesforce API usage {usage.used}/{usage.total}: reserve reached"
+            log.error("SALESFORCE API QUOTA NEARLY EXHAUSTED (%s): flushes paused", reason)
+            self.budget.pause_for(RESERVE_WAIT, reason, "api-usage")
+        else:
+            self.budget.observe_headers(None, left, None)
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def _user_id(self, change: ContactChange) -> str | None:
+        """The learner's external id value, if known."""
+        value = change.properties.get(self.match_key) if self.match_key else None
+        return str(value) if value not in (None, "") else change.user_id
+
+    def _find(self, sobject: str, changes: Sequence[ContactChange]) -> list[dict[str, Any]]:
+        """One SOQL query: records of ``sobject`` whose Email or external id is in the batch."""
+        soql = self._soql(sobject, changes)
+        if len(soql) > MAX_SOQL and len(changes) > 1:  # keep the GET URL under 16 kB
+            middle = len(changes) // 2
+            return self._find(sobject, changes[:middle]) + self._find(sobject, changes[middle:])
+        records: list[dict[str, Any]] = []
+        data = self.call(f"find {sobject}s", "GET", "query/", params={"q": soql})
+        while True:
+            records += list(data.get("records") or [])
+            following = data.get("nextRecordsUrl")
+            if data.get("done", True) or not following:
+                return records
+            path = following.split(f"/v{self.connection.creds.api_version}/", 1)[-1]
+            data = self.call(f"find {sobject}s (more)", "GET", path)
+
+    def _soql(self, sobject: str, changes: Sequence[ContactChange]) -> str:
+        """The lookup query for a batch."""
+        emails = sorted({c.email for c in changes})
+        ids = sorted({uid for c in changes if (uid := self._user_id(c))})
+        extra = ", IsConverted, ConvertedContactId" if sobject == "Lead" else ""
+        where = f"Email IN ({', '.join(map(soql_quote, emails))})"
+        if ids:
+            where += f" OR {self.external_id} IN ({', '.join(map(soql_quote, ids))})"
+        return (
+            f"SELECT Id, Email, {self.external_id}{extra} FROM {sobject} "
+            f"WHERE {where} ORDER BY CreatedDate ASC"
+        )
+
+    def _index(self, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Records by lower-cased email and by external id (the oldest wins)."""
+        index: dict[str, dict[str, Any]] = {}
+        for record in records:
+            for key in (
+                str(record.get("Email") or "").lower(),
+                f"#{record.get(self.external_id) or ''}",
+            ):
+                if key not in ("", "#"):
+                    index.setdefault(key, record)
+        return index
+
+    def _match(
+        self, index: dict[str, dict[str, Any]], change: ContactChange
+    ) -> dict[str, Any] | None:
+        uid = self._user_id(change)
+        return (
+            index.get(f"#{uid}") if uid and f"#{uid}" in index else index.get(change.email.lower())
+        )
+
+    def route(self, changes: Sequence[ContactChange]) -> list[Target]:
+        """Decide for each change which record it updates or creates."""
+        contacts = self._index(self._find("Contact", changes)) if self.object != "Lead" else {}
+        leads = self._index(self._find("Lead", changes)) if self.object != "Contact" else {}
+        targets = []
+        for change in changes:
+            fields = {field_name(k): format_value(v) for k, v in change.properties.items()}
+            contact = self._match(contacts, change)
+            lead = self._match(leads, change)
+            if contact is not None:
+                targets.append(Target(change, "Contact", contact["Id"], fields))
+            elif lead is not None and lead.get("IsConverted") and lead.get("ConvertedContactId"):
+                targets.append(Target(change, "Contact", lead["ConvertedContactId"], fields))
+            elif lead is not None:
+                targets.append(Target(change, "Lead", lead["Id"], fields))
+            else:
+                sobject = "Contact" if self.object == "Contact" else "Lead"
+                targets.append(Target(change, sobject, None, self._new(sobject, change, fields)))
+        return targets
+
+    def _new(self, sobject: str, change: ContactChange, fields: dict[str, Any]) -> dict[str, Any]:
+        """Fields of a record to create: the placeholders, Email, external id, then ours."""
+        defaults = dict(self.lead_defaults)
+        if sobject == "Contact":
+            defaults = {k: v for k, v in defaults.items() if k != "Company"}
+        uid = self._user_id(change)
+        created = {**defaults, "Email": change.email, **fields}
+        if uid:
+            created[self.external_id] = uid
+        return created
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
+        """Write a batch: one outcome per change (synced, rejected with a reason, or retry)."""
+        pending = self.route(changes)
+        outcomes: dict[str, Outcome] = {}
+        for attempt in range(LOCK_RETRIES + 1):
+            locked: list[Target] = []
+            for group in self._groups(pending):
+                for target, result in zip(group, self._send(group), strict=True):
+                    outcome = self._outcome(target, result)
+                    outcomes[target.change.key] = outcome
+                    if outcome.status == "retry":
+                        locked.append(target)
+            if not locked or attempt == LOCK_RETRIES:
+                break
+            log.info("salesforce: %d record(s) locked, retrying them", len(locked))
+            self.sleep(1.0 + attempt)
+            pending = locked
+        return [outcomes[change.key] for change in changes]
+
+    def _groups(self, targets: list[Target]) -> list[list[Target]]:
+        """Targets grouped by request kind (object x update/create), ≤ 200 each."""
+        groups: dict[tuple[str, str], list[Target]] = {}
+        for target in targets:
+            groups.setdefault((target.sobject, self._kind(target)), []).append(target)
+        return [
+            g[i : i + BATCH_SIZE] for g in groups.values() for i in range(0, len(g), BATCH_SIZE)
+        ]
+
+    def _kind(self, target: Target) -> str:
+        """``update`` (by Id), ``upsert`` (by external id) or ``create``."""
+        if target.record_id:
+            return "update"
+        return "upsert" if self.external_id in target.fields else "create"
+
+    def _send(self, group: list[Target]) -> list[dict[str, Any]]:
+        """One sObject Collections request; the per-record results in input order."""
+        sobject = group[0].sobject
+        records = []
+        for target in group:
+            record: dict[str, Any] = {"attributes": {"type": sobject}, **target.fields}
+            if target.record_id:
+                record["Id"] = target.record_id
+            records.append(record)
+        body = {"allOrNone": False, "records": records}
+        kind = self._kind(group[0])
+        method, path = {
+            "update": ("PATCH", "composite/sobjects"),
+            "upsert": ("PATCH", f"composite/sobjects/{sobject}/{self.external_id}"),
+            "create": ("POST", "composite/sobjects"),
+        }[kind]
+        what = f"{kind} {sobject}s"
+        try:
+            results = self.call(what, method, path, json=body)
+        except PermanentError as exc:
+            if exc.category == "validation":
+                raise BatchRejected(exc.reason, "validation") from exc
+            raise
+        if not isinstance(results, list) or len(results) != len(group):
+            raise BatchRejected(f"Salesforce {what}: unexpected response", "validation")
+        return results
+
+    def _outcome(self, target: Target, result: dict[str, Any]) -> Outcome:
+        """The outcome of one record's result."""
+        key = target.change.key
+        if result.get("success"):
+            return Outcome(key, "synced", record_id=result.get("id") or target.record_id)
+        errors = result.get("errors") or [{}]
+        codes = {str(e.get("statusCode", "")) for e in errors}
+        reason = "; ".join(
+            f"{e.get('statusCode', 'ERROR')}: {e.get('message', '')}".strip(": ") for e in errors
+        )
+        reason = f"{target.sobject} {target.record_id or '(new)'}: {reason}"
+        if codes & RETRYABLE_CODES:
+            return Outcome(key, "retry", reason, "retryable")
+        return Outcome(key, "rejected", reason, "validation")
+
+    # -- describe --------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, PropertyInfo]:
+        """Fields on every object this mapping writes, under our property names where mapped."""
+        objects = ["Contact", "Lead"] if self.object == "auto" else [self.object]
+        found: list[dict[str, PropertyInfo]] = []
+        for sobject in objects:
+            data = self.call(f"describe {sobject}", "GET", f"sobjects/{sobject}/describe/")
+            found.append(
+                {
+                    str(f["name"]): PropertyInfo(
+                        str(f["name"]), str(f.get("type", "")), {"object": sobject}
+                    )
+                    for f in data.get("fields") or []
+                }
+            )
+        common = set.intersection(*(set(fields) for fields in found))
+        known = {name: found[0][name] for name in common}
+        for prop in self.mapping.properties:
+            if field_name(prop) in common:
+                known[prop] = known[field_name(prop)]
+        return known
+
+
+def salesforce_adapter(
+    settings: Settings, mapping: Mapping, conn: redis.Redis
+) -> SalesforceAdapter | None:
+    """The adapter for the configured org (tokens cached in Redis), or None without credentials."""
+    creds = credentials_from(settings)
+    if not creds.flow:
+        return None
+    budget = RequestBudget(conn, "salesforce", settings.salesforce_requests_per_minute, 60.0)
+    return SalesforceAdapter(Connection(creds, cache=conn), mapping, budget)

@@ -1,0 +1,196 @@
+"""Salesforce adapter: routing, converted Leads, per-record errors, lock retries, limits."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from instruqt_crm.config import Secret
+from instruqt_crm.crm.base import BatchRejected, ContactChange
+from instruqt_crm.crm.salesforce import (
+    SalesforceAdapter,
+    field_name,
+    format_value,
+    soql_quote,
+)
+from instruqt_crm.crm.salesforce_auth import Connection, Credentials
+from instruqt_crm.crm.salesforce_setup import missing_fields
+from instruqt_crm.errors import RateLimited, RetryableError
+from instruqt_crm.mapping import Mapping, load_mapping
+from instruqt_crm.ratelimit import RequestBudget
+from tests.fakes.salesforce import URL, FakeSalesforce
+
+MAPPING = load_mapping("mappings/salesforce.yaml")
+FIELDS = set(MAPPING.properties)
+
+
+def adapter(fake: FakeSalesforce, mapping: Mapping = MAPPING, **kwargs) -> SalesforceAdapter:
+    fake.custom_fields |= FIELDS
+    creds = Credentials(instance_url=URL, access_token=Secret(fake.issue_token()))
+    return SalesforceAdapter(Connection(creds), mapping, sleep=lambda _: None, **kwargs)
+
+
+def change(n: int, **props) -> ContactChange:
+    properties = {"Instruqt_User_Id__c": f"user-{n}", "Instruqt_Last_Track__c": "k8s", **props}
+    return ContactChange(f"u{n}@acme.io", f"u{n}@acme.io", properties, f"user-{n}")
+
+
+def as_object(name: str) -> Mapping:
+    return MAPPING.model_copy(update={"object": name})
+
+
+def test_field_names() -> None:
+    assert field_name("instruqt_tracks_completed") == "Instruqt_Tracks_Completed__c"
+    assert field_name("instruqt_user_id") == "Instruqt_User_Id__c"
+    assert field_name("Instruqt_Last_Track__c") == "Instruqt_Last_Track__c"
+    assert field_name("Title") == "Title"
+    assert format_value(3.0) == 3 and format_value(None) is None and format_value(2.5) == 2.5
+    assert soql_quote("o'neil\\x@a.io") == "'o\\'neil\\\\x@a.io'"
+
+
+def test_auto_updates_a_matching_contact_and_creates_a_lead_otherwise() -> None:
+    with FakeSalesforce() as fake:
+        contact = fake.add("Contact", Email="U1@acme.io", LastName="Known")
+        outcomes = adapter(fake).upsert([change(1), change(2)])
+        assert [o.status for o in outcomes] == ["synced", "synced"]
+        assert outcomes[0].record_id == contact
+        assert fake.records["Contact"][contact]["Instruqt_Last_Track__c"] == "k8s"
+        lead = fake.by_email("Lead")["u2@acme.io"]
+        assert lead["LastName"] == "[not provided]" and lead["Company"] == "[not provided]"
+        assert lead["Instruqt_User_Id__c"] == "user-2"
+        assert len(fake.data_calls("GET", "query")) == 2  # one per object, not per contact
+        assert len(fake.data_calls("PATCH", "composite/sobjects/Lead/Instruqt_User_Id__c")) == 1
+
+
+def test_existing_lead_is_updated_without_touching_its_name() -> None:
+    with FakeSalesforce() as fake:
+        lead = fake.add("Lead", Email="u1@acme.io", LastName="Real", Company="Acme")
+        outcome = adapter(fake).upsert([change(1)])[0]
+        assert outcome.status == "synced" and outcome.record_id == lead
+        assert fake.records["Lead"][lead]["LastName"] == "Real"
+        assert fake.records["Lead"][lead]["Instruqt_Last_Track__c"] == "k8s"
+        assert fake.data_calls("PATCH")[0].path == "composite/sobjects"
+
+
+def test_a_lead_found_by_user_id_after_an_email_change_is_updated() -> None:
+    with FakeSalesforce() as fake:
+        lead = fake.add(
+            "Lead", Email="old@acme.io", LastName="X", Company="Y", Instruqt_User_Id__c="user-1"
+        )
+        assert adapter(fake).upsert([change(1)])[0].record_id == lead
+        assert len(fake.records["Lead"]) == 1
+
+
+def test_converted_lead_is_followed_to_its_contact() -> None:
+    with FakeSalesforce() as fake:
+        contact = fake.add("Contact", Email="someone.else@acme.io", LastName="C")
+        fake.add(
+            "Lead",
+            Email="u1@acme.io",
+            LastName="L",
+            Company="A",
+            IsConverted=True,
+            ConvertedContactId=contact,
+        )
+        outcome = adapter(fake).upsert([change(1)])[0]
+        assert outcome.status == "synced" and outcome.record_id == contact
+        assert fake.records["Contact"][contact]["Instruqt_Last_Track__c"] == "k8s"
+
+
+def test_contact_mode_creates_contacts_and_lead_mode_never_queries_contacts() -> None:
+    with FakeSalesforce() as fake:
+        adapter(fake, as_object("Contact")).upsert([change(1)])
+        created = fake.by_email("Contact")["u1@acme.io"]
+        assert created["LastName"] == "[not provided]" and "Company" not in created
+        assert fake.records["Lead"] == {}
+    with FakeSalesforce() as fake:
+        adapter(fake, as_object("Lead")).upsert([change(1)])
+        assert [c.path for c in fake.data_calls("GET")] == ["query/"]
+        assert "u1@acme.io" in fake.by_email("Lead")
+
+
+def test_one_bad_record_does_not_fail_its_batch_mates() -> None:
+    with FakeSalesforce() as fake:
+        fake.record_errors["u2@acme.io"] = ["DUPLICATES_DETECTED"]
+        outcomes = adapter(fake).upsert([change(1), change(2), change(3)])
+        assert [o.status for o in outcomes] == ["synced", "rejected", "synced"]
+        assert outcomes[1].reason.startswith("Lead (new): DUPLICATES_DETECTED: DUPLICATES_DETECTED")
+        assert set(fake.by_email("Lead")) == {"u1@acme.io", "u3@acme.io"}
+
+
+def test_locked_rows_are_retried_then_left_for_a_later_flush() -> None:
+    with FakeSalesforce() as fake:
+        fake.record_errors["u1@acme.io"] = ["UNABLE_TO_LOCK_ROW"]
+        outcome = adapter(fake).upsert([change(1)])[0]
+        assert outcome.status == "synced"
+        fake.record_errors["u2@acme.io"] = ["UNABLE_TO_LOCK_ROW"] * 3
+        outcome = adapter(fake).upsert([change(2)])[0]
+        assert outcome.status == "retry" and "UNABLE_TO_LOCK_ROW" in outcome.reason
+
+
+def test_missing_lead_fields_are_permanent_with_salesforces_message() -> None:
+    mapping = MAPPING.model_copy(
+        update={"salesforce": MAPPING.salesforce.model_copy(update={"lead_defaults": {}})}
+    )
+    with FakeSalesforce() as fake:
+        outcome = adapter(fake, mapping).upsert([change(1)])[0]
+        assert outcome.status == "rejected" and "REQUIRED_FIELD_MISSING" in outcome.reason
+
+
+def test_unknown_field_rejects_the_request_so_the_engine_splits_it() -> None:
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        with pytest.raises(BatchRejected, match="INVALID_FIELD"):
+            sf.upsert([change(1, Instruqt_Nope__c="x")])
+
+
+def test_503_is_retried_with_backoff() -> None:
+    with FakeSalesforce() as fake:
+        fake.unavailable = 2
+        assert adapter(fake).upsert([change(1)])[0].status == "synced"
+        fake.unavailable = 10
+        with pytest.raises(RetryableError):
+            adapter(fake, attempts=3).upsert([change(1)])
+
+
+def test_request_limit_parks_every_worker(redis_conn: redis.Redis, caplog) -> None:
+    budget = RequestBudget(redis_conn, "salesforce-test", 100, 60.0)
+    with FakeSalesforce() as fake:
+        fake.limit_exceeded = True
+        with pytest.raises(RateLimited) as caught:
+            adapter(fake, budget=budget).upsert([change(1)])
+        assert caught.value.wait >= 3600
+        assert len(fake.calls) == 1  # not retried inside the call
+    assert budget.paused_until() is not None
+    assert "QUOTA EXHAUSTED" in caplog.text
+
+
+def test_api_usage_header_is_read_into_the_budget(redis_conn: redis.Redis) -> None:
+    budget = RequestBudget(redis_conn, "salesforce-test", 100, 60.0)
+    with FakeSalesforce() as fake:
+        fake.api_used, fake.api_total = 1000 - 40, 1000  # 50 kept in reserve: none left
+        sf = adapter(fake, budget=budget)
+        with pytest.raises(RateLimited):  # the first lookup's header pauses the next request
+            sf.upsert([change(1)])
+        assert sf.api_usage == (961, 1000)
+        assert len(fake.calls) == 1
+    assert budget.paused_until() is not None
+    assert budget.remaining() == 0
+
+
+def test_describe_maps_fields_back_and_lists_missing_ones() -> None:
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        assert set(sf.describe()) >= FIELDS
+        fake.custom_fields.discard("Instruqt_Last_Track__c")
+        assert missing_fields(sf) == ["Instruqt_Last_Track__c"]
+        snake = MAPPING.model_copy(
+            update={
+                "properties": {"instruqt_last_track": MAPPING.properties["Instruqt_Last_Track__c"]}
+            }
+        )
+        assert missing_fields(SalesforceAdapter(sf.connection, snake)) == [
+            "instruqt_last_track (Instruqt_Last_Track__c)"
+        ]
+        fake.custom_fields.add("Instruqt_Last_Track__c")
+        assert "instruqt_last_track" in SalesforceAdapter(sf.connection, snake).describe()
