@@ -20,7 +20,7 @@ from . import failures, identity, ledger, trace
 from .errors import RetryableError
 from .events import Event, parse_event
 from .mapping import MappingFailure, apply_event
-from .queueing import FLUSH_QUEUE, KEY_PREFIX, STATS_KEY, queue
+from .queueing import KEY_PREFIX, QUEUE_NAME, STATS_KEY, queue
 from .runtime import Runtime, current_runtime
 from .sync import flush
 
@@ -52,17 +52,17 @@ def schedule_once(
     marked = conn.set(f"{PENDING}{func}", "1", nx=True, px=max(1, int(hold * 1000)))
     if not marked and not force:
         return False
-    flushes = queue(FLUSH_QUEUE, conn)
+    flushes = queue(QUEUE_NAME, conn)
     options: dict[str, Any] = {
         "retry": FLUSH_RETRY,
         "result_ttl": 600,
         "failure_ttl": 30 * 86400,
         "job_timeout": 120,
     }
-    if delay <= 0:
+    if delay <= 0:  # behind what already waits: those events join this flush
         flushes.enqueue(func, **options)
-    else:
-        flushes.enqueue_in(timedelta(seconds=delay), func, **options)
+    else:  # after the window, ahead of newer events
+        flushes.enqueue_in(timedelta(seconds=delay), func, at_front=True, **options)
     return True
 
 
@@ -179,8 +179,13 @@ def flush_contacts() -> dict[str, Any]:
     conn = current_connection()
     runtime = current_runtime()
     conn.delete(f"{PENDING}instruqt_crm.jobs.flush_contacts")
+    settings = runtime.settings
     report = flush(
-        conn, runtime.adapter(conn), runtime.mapping, lease=runtime.settings.flush_lease_seconds
+        conn,
+        runtime.adapter(conn),
+        runtime.mapping,
+        lease=settings.flush_lease_seconds,
+        window=settings.flush_window_seconds,
     )
     if report.wait is not None:
         schedule_once(conn, "instruqt_crm.jobs.flush_contacts", report.wait, report.wait + 30)

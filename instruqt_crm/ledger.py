@@ -143,7 +143,13 @@ def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | N
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:
     """Up to ``limit`` dirty contact keys, oldest first."""
-    return [text(k) for k in conn.zrange(DIRTY_KEY, 0, limit - 1)]
+    return [key for key, _ in dirty_since(conn, limit)]
+
+
+def dirty_since(conn: redis.Redis, limit: int) -> list[tuple[str, float]]:
+    """Up to ``limit`` dirty contact keys with when each became dirty, oldest first."""
+    entries: Any = conn.zrange(DIRTY_KEY, 0, limit - 1, withscores=True)
+    return [(text(key), float(score)) for key, score in entries]
 
 
 def dirty_count(conn: redis.Redis) -> int:

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 
 from .identity import PARKED_USERS
 from .ledger import DIRTY_KEY
-from .queueing import EVENTS_QUEUE, FLUSH_QUEUE, KEY_PREFIX, STATS_KEY, queue, text
+from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
 
 log = logging.getLogger(__name__)
 PREFIX = f"{KEY_PREFIX}metrics:"
@@ -103,7 +103,7 @@ class RedisCollector:
     def _gauges(self) -> Iterator[Metric]:
         """Current depths: queues, dirty contacts, learners waiting for an email."""
         depth = GaugeMetricFamily("instruqt_crm_queue_depth", "Jobs waiting.", labels=("queue",))
-        for name in (EVENTS_QUEUE, FLUSH_QUEUE):
+        for name in QUEUE_NAMES:
             depth.add_metric([name], queue(name, self.conn).count)
         yield depth
         yield GaugeMetricFamily(

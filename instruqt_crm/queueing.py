@@ -20,9 +20,11 @@ from rq.serializers import JSONSerializer
 
 log = logging.getLogger(__name__)
 
-EVENTS_QUEUE = "instruqt-events"
-FLUSH_QUEUE = "instruqt-flush"
-QUEUE_NAMES = (FLUSH_QUEUE, EVENTS_QUEUE)  # workers drain flushes first
+# Events and flushes share ONE queue (flushes go to its front): a worker on a single queue
+# dequeues with BLMOVE into RQ's intermediate list, so a worker killed right after taking a
+# job cannot lose it (with several queues RQ uses BLPOP, and the job would vanish).
+QUEUE_NAME = "instruqt"
+QUEUE_NAMES = (QUEUE_NAME,)
 KEY_PREFIX = "instruqt_crm:"
 STATS_KEY = f"{KEY_PREFIX}stats"  # event and identity counters (hash)
 EVENT_RETRY = JobRetry(max=5, interval=[5, 30, 120, 600, 1800])
@@ -99,7 +101,7 @@ def add_event_job(
     note: str = "",
 ) -> None:
     """Queue one ``process_event`` job inside ``pipe``'s transaction."""
-    queue(EVENTS_QUEUE, conn).enqueue_call(
+    queue(QUEUE_NAME, conn).enqueue_call(
         "instruqt_crm.jobs.process_event",
         args=(message_id, body),
         job_id=job_id,

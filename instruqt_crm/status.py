@@ -12,12 +12,12 @@ from . import failures, identity, ledger
 from .config import Settings
 from .crm.hubspot import WINDOW_SECONDS, hubspot_budget
 from .mapping import Mapping, MappingError, load_mapping
-from .queueing import EVENTS_QUEUE, FLUSH_QUEUE, STATS_KEY, queue, text
+from .queueing import QUEUE_NAME, STATS_KEY, queue, text
 from .runtime import Runtime
 from .sync import LAST_FLUSH_KEY
 from .trace import when
 
-QUEUES = {"events": EVENTS_QUEUE, "flush": FLUSH_QUEUE}
+QUEUES = {"jobs": QUEUE_NAME}  # events and flushes share one queue
 MAX_PARKED_SCAN = 1000
 
 

@@ -97,12 +97,28 @@ def _record(
 
 
 def flush_batch(
-    conn: redis.Redis, adapter: CrmAdapter, mapping: Mapping, report: FlushReport
+    conn: redis.Redis,
+    adapter: CrmAdapter,
+    mapping: Mapping,
+    report: FlushReport,
+    window: float = 0.0,
 ) -> bool:
-    """Send one batch of dirty contacts; False when nothing more can be sent now."""
-    keys = ledger.dirty(conn, adapter.batch_size)
-    if not keys:
+    """Send one batch of dirty contacts; False when nothing more can be sent now.
+
+    A batch smaller than the adapter's waits until its oldest contact has been dirty for
+    ``window`` seconds (``report.wait`` says how long), so changes arriving in a stream
+    are sent in full batches, not a few contacts per request.
+    """
+    dirty = ledger.dirty_since(conn, adapter.batch_size)
+    if not dirty:
         return False
+    if len(dirty) < adapter.batch_size and window > 0:
+        wait = dirty[0][1] + window - time.time()
+        if wait > 0:
+            report.wait = wait
+            return False
+    keys = [key for key, _ in dirty]
+    since = dict(dirty)
     batch: list[tuple[ContactChange, str]] = []
     for key in keys:
         found = ledger.pending(conn, key, mapping)
@@ -114,13 +130,12 @@ def flush_batch(
     if not batch:
         return True
     versions = {change.key: (change, version) for change, version in batch}
-    since = dict(zip(keys, conn.zmscore(ledger.DIRTY_KEY, keys), strict=True))
     latencies = []
     for outcome in send(adapter, [change for change, _ in batch], report):
         change, version = versions[outcome.key]
         _record(conn, change, outcome, version, report)
         if outcome.status == "synced" and since.get(change.key) is not None:
-            latencies.append(time.time() - float(since[change.key] or 0))
+            latencies.append(time.time() - since[change.key])
     metrics.observe(conn, "flush_latency", latencies)
     return report.retry == 0
 
@@ -150,17 +165,20 @@ def flush(
     mapping: Mapping,
     time_budget: float = TIME_BUDGET_SECONDS,
     lease: int = LOCK_SECONDS,
+    window: float = 0.0,
 ) -> FlushReport:
     """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
     report = FlushReport()
     lock = conn.lock(LOCK_KEY, timeout=lease, thread_local=False)  # renewed from a thread
-    if not lock.acquire(blocking=True, blocking_timeout=lease + 1):  # another flush is running
+    if not lock.acquire(blocking=False):  # another flush is running: try again after the window
         report.locked = True
         return report
     deadline = time.monotonic() + time_budget
     try:
         with lease_kept(lock, lease):
-            while time.monotonic() < deadline and flush_batch(conn, adapter, mapping, report):
+            while time.monotonic() < deadline and flush_batch(
+                conn, adapter, mapping, report, window
+            ):
                 pass
     except RateLimited as exc:
         report.wait = exc.wait

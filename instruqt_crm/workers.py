@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 import redis
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.worker import BaseWorker, HerokuWorker, SimpleWorker
+from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 
 from . import identity, ledger
 from .config import SettingsError
 from .errors import SyncError
 from .logs import configure
 from .mapping import MappingError
-from .queueing import QUEUE_NAMES, connect, queues, text
+from .queueing import QUEUE_NAMES, connect, queue, queues, text
 from .runtime import Runtime, current_runtime
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,52 @@ def release_stale_scheduler_locks(conn: redis.Redis) -> list[str]:
     return freed
 
 
+def requeue_orphans(conn: redis.Redis) -> list[str]:
+    """Put back jobs that a dead worker on this host was running (e.g. after SIGKILL)."""
+    requeued = []
+    for jobs in queues(conn):
+        requeued += _requeue_taken_not_started(conn, jobs)
+        registry = jobs.started_job_registry
+        for job_id in registry.get_job_ids(cleanup=False):
+            try:
+                job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+                if not job.worker_name or not _dead(conn, job.worker_name):
+                    continue
+                executions = [execution.composite_key for execution in job.get_executions()]
+                if executions and conn.zrem(registry.key, *executions):  # we took it: put it back
+                    queue(job.origin, conn).enqueue_job(job)
+                    requeued.append(job_id)
+            except (NoSuchJobError, InvalidJobOperation):
+                continue  # finished, or put back by another starting worker
+    if requeued:
+        log.warning("requeued %d job(s) of dead workers: %s", len(requeued), ", ".join(requeued))
+    return requeued
+
+
+def _requeue_taken_not_started(conn: redis.Redis, jobs: Queue) -> list[str]:
+    """Jobs a worker took off the queue (BLMOVE) but never started: it died in between."""
+    started = set(jobs.started_job_registry.get_job_ids(cleanup=False))
+    requeued = []
+    for raw in conn.lrange(jobs.intermediate_queue_key, 0, -1):
+        job_id = text(raw)
+        if job_id in started or not conn.lrem(jobs.intermediate_queue_key, 1, job_id):
+            continue
+        try:
+            jobs.enqueue_job(Job.fetch(job_id, connection=conn, serializer=JSONSerializer))
+        except NoSuchJobError:
+            continue
+        requeued.append(job_id)
+    return requeued
+
+
+def _dead(conn: redis.Redis, worker_name: str) -> bool:
+    """Whether a worker is gone: unregistered, or registered on this host with no process."""
+    owner = Worker.find_by_key(f"{Worker.redis_worker_namespace_prefix}{worker_name}", conn)
+    if owner is None:
+        return True
+    return owner.hostname == socket.gethostname() and not _alive(owner.pid or 0)
+
+
 def _alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host (a zombie does not count)."""
     if pid <= 0:
@@ -96,6 +145,7 @@ def preflight(runtime: Runtime, conn: redis.Redis) -> None:
     from .jobs import schedule_flush, schedule_once
 
     release_stale_scheduler_locks(conn)
+    requeue_orphans(conn)
     if ledger.dirty_count(conn):  # left by a stopped or killed worker: send it now
         schedule_flush(conn, runtime, delay=0, force=True)
     if identity.parked_count(conn):

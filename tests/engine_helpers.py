@@ -10,7 +10,7 @@ import redis
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from instruqt_crm.queueing import EVENTS_QUEUE, FLUSH_QUEUE, enqueue_event, queue
+from instruqt_crm.queueing import QUEUE_NAME, enqueue_event, queue
 
 
 def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
@@ -28,11 +28,10 @@ def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
 
 
 def drain(conn: redis.Redis) -> None:
-    """Run every queued event, then the flushes they asked for (like a debounce window)."""
-    events, flushes = queue(EVENTS_QUEUE, conn), queue(FLUSH_QUEUE, conn)
-    while events.count or flushes.count:
-        for only in (events, flushes):
-            SimpleWorker([only], connection=conn, serializer=JSONSerializer).work(burst=True)
+    """Run every queued job; with FLUSH_WINDOW_SECONDS=0 a flush queues behind the events."""
+    jobs = queue(QUEUE_NAME, conn)
+    while jobs.count:
+        SimpleWorker([jobs], connection=conn, serializer=JSONSerializer).work(burst=True)
 
 
 def enqueue_all(conn: redis.Redis, pairs: Iterable[tuple[str, dict[str, Any]]]) -> int:

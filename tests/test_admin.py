@@ -54,7 +54,7 @@ def test_dashboard_with_login_shows_our_queues(redis_conn, redis_url) -> None:
     assert client.get("/rq/", headers=basic("ops", "s3cret-pass")).status_code == 200
     data = client.get("/rq/0/data/queues.json", headers=basic("ops", "s3cret-pass")).json
     counts = {q["name"]: q["count"] for q in data["queues"]}
-    assert counts["instruqt-events"] == 1
+    assert counts["instruqt"] == 1
 
 
 def metric(text: str, name: str) -> float:
@@ -83,7 +83,7 @@ def test_metrics_move_when_events_flow(
     body, headers = signed(track_event(), secret="whsec_" + base64.b64encode(b"other").decode())
     client.post("/webhooks/instruqt", data=body, headers=headers)
     queued = client.get("/metrics").get_data(as_text=True)
-    assert metric(queued, 'instruqt_crm_queue_depth{queue="instruqt-events"}') == 3
+    assert metric(queued, 'instruqt_crm_queue_depth{queue="instruqt"}') == 3
     drain(redis_conn)
     current_runtime.cache_clear()
     after = client.get("/metrics").get_data(as_text=True)
@@ -96,7 +96,7 @@ def test_metrics_move_when_events_flow(
         == 3
     )
     assert metric(after, "instruqt_crm_flush_latency_seconds_count") == 3
-    assert metric(after, 'instruqt_crm_queue_depth{queue="instruqt-events"}') == 0
+    assert metric(after, 'instruqt_crm_queue_depth{queue="instruqt"}') == 0
     assert metric(after, "instruqt_crm_dirty_contacts") == 0
 
 

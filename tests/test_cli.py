@@ -24,7 +24,7 @@ from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.examples import example_event, example_types
 from instruqt_crm.preview import split_message, stable_id
-from instruqt_crm.queueing import EVENTS_QUEUE, FLUSH_QUEUE, queue
+from instruqt_crm.queueing import QUEUE_NAME, queue
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.web import create_app
 from tests.engine_helpers import drain, engine_env, enqueue_all
@@ -332,14 +332,14 @@ def test_replay_queues_new_events_once_and_reports_bad_lines(
     assert "2 queued, 2 duplicate(s) skipped, 2 invalid" in result.output
     assert f"{exported}:4: not JSON" in result.output
     assert f"{exported}:7: body must be a JSON object" in result.output
-    assert queue(EVENTS_QUEUE, redis_conn).count == 2
-    assert queue(EVENTS_QUEUE, redis_conn).fetch_job("event-msg_abc") is not None
+    assert queue(QUEUE_NAME, redis_conn).count == 2
+    assert queue(QUEUE_NAME, redis_conn).fetch_job("event-msg_abc") is not None
 
     clean = write_jsonl(tmp_path / "clean.jsonl", [first, second])
     again = run("replay", str(clean))
     assert again.exit_code == 0, again.output
     assert "1 queued, 1 duplicate(s) skipped, 0 invalid" in again.output
-    assert queue(EVENTS_QUEUE, redis_conn).count == 3  # `second` had no svix_id here
+    assert queue(QUEUE_NAME, redis_conn).count == 3  # `second` had no svix_id here
 
 
 def test_replay_id_field_and_processing(env: Path, tmp_path: Path, redis_conn: redis.Redis) -> None:
@@ -417,7 +417,7 @@ def test_requeue_a_rejected_contact_sends_it_again(env: Path, redis_conn: redis.
     assert result.exit_code == 0, result.output
     assert "1 requeued, 0 not requeueable" in result.output
     assert ledger.dirty(redis_conn, 10) == ["ada@localhost"]
-    assert queue(FLUSH_QUEUE, redis_conn).count == 1
+    assert queue(QUEUE_NAME, redis_conn).count == 1
     drain(redis_conn)
     (again,) = failures.recent(redis_conn)  # the dry-run CRM rejects it again, visibly
     assert again.id != failure.id and again.reason == failure.reason
@@ -434,7 +434,7 @@ def test_requeue_all_skips_what_cannot_be_requeued(env: Path, redis_conn: redis.
     single = run("failed", "requeue", only.id)
     assert single.exit_code == 1
     assert "cannot requeue" in single.output
-    assert queue(EVENTS_QUEUE, redis_conn).count == 1
+    assert queue(QUEUE_NAME, redis_conn).count == 1
 
 
 def test_failed_purge(env: Path, redis_conn: redis.Redis) -> None:
@@ -507,8 +507,8 @@ def test_status_json_has_every_figure(env: Path, redis_conn: redis.Redis) -> Non
         "workers",
         "mapping",
     }
-    assert data["queues"]["events"]["queued"] == 1
-    assert set(data["queues"]["flush"]) == {"queued", "scheduled", "started", "failed"}
+    assert data["queues"]["jobs"]["queued"] == 1
+    assert set(data["queues"]["jobs"]) == {"queued", "scheduled", "started", "failed"}
     assert data["contacts"]["dirty"] == 0
     assert data["identity"] == {"waiting_learners": 1, "waiting_events": 1}
     assert data["failures"]["open"] == {"invalid_body": 1}
@@ -520,7 +520,7 @@ def test_status_json_has_every_figure(env: Path, redis_conn: redis.Redis) -> Non
 
     text = run("status")
     assert text.exit_code == 0
-    assert "Queue events  1 queued" in text.output
+    assert "Queue jobs    1 queued" in text.output
     assert "invalid_body 1" in text.output
 
 
@@ -556,7 +556,7 @@ def test_send_example_is_signed_and_accepted(receiver: str, redis_conn: redis.Re
     assert result.exit_code == 0, result.output
     assert result.output.startswith("track.completed: 202 ")
     assert '"status":"queued"' in result.output
-    (job,) = queue(EVENTS_QUEUE, redis_conn).get_jobs()
+    (job,) = queue(QUEUE_NAME, redis_conn).get_jobs()
     message_id, body = job.args
     assert message_id.startswith("msg_")
     assert body["type"] == "track.completed"

@@ -12,7 +12,7 @@ from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import EVENTS_QUEUE, FLUSH_QUEUE, queue
+from instruqt_crm.queueing import QUEUE_NAME, queue
 from tests.engine_helpers import engine_env, enqueue_all
 from tests.fakes.hubspot import FakeHubSpot
 from tests.history import deliveries, expected_records, history
@@ -25,10 +25,10 @@ MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting (printed when a test times out)."""
     return {
-        "events": queue(EVENTS_QUEUE, conn).count,
-        "flushes": queue(FLUSH_QUEUE, conn).count,
-        "events_started": queue(EVENTS_QUEUE, conn).started_job_registry.count,
-        "scheduled_flushes": queue(FLUSH_QUEUE, conn).scheduled_job_registry.count,
+        "events": queue(QUEUE_NAME, conn).count,
+        "flushes": queue(QUEUE_NAME, conn).count,
+        "events_started": queue(QUEUE_NAME, conn).started_job_registry.count,
+        "scheduled_flushes": queue(QUEUE_NAME, conn).scheduled_job_registry.count,
         "dirty": ledger.dirty_count(conn),
         "parked": identity.parked_count(conn),
         "locked": int(conn.exists("instruqt_crm:flush:lock")),
@@ -39,9 +39,9 @@ def state(conn: redis.Redis) -> dict[str, int]:
 def settled(conn: redis.Redis) -> bool:
     """No queued events or flushes, nothing dirty, nothing parked, no flush running."""
     return (
-        queue(EVENTS_QUEUE, conn).count == 0
-        and queue(FLUSH_QUEUE, conn).count == 0
-        and queue(EVENTS_QUEUE, conn).started_job_registry.count == 0
+        queue(QUEUE_NAME, conn).count == 0
+        and queue(QUEUE_NAME, conn).count == 0
+        and queue(QUEUE_NAME, conn).started_job_registry.count == 0
         and ledger.dirty_count(conn) == 0
         and identity.parked_count(conn) == 0
         and not conn.exists("instruqt_crm:flush:lock")

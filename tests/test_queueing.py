@@ -12,7 +12,7 @@ import redis
 
 from instruqt_crm.config import Settings
 from instruqt_crm.queueing import (
-    EVENTS_QUEUE,
+    QUEUE_NAME,
     connect,
     dedupe_key,
     enqueue_event,
@@ -52,7 +52,7 @@ def test_redis_stopped_mid_test_gives_503_then_retry_succeeds(private_redis: Red
     body, headers = signed(track_event(user_id="b"), msg_id="msg_during_outage")  # Svix's retry
     response = client.post("/webhooks/instruqt", data=body, headers=headers)
     assert response.status_code == 202
-    assert queue(EVENTS_QUEUE, conn).job_ids == [job_id_for("msg_during_outage")]
+    assert queue(QUEUE_NAME, conn).job_ids == [job_id_for("msg_during_outage")]
 
 
 def test_failed_transaction_leaves_no_dedupe_mark(redis_conn: redis.Redis, monkeypatch) -> None:
@@ -69,7 +69,7 @@ def test_failed_transaction_leaves_no_dedupe_mark(redis_conn: redis.Redis, monke
 
 def test_jobs_use_the_json_serializer(redis_conn: redis.Redis) -> None:
     enqueue_event(redis_conn, "msg_json", track_event(), 3600)
-    job = queue(EVENTS_QUEUE, redis_conn).jobs[0]
+    job = queue(QUEUE_NAME, redis_conn).jobs[0]
     raw = redis_conn.hget(job.key, "data")
     assert raw is not None
     data = json.loads(zlib.decompress(raw))  # RQ compresses the serialized payload
@@ -95,7 +95,7 @@ def test_embedded_redis_when_redis_url_unset(caplog: pytest.LogCaptureFixture) -
         body, headers = signed(track_event())
         response = app.test_client().post("/webhooks/instruqt", data=body, headers=headers)
         assert response.status_code == 202
-        assert queue(EVENTS_QUEUE, conn).count == 1
+        assert queue(QUEUE_NAME, conn).count == 1
     finally:
         conn.shutdown(nosave=True)
 

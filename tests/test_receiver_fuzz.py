@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruqt_crm.config import Settings
-from instruqt_crm.queueing import EVENTS_QUEUE, queue
+from instruqt_crm.queueing import QUEUE_NAME, queue
 from instruqt_crm.web import create_app
 from tests.signing import SECRET, signed
 
@@ -83,7 +83,7 @@ def test_unsigned_garbage_is_refused_without_5xx(
     )
     assert response.status_code < 500
     assert response.status_code in (401, 413, 415)
-    assert queue(EVENTS_QUEUE, redis_conn).count == 0
+    assert queue(QUEUE_NAME, redis_conn).count == 0
 
 
 @settings(
@@ -100,5 +100,5 @@ def test_signed_bodies_of_any_shape_never_5xx(redis_url, redis_conn, body) -> No
     raw, headers = signed(text)
     response = client.post("/webhooks/instruqt", data=raw, headers=headers)
     assert response.status_code in (202, 400, 413)
-    enqueued = queue(EVENTS_QUEUE, redis_conn).count
+    enqueued = queue(QUEUE_NAME, redis_conn).count
     assert enqueued == (1 if response.status_code == 202 else 0)

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from instruqt_crm import failures
 from instruqt_crm.config import Settings
-from instruqt_crm.queueing import EVENTS_QUEUE, connect, queue
+from instruqt_crm.queueing import QUEUE_NAME, connect, queue
 from instruqt_crm.web import create_app
 from tests.signing import OTHER_SECRET, SECRET, signed, track_event
 
@@ -49,7 +49,7 @@ def stored(conn: redis.Redis) -> list[bytes]:
 
 
 def queued(conn: redis.Redis) -> int:
-    return queue(EVENTS_QUEUE, conn).count
+    return queue(QUEUE_NAME, conn).count
 
 
 def post(client: FlaskClient, body: bytes, headers: dict[str, str]):
@@ -63,7 +63,7 @@ def test_valid_event_is_queued_once(client: FlaskClient, redis_conn: redis.Redis
     assert response.json["status"] == "queued"
     assert response.json["id"] == headers["svix-id"]
     assert queued(redis_conn) == 1
-    job = queue(EVENTS_QUEUE, redis_conn).jobs[0]
+    job = queue(QUEUE_NAME, redis_conn).jobs[0]
     assert job.args == [headers["svix-id"], json.loads(body)]
     assert job.func_name == "instruqt_crm.jobs.process_event"
 

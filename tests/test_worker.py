@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from instruqt_crm.queueing import EVENTS_QUEUE, STATS_KEY, enqueue_event, queue
+from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, enqueue_event, queue
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker
 from tests.engine_helpers import engine_env
@@ -31,7 +31,7 @@ def test_simple_worker_drains_events(
         enqueue_event(redis_conn, f"msg_{number}", body, 3600)
     enqueue_event(redis_conn, "msg_review", {"type": "review.created", "user_id": "u9"}, 3600)
     build_worker(redis_conn, simple=True).work(burst=True)
-    assert queue(EVENTS_QUEUE, redis_conn).count == 0
+    assert queue(QUEUE_NAME, redis_conn).count == 0
     current_runtime.cache_clear()
     assert redis_conn.hget(STATS_KEY, "events:merged:track.challenge_attempted") == b"3"
     assert redis_conn.hget(STATS_KEY, "events:parked:review.created") == b"1"
