@@ -31,12 +31,13 @@ import requests
 
 from instruqt_crm import failures, identity, ledger
 from instruqt_crm.crm import hubspot_setup
-from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.queueing import KEY_PREFIX, QUEUE_NAME, queue, text
 from instruqt_crm.sync import LOCK_KEY
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
+from tests.history import crm_records
 from tests.processes import Workers, wait_for
 from tests.redis_process import RedisProcess, free_port
 from tests.signing import SECRET, signed
@@ -280,22 +281,6 @@ def post_all(
 # ------------------------------------------------------------------ the report
 
 
-def expected_in_crm(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
-    """Expected records formatted as HubSpot stores them."""
-    return {
-        email: {name: format_value(value) for name, value in record.items()}
-        for email, record in records.items()
-    }
-
-
-def crm_records(fake: FakeHubSpot) -> dict[str, dict[str, str]]:
-    """The fake CRM's contacts, restricted to the properties the mapping writes."""
-    return {
-        email: {k: v for k, v in props.items() if k.startswith("instruqt_") or k == "email"}
-        for email, props in fake.contacts.items()
-    }
-
-
 def duplicated_writes(fake: FakeHubSpot, kill_times: list[float]) -> tuple[int, int]:
     """(duplicates, re-sent after a kill) among applied upsert inputs.
 
@@ -417,7 +402,7 @@ def build_report(
     started: float,
 ) -> Report:
     """Compare the CRM with ``expected`` (formatted) and count what happened to every event."""
-    stored = crm_records(stack.hubspot)
+    stored = crm_records(stack.hubspot.contacts)
     rejections = [f for f in failures.recent(conn, limit=10_000) if f.message_id != "flush"]
     rejected_keys = {f.message_id for f in rejections}
     synced = sum(stored.get(email) == record for email, record in expected.items())

@@ -128,3 +128,21 @@ def deliveries(events: list[dict], seed: int = 11) -> list[tuple[str, dict]]:
         out += [(f"msg_{number:06d}", event)] * copies
     rng.shuffle(out)
     return out
+
+
+def expected_in_crm(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Expected records formatted as HubSpot stores them."""
+    from instruqt_crm.crm.hubspot import format_value
+
+    return {
+        email: {name: format_value(value) for name, value in record.items()}
+        for email, record in records.items()
+    }
+
+
+def crm_records(contacts: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """A fake CRM's contacts, restricted to the properties the mapping writes."""
+    return {
+        email: {k: v for k, v in props.items() if k.startswith("instruqt_") or k == "email"}
+        for email, props in contacts.items()
+    }

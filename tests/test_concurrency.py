@@ -10,12 +10,12 @@ import redis
 from instruqt_crm import identity, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.queueing import QUEUE_NAME, queue
 from tests.engine_helpers import engine_env, enqueue_all
 from tests.fakes.hubspot import FakeHubSpot
-from tests.history import deliveries, expected_records, history
+from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
 from tests.processes import Workers, wait_for
 
 pytestmark = pytest.mark.slow
@@ -87,12 +87,4 @@ def test_worker_killed_mid_flush_loses_nothing(
             except AssertionError:
                 print(state(redis_conn), workers.logs()[-4000:])
                 raise
-        expected = {
-            email: {k: format_value(v) for k, v in record.items()}
-            for email, record in expected_records(events).items()
-        }
-        stored = {
-            email: {k: v for k, v in props.items() if k.startswith("instruqt_") or k == "email"}
-            for email, props in fake.contacts.items()
-        }
-        assert stored == expected
+        assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))

@@ -46,13 +46,12 @@ from tests.fault_harness import (
     Report,
     Stack,
     build_report,
-    expected_in_crm,
     post_all,
     print_reports,
     settled,
     state,
 )
-from tests.history import _stamp, deliveries, expected_records, history
+from tests.history import _stamp, deliveries, expected_in_crm, expected_records, history
 from tests.processes import wait_for
 from tests.signing import SECRET
 

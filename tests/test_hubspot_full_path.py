@@ -12,12 +12,12 @@ import redis
 
 from instruqt_crm.config import Settings
 from instruqt_crm.crm import hubspot_setup
-from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.web import create_app
 from tests.engine_helpers import drain, engine_env
 from tests.fakes.hubspot import FakeHubSpot
-from tests.history import deliveries, expected_records, history
+from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
 from tests.signing import signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,15 +51,7 @@ def test_full_path_produces_the_data_model(
         drain(redis_conn)
         current_runtime.cache_clear()
 
-        expected = {
-            email: {name: format_value(value) for name, value in record.items()}
-            for email, record in expected_records(events).items()
-        }
-        stored = {
-            email: {k: v for k, v in props.items() if k.startswith("instruqt_") or k == "email"}
-            for email, props in fake.contacts.items()
-        }
-        assert stored == expected
+        assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
         upserts = [r for r in fake.requests if r.path.endswith("/batch/upsert")]
         assert len(upserts) <= len(events) / 10, "the CRM must see batches, not one call per event"
         assert fake.count_429 == 0
