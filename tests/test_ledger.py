@@ -79,6 +79,17 @@ class CountingAdapter(DryRunAdapter):
         return super().upsert(changes)
 
 
+def next_day_event(kind: str) -> dict[str, Any]:
+    """Learner u0's event of ``kind``, a day after the events of ``dirty_contacts``."""
+    return {
+        "type": kind,
+        "user_id": "u0",
+        "track_slug": "t",
+        "params": {"email": "u0@example.com"},
+        "timestamp": "2026-11-02T10:00:00Z",
+    }
+
+
 def dirty_contacts(conn: redis.Redis, run: Runtime, count: int) -> None:
     for number in range(count):
         body = {
@@ -124,13 +135,7 @@ def test_only_changed_properties_are_sent(
     dirty_contacts(redis_conn, run, 1)
     adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
     flush(redis_conn, adapter, MAPPING)
-    later = {
-        "type": "track.started",
-        "user_id": "u0",
-        "track_slug": "t",
-        "params": {"email": "u0@example.com"},
-        "timestamp": "2026-11-02T10:00:00Z",
-    }
+    later = next_day_event("track.started")
     handle_event(redis_conn, run, parse_event("later", later))
     change = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
     assert change is not None
@@ -143,13 +148,7 @@ def test_a_merge_during_a_flush_keeps_the_contact_dirty(
     run = runtime(redis_url)
     dirty_contacts(redis_conn, run, 1)
     seen = ledger.pending(redis_conn, "u0@example.com", MAPPING)
-    later = {
-        "type": "track.completed",
-        "user_id": "u0",
-        "track_slug": "t",
-        "params": {"email": "u0@example.com"},
-        "timestamp": "2026-11-02T10:00:00Z",
-    }
+    later = next_day_event("track.completed")
     handle_event(redis_conn, run, parse_event("later", later))  # arrives while "sending"
     assert seen.change is not None
     assert not ledger.settle(redis_conn, "u0@example.com", seen.version, seen.change.properties)
@@ -175,13 +174,7 @@ def test_a_stale_batch_landing_last_makes_the_contact_dirty_again(
     run = runtime(redis_url)
     dirty_contacts(redis_conn, run, 1)
     old = ledger.pending(redis_conn, "u0@example.com", MAPPING)
-    later = {
-        "type": "track.completed",
-        "user_id": "u0",
-        "track_slug": "t",
-        "params": {"email": "u0@example.com"},
-        "timestamp": "2026-11-02T10:00:00Z",
-    }
+    later = next_day_event("track.completed")
     handle_event(redis_conn, run, parse_event("later", later))
     new = ledger.pending(redis_conn, "u0@example.com", MAPPING)
     assert old.change is not None and new.change is not None
