@@ -35,7 +35,7 @@ from bench.common import (
 )
 from bench.common import realistic_events as make_events
 from instruqt_crm.queueing import EVENT_RETRY, enqueue_event, job_id_for
-from tests.signing import SECRET
+from tests.engine_helpers import engine_env
 
 TARGET_RATIO = 0.7
 Enqueue = Callable[[redis.Redis, list[dict[str, Any]]], list[str]]
@@ -57,15 +57,13 @@ class Run:
 
 def worker_env(folder: Path) -> dict[str, str]:
     """The worker's environment: Redis db 12, default mapping, dry-run CRM, 1 s flush window."""
-    return {
-        "INSTRUQT_WEBHOOK_SECRET": SECRET,
-        "REDIS_URL": REDIS_URL,
-        "MAPPING_PATH": "mappings/hubspot.yaml",
-        "FLUSH_WINDOW_SECONDS": "1",
-        "DRY_RUN_PATH": str(folder / "dry-run.jsonl"),
-        "HUBSPOT_ACCESS_TOKEN": "",  # dry run even if the shell has a token
-        "INSTRUQT_API_KEY": "",
-    }
+    return engine_env(
+        REDIS_URL,
+        folder,
+        FLUSH_WINDOW_SECONDS="1",
+        HUBSPOT_ACCESS_TOKEN="",  # dry run even if the shell has a token
+        INSTRUQT_API_KEY="",
+    )
 
 
 def enqueue_events(conn: redis.Redis, events: list[dict[str, Any]]) -> list[str]:

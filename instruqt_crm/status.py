@@ -119,7 +119,7 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
     }
 
 
-def _pairs(counts: dict[str, int]) -> str:
+def pairs(counts: dict[str, int]) -> str:
     """``a 1, b 2`` sorted by name, or ``none``."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
@@ -145,9 +145,9 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"Contacts      {figures['contacts']['dirty']} waiting to be sent",
         f"Identity      {waiting['waiting_learners']} learner(s) waiting for an email "
         f"({waiting['waiting_events']} event(s))",
-        f"Failures      open: {_pairs(figures['failures']['open'])}; "
-        f"recorded ever: {_pairs(figures['failures']['recorded'])}",
-        f"Events        {_pairs(figures['counters']['events'])}",
+        f"Failures      open: {pairs(figures['failures']['open'])}; "
+        f"recorded ever: {pairs(figures['failures']['recorded'])}",
+        f"Events        {pairs(figures['counters']['events'])}",
         f"Last flush    {when(flushed['at'])}" + (f" ({age:.0f} s ago)" if age is not None else ""),
     ]
     budget = crm.get("budget")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,15 @@ def signed(
         "Content-Type": "application/json",
     }
     return raw, headers
+
+
+def post_signed(client: Any, pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
+    """POST each (svix id, body) to a Flask test client's receiver, signed; the status codes."""
+    codes = []
+    for msg_id, body in pairs:
+        raw, headers = signed(body, msg_id=msg_id)
+        codes.append(client.post("/webhooks/instruqt", data=raw, headers=headers).status_code)
+    return codes
 
 
 def track_event(user_id: str = "user-1", **extra: Any) -> dict[str, Any]:

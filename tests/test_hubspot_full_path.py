@@ -18,7 +18,7 @@ from instruqt_crm.web import create_app
 from tests.engine_helpers import drain, engine_env
 from tests.fakes.hubspot import FakeHubSpot
 from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
-from tests.signing import signed
+from tests.signing import post_signed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,7 @@ def test_full_path_produces_the_data_model(
 
         events = history(40, seed=3)
         client = create_app(Settings.from_env(), conn=redis_conn).test_client()
-        codes = []
-        for msg_id, body in deliveries(events, seed=5):
-            raw, headers = signed(body, msg_id=msg_id)
-            codes.append(client.post("/webhooks/instruqt", data=raw, headers=headers).status_code)
+        codes = post_signed(client, deliveries(events, seed=5))
         assert codes.count(202) == len(events)
         assert set(codes) == {200, 202}
         drain(redis_conn)

@@ -15,7 +15,7 @@ from instruqt_crm.workers import StartupError, preflight
 from tests.engine_helpers import drain, engine_env
 from tests.fakes.salesforce import URL, FakeSalesforce
 from tests.history import deliveries, expected_records, history
-from tests.signing import signed
+from tests.signing import post_signed
 
 
 def salesforce_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
@@ -51,10 +51,7 @@ def test_full_path_writes_contacts_and_leads(runtime, redis_conn: redis.Redis) -
         preflight(runtime, redis_conn)
 
         client = create_app(Settings.from_env(), conn=redis_conn).test_client()
-        codes = []
-        for msg_id, body in deliveries(events, seed=5):
-            raw, headers = signed(body, msg_id=msg_id)
-            codes.append(client.post("/webhooks/instruqt", data=raw, headers=headers).status_code)
+        codes = post_signed(client, deliveries(events, seed=5))
         assert codes.count(202) == len(events)
         drain(redis_conn)
 

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .. import failures, status
+from .. import failures, status, trace
 from .common import (
     json_option,
     print_json,
@@ -23,7 +23,7 @@ def failed_group() -> None:
 
 def _failure_line(failure: failures.Failure) -> str:
     """One failure on one line."""
-    return f"  {failure.id}  {status.when(failure.at)}  {failure.message_id}  {failure.reason}"
+    return f"  {failure.id}  {trace.when(failure.at)}  {failure.message_id}  {failure.reason}"
 
 
 @failed_group.command("list")
@@ -51,7 +51,7 @@ def failed_list(category: str | None, limit: int, as_json: bool) -> None:
             click.echo(f"  ... {len(items) - limit} more (use --limit)")
     rq_failed = {k: v["failed"] for k, v in status.queue_figures(conn).items() if v["failed"]}
     if rq_failed:
-        click.echo(f"RQ's failed registry (see the dashboard): {status._pairs(rq_failed)}")
+        click.echo(f"RQ's failed registry (see the dashboard): {status.pairs(rq_failed)}")
 
 
 @failed_group.command("show")
@@ -76,7 +76,7 @@ def failed_show(failure_id: str, as_json: bool) -> None:
     }[failures.kind_of(failure)]
     click.echo(f"id:        {failure.id}")
     click.echo(f"category:  {failure.category}")
-    click.echo(f"when:      {status.when(failure.at)}")
+    click.echo(f"when:      {trace.when(failure.at)}")
     click.echo(f"message:   {failure.message_id}")
     click.echo(f"reason:    {failure.reason}")
     click.echo(f"requeue:   {requeue}")
