@@ -184,6 +184,13 @@ def jobs_waiting(conn: redis.Redis) -> tuple[int, int]:
     return sum(q.count for q in every), sum(q.started_job_registry.count for q in every)
 
 
+def handled(conn: redis.Redis) -> int:
+    """Events the workers handled, whatever the outcome (the engine's own counters)."""
+    stats = {queueing.text(k): int(v) for k, v in conn.hgetall(queueing.STATS_KEY).items()}
+    outcomes = ("merged", "parked", "skipped", "unknown", "failed")
+    return sum(stats.get(f"events:{outcome}", 0) for outcome in outcomes)
+
+
 def ended_job_ids(conn: redis.Redis) -> list[str]:
     """Ids of every job that finished or failed, on any of the workers' queues."""
     registries = (FinishedJobRegistry, FailedJobRegistry)
@@ -208,9 +215,11 @@ def job_spans(
     ]
 
 
-def job_window(conn: redis.Redis, job_ids: Iterable[str]) -> tuple[float, float, int]:
-    """(earliest start, latest end, jobs finished) of the given jobs, as epoch seconds."""
-    spans = job_spans(conn, job_ids)
+def job_window(
+    conn: redis.Redis, job_ids: Iterable[str], func: str | None = None
+) -> tuple[float, float, int]:
+    """(earliest start, latest end, jobs finished) of the given jobs (of ``func``), epoch s."""
+    spans = job_spans(conn, job_ids, func)
     if not spans:
         raise RuntimeError("none of the jobs ran")
     return min(s for s, _ in spans), max(e for _, e in spans), len(spans)

@@ -37,15 +37,16 @@ from bench.common import (
     ended_job_ids,
     free_port,
     fresh_redis,
+    handled,
     job_spans,
     jobs_waiting,
     print_table,
     wait_for,
 )
 from bench.stack import MAPPING_PATH, FakeHubSpotProcess, start_receiver, start_workers
-from instruqt_crm import identity, ledger
+from instruqt_crm import identity, inbox, ledger
 from instruqt_crm.crm.hubspot import format_value
-from instruqt_crm.queueing import job_id_for
+from instruqt_crm.inbox import DRAIN_JOB
 from instruqt_crm.sync import LOCK_KEY
 from tests.history import expected_records
 from tests.signing import SECRET, signed
@@ -94,7 +95,8 @@ class Outcome:
     posted: Posted
     log: list[dict[str, Any]]
     contacts: dict[str, dict[str, str]]
-    event_spans: list[tuple[float, float]]
+    processed: int  # events handled (merged, parked, skipped or failed), from the stats hash
+    event_spans: list[tuple[float, float]]  # drain jobs
     flush_spans: list[tuple[float, float]]
     timed_out: bool
     state: dict[str, int] = field(default_factory=dict)
@@ -132,6 +134,7 @@ def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting or running."""
     queued, running = jobs_waiting(conn)
     return {
+        "inbox": inbox.depth(conn),
         "jobs_queued": queued,
         "jobs_running": running,
         "dirty": ledger.dirty_count(conn),
@@ -212,12 +215,14 @@ def run(scenario: Scenario, events: list[dict[str, Any]], args: argparse.Namespa
             timed_out = False
         except TimeoutError:
             timed_out = True
+        ended = ended_job_ids(conn)
         outcome = Outcome(
             posted,
             fake.requests_log()[provisioning:],
             fake.contacts(),
-            spans(conn, [job_id_for(f"msg_{n:06d}") for n in range(len(events))]),
-            spans(conn, ended_job_ids(conn), FLUSH_JOB),
+            handled(conn),
+            spans(conn, ended, DRAIN_JOB),
+            spans(conn, ended, FLUSH_JOB),
             timed_out,
             state(conn),
         )
@@ -258,7 +263,8 @@ def figures(scenario: Scenario, events: list[dict[str, Any]], seen: Outcome) -> 
         "drain": last_write - posted.first_accept,
         "bound": bound,
         "min_upserts": minimum,
-        "processed": len(seen.event_spans),
+        "processed": seen.processed,
+        "drains": len(seen.event_spans),
         "events_done": max((e for _, e in seen.event_spans), default=float("nan"))
         - posted.last_accept,
         "event_busy": sum(e - s for s, e in seen.event_spans),
@@ -286,7 +292,8 @@ def common_rows(f: dict[str, Any], learners: int, requests_note: str) -> list[Ro
         ("HubSpot requests (total)", str(f["requests"]), requests_note),
         ("  batch upserts / other", f"{f['upserts']}/{f['other']}", f"{f['inputs']} inputs sent"),
         ("429s received", str(f["count_429"]), f"target 0: {verdict(f['count_429'] == 0)}"),
-        ("events processed", str(f["processed"]), f"{f['flushes']} flush jobs"),
+        ("events processed", str(f["processed"]),
+         f"{f['drains']} drain jobs, {f['flushes']} flush jobs"),
         ("worker busy in events / flush", f"{f['event_busy']:.0f}/{f['flush_busy']:.0f} s", ""),
         ("last accept -> last event done", f"{f['events_done']:.1f} s", "the workers' backlog"),
         ("contacts / mismatches", f"{f['contacts']}/{f['mismatches']}",

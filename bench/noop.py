@@ -1,4 +1,4 @@
-"""The baseline job: same arguments as ``process_event``, does nothing (kept import-free)."""
+"""The baseline job: one per event, as before the inbox; does nothing (kept import-free)."""
 
 
 def noop(message_id: str, body: dict) -> None:

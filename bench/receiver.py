@@ -1,16 +1,23 @@
 """Receiver load benchmark: the production webhook route against a bare Flask route.
 
-    python -m bench.receiver [--seconds 10] [--clients 16] [--warmup 2]
+    python -m bench.receiver [--seconds 10] [--warmup 2] [--clients 16] [--rounds 1]
 
 Both run under the Procfile's ``web`` command (gunicorn, 2 workers x 4 threads, same
-timeouts) on 127.0.0.1, one after the other in the same run. The production app gets its
-production settings (JSON logs, access log, 256 KiB limit, 72 h dedupe) and a private
-redis-server (tests/redis_process.py, AOF off); the bare app (``bare_app`` below) answers
-202 to any POST without reading Redis. The load client is this process: ``--clients``
-threads, each with one keep-alive ``http.client`` connection, sending pre-signed deliveries
-(every one a new svix-id, so each is verified, deduped and enqueued). It prints requests/s,
-p50 and p99 latency for each and the ratio production/bare (target >= 0.5). No RQ worker
-runs: this measures the receiver only. wrk is not needed (and not used).
+timeouts, access log) on 127.0.0.1, one after the other in the same run; with ``--rounds N``
+they alternate N times (bare, production, bare, ...) so that a change in the machine's
+background load hits both. The production app gets its production settings (JSON logs, 256
+KiB limit, 72 h dedupe) and a private redis-server (tests/redis_process.py, AOF off); the
+bare app (``bare_app`` below) answers 202 to any POST without reading Redis. The load client
+is this process: ``--clients`` threads, each with one keep-alive ``http.client`` connection,
+sending pre-signed deliveries (every one a new svix-id, so each is verified, deduped and
+kept). It prints requests/s, p50 and p99 latency for each, the ratio production/bare
+(target >= 0.5), and the CPU time per request of the client, the gunicorn processes and
+redis-server, with the machine's idle share: on a small machine both targets are CPU-bound,
+and the ratio is then about the ratio of the CPU each request costs. No worker runs: this
+measures the receiver only. wrk is not needed (and not used).
+
+What-ifs: ``--env WEB_CONCURRENCY=3`` (or any setting, for both targets) and
+``--web-command "gunicorn app:app ..."`` (instead of the Procfile's line; keep ``app:app``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -26,13 +34,17 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from flask import Flask
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU_ROLES = ("client", "gunicorn", "redis", "other")
 bare_app = Flask(__name__)
+
+Delivery = tuple[bytes, dict[str, str]]
 
 
 @bare_app.post("/webhooks/instruqt")
@@ -43,7 +55,7 @@ def bare_route() -> tuple[str, int]:
 
 @dataclass
 class Result:
-    """Throughput and latency of one target."""
+    """Throughput, latency and CPU cost of one target in one round."""
 
     name: str
     requests: int
@@ -51,6 +63,7 @@ class Result:
     seconds: float
     p50_ms: float
     p99_ms: float
+    cpu_us: dict[str, float] = field(default_factory=dict)  # per request, by role; idle %
 
     @property
     def rps(self) -> float:
@@ -59,28 +72,81 @@ class Result:
 
     def line(self) -> str:
         """One table row."""
+        cpu = " ".join(f"{self.cpu_us.get(role, 0):>8.0f}" for role in CPU_ROLES)
         return (
-            f"{self.name:<12} {self.rps:>9.0f} {self.p50_ms:>8.1f} {self.p99_ms:>8.1f}"
-            f" {self.requests:>8} {self.errors:>6}"
+            f"{self.name:<12} {self.rps:>7.0f} {self.p50_ms:>7.1f} {self.p99_ms:>7.1f}"
+            f" {self.requests:>7} {self.errors:>6} {cpu} {self.cpu_us.get('idle %', 0):>6.0f}"
         )
 
 
-def gunicorn(app: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """The Procfile's web command for ``app`` on 127.0.0.1:port."""
+HEADER = (
+    f"{'target':<12} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ok':>7} {'errors':>6} "
+    + " ".join(f"{role:>8}" for role in CPU_ROLES)
+    + f" {'idle %':>6}\n{'':<51}(CPU us per request, user + system)"
+)
+
+
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User + system CPU seconds so far of each role's processes, and of the whole machine."""
+    used: dict[str, float] = {}
+    for role, members in processes.items():
+        total = 0.0
+        for process in members:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        used[role] = total
+    machine = psutil.cpu_times()
+    used["busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    used["total"] = sum(machine)
+    return used
+
+
+def cpu_per_request(
+    before: dict[str, float], after: dict[str, float], requests: int
+) -> dict[str, float]:
+    """Microseconds of CPU per request by role (``other``: the rest of the machine), idle %."""
+    delta = {key: after[key] - before[key] for key in after}
+    roles = {role: delta.get(role, 0.0) for role in CPU_ROLES[:-1]}
+    roles["other"] = max(0.0, delta["busy"] - sum(roles.values()))
+    result = {role: seconds / max(requests, 1) * 1e6 for role, seconds in roles.items()}
+    result["idle %"] = 100 * (1 - delta["busy"] / delta["total"]) if delta["total"] else 0.0
+    return result
+
+
+def procfile_web() -> str:
+    """The Procfile's ``web`` command."""
     for line in (ROOT / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
         if name.strip() == "web":
-            break
-    else:
-        raise SystemExit("no web line in the Procfile")
-    command = command.strip().replace("0.0.0.0:$PORT", f"127.0.0.1:{port}")
-    argv = shlex.split(command.replace("${WEB_CONCURRENCY:-2}", "2"))
+            return command.strip()
+    raise SystemExit("no web line in the Procfile")
+
+
+def expand(command: str, env: dict[str, str]) -> list[str]:
+    """Split a Procfile command, expanding ``$VAR``, ``${VAR}`` and ``${VAR:-default}``."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        return env.get(name, match.group(2) or "")
+
+    return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", value, command))
+
+
+def gunicorn(
+    app: str, port: int, env: dict[str, str], log: Path, command: str | None = None
+) -> subprocess.Popen[bytes]:
+    """The Procfile's web command (or ``command``) for ``app``, bound to 127.0.0.1:port."""
+    full_env = {**os.environ, **env, "PORT": str(port)}
+    argv = expand((command or procfile_web()).replace("0.0.0.0:", "127.0.0.1:"), full_env)
     argv[argv.index("app:app")] = app
     return subprocess.Popen(
         argv,
         cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log.open("wb"),
+        env=full_env,
+        stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -100,7 +166,7 @@ def wait_up(port: int, timeout: float = 30) -> None:
     raise SystemExit(f"nothing answered on port {port}")
 
 
-def signed_requests(count: int) -> list[tuple[bytes, dict[str, str]]]:
+def signed_requests(count: int, tag: str = "") -> list[Delivery]:
     """``count`` signed deliveries, each with its own svix-id, valid for the next 5 minutes."""
     from tests.history import history
     from tests.signing import signed
@@ -108,15 +174,23 @@ def signed_requests(count: int) -> list[tuple[bytes, dict[str, str]]]:
     events = history(max(1, count // 6 + 1), seed=5)
     stamp = time.time()
     return [
-        signed(events[i % len(events)], msg_id=f"msg_bench{i:08d}", timestamp=stamp)
+        signed(events[i % len(events)], msg_id=f"msg_bench{tag}{i:08d}", timestamp=stamp)
         for i in range(count)
     ]
 
 
 def load(
-    name: str, port: int, requests: list[tuple[bytes, dict[str, str]]], clients: int, seconds: float
+    name: str,
+    port: int,
+    requests: list[Delivery],
+    clients: int,
+    seconds: float,
+    processes: dict[str, list[psutil.Process]] | None = None,
 ) -> Result:
-    """Send requests from ``clients`` threads for ``seconds``; 2xx counts, the rest are errors."""
+    """Send requests from ``clients`` threads for ``seconds``; 2xx counts, the rest are errors.
+
+    ``processes`` (role -> processes) are measured for CPU with the client (this process).
+    """
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     counter = iter(range(len(requests)))
@@ -146,6 +220,8 @@ def load(
             else:
                 errors[slot] += 1
 
+    roles = {"client": [psutil.Process()], **(processes or {})}
+    cpu_before = cpu_seconds(roles)
     began = time.monotonic()
     threads = [threading.Thread(target=client, args=(slot,)) for slot in range(clients)]
     for thread in threads:
@@ -153,12 +229,19 @@ def load(
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - began
+    cpu_after = cpu_seconds(roles)
     every = sorted(x for mine in latencies for x in mine)
     if not every:
         raise SystemExit(f"{name}: no successful request")
     p99 = every[min(len(every) - 1, int(len(every) * 0.99))]
     return Result(
-        name, len(every), sum(errors), elapsed, statistics.median(every) * 1000, p99 * 1000
+        name,
+        len(every),
+        sum(errors),
+        elapsed,
+        statistics.median(every) * 1000,
+        p99 * 1000,
+        cpu_per_request(cpu_before, cpu_after, len(every) + sum(errors)),
     )
 
 
@@ -166,52 +249,109 @@ def run_target(
     name: str,
     app: str,
     env: dict[str, str],
-    requests: list[tuple[bytes, dict[str, str]]],
+    requests: list[Delivery],
     args: argparse.Namespace,
     log_dir: Path,
+    redis_pid: int,
 ) -> Result:
     """Start gunicorn for ``app``, warm it up, measure, stop it."""
     from tests.redis_process import free_port
 
     port = free_port()
-    server = gunicorn(app, port, env, log_dir / f"{name}.log")
+    server = gunicorn(app, port, env, log_dir / f"{name}.log", args.web_command)
     try:
         wait_up(port)
         warm = int(len(requests) * args.warmup / (args.warmup + args.seconds))
         load(name, port, requests[:warm], args.clients, args.warmup)
-        return load(name, port, requests[warm:], args.clients, args.seconds)
+        master = psutil.Process(server.pid)
+        processes = {
+            "gunicorn": [master, *master.children(recursive=True)],
+            "redis": [psutil.Process(redis_pid)],
+        }
+        return load(name, port, requests[warm:], args.clients, args.seconds, processes)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
 
 
+def cpu_ratio(bare: Result, prod: Result) -> float:
+    """Bare's CPU per request over production's (client + gunicorn + redis): what the ratio
+    of requests/s would be on a CPU-bound machine with nothing else running."""
+
+    def own(result: Result) -> float:
+        return sum(result.cpu_us.get(role, 0) for role in CPU_ROLES[:-1])
+
+    return own(bare) / own(prod) if own(prod) else 0.0
+
+
+def median_result(name: str, results: list[Result]) -> Result:
+    """The median of each figure over the rounds."""
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    seconds = med([r.seconds for r in results])
+    return Result(
+        name,
+        round(med([r.rps for r in results]) * seconds),
+        round(med([r.errors for r in results])),
+        seconds,
+        med([r.p50_ms for r in results]),
+        med([r.p99_ms for r in results]),
+        {key: med([r.cpu_us.get(key, 0) for r in results]) for key in (*CPU_ROLES, "idle %")},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run both targets and print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run both targets (alternating, ``--rounds`` times) and print the comparison."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per target")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target")
     parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
-    parser.add_argument("--max-rps", type=int, default=3000, help="pre-signed requests per second")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the targets N times")
+    parser.add_argument("--max-rps", type=int, default=4000, help="pre-signed requests per second")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="setting for both"
+    )
+    parser.add_argument("--web-command", help="instead of the Procfile's web line (what-ifs)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from tests.redis_process import RedisProcess
     from tests.signing import SECRET
 
     count = int(args.max_rps * (args.seconds + args.warmup))
-    print(f"signing {count} deliveries ...", flush=True)
-    requests = signed_requests(count)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-receiver-"))
+    extra = dict(item.split("=", 1) for item in args.env)
+    print(f"command: {args.web_command or procfile_web()}  {extra or ''}", flush=True)
     redis_server = RedisProcess().start()
+    rounds: list[tuple[Result, Result]] = []
     try:
-        env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_server.url}
-        bare = run_target("bare-flask", "bench.receiver:bare_app", env, requests, args, log_dir)
-        prod = run_target("production", "app:app", env, requests, args, log_dir)
+        env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_server.url, **extra}
+        pid = redis_server.process.pid if redis_server.process else os.getpid()
+        for number in range(1, args.rounds + 1):
+            requests = signed_requests(count, tag=f"r{number}")  # fresh: valid 5 min, new ids
+            bare = run_target(
+                "bare-flask", "bench.receiver:bare_app", env, requests, args, log_dir, pid
+            )
+            prod = run_target("production", "app:app", env, requests, args, log_dir, pid)
+            rounds.append((bare, prod))
+            print(f"\nround {number}\n{HEADER}\n{bare.line()}\n{prod.line()}")
+            print(
+                f"ratio production/bare: {prod.rps / bare.rps:.2f}"
+                f" (CPU per request, bare/production: {cpu_ratio(bare, prod):.2f})",
+                flush=True,
+            )
     finally:
         redis_server.stop()
-    print(f"\n{'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ok':>8} {'errors':>6}")
-    print(bare.line())
-    print(prod.line())
-    ratio = prod.rps / bare.rps
+    ratios = [prod.rps / bare.rps for bare, prod in rounds]
+    ratio = statistics.median(ratios)
+    if len(rounds) > 1:
+        print(f"\nmedian of {len(rounds)} rounds\n{HEADER}")
+        print(median_result("bare-flask", [bare for bare, _ in rounds]).line())
+        print(median_result("production", [prod for _, prod in rounds]).line())
+        print("ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
+        cpu_ratios = [cpu_ratio(bare, prod) for bare, prod in rounds]
+        print("CPU per request, bare/production: " + ", ".join(f"{r:.2f}" for r in cpu_ratios))
     print(f"\nratio production/bare: {ratio:.2f} (target >= 0.5); logs in {log_dir}")
     return 0 if ratio >= 0.5 else 1
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import redis
 
-from .queueing import KEY_PREFIX, add_event_job, text
+from . import inbox, ledger
+from .queueing import KEY_PREFIX, schedule_once, text
 
 INDEX_KEY = f"{KEY_PREFIX}failures"
 COUNTS_KEY = f"{KEY_PREFIX}failure_counts"
@@ -133,8 +134,6 @@ def kind_of(failure: Failure) -> str:
 
 def requeue(conn: redis.Redis, failure_id: str, flush_delay: float = 0.0) -> str:
     """Put a failure's work back in the queue and forget it; returns its kind (see kind_of)."""
-    from . import jobs, ledger  # late: jobs imports this module
-
     failure = get(conn, failure_id)
     if failure is None:
         raise KeyError(failure_id)
@@ -144,15 +143,14 @@ def requeue(conn: redis.Redis, failure_id: str, flush_delay: float = 0.0) -> str
     if kind == "event":
         body = failure.body()
         with conn.pipeline(transaction=True) as pipe:
-            add_event_job(
-                conn, pipe, failure.message_id, body, f"requeue-{failure.id}", " (requeued)"
-            )
+            inbox.add(pipe, failure.message_id, body)
             pipe.delete(_entry_key(failure.id))
             pipe.zrem(INDEX_KEY, failure.id)
             pipe.execute()
+        inbox.wake(conn)
         return kind
     if kind == "contact":
         ledger.mark_dirty(conn, [failure.message_id])
     remove(conn, failure.id)
-    jobs.schedule_once(conn, "instruqt_crm.jobs.flush_contacts", flush_delay, flush_delay + 30)
+    schedule_once(conn, "instruqt_crm.jobs.flush_contacts", flush_delay, flush_delay + 30)
     return kind

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from redis.client import Pipeline
 
 from .errors import PermanentError, RetryableError
 from .events import Event
@@ -48,7 +49,7 @@ def _cache_key(user_id: str) -> str:
     return f"{KEY_PREFIX}identity:{user_id}"
 
 
-def remember(conn: redis.Redis, user_id: str, email: str | None) -> None:
+def remember(conn: redis.Redis | Pipeline, user_id: str, email: str | None) -> None:
     """Cache an answer: an email for long, "no email" briefly."""
     if email:
         conn.set(_cache_key(user_id), email, ex=CACHE_TTL)
@@ -67,17 +68,31 @@ class Resolution:
 class IdentityResolver:
     """Resolve learners' emails in the configured order, counting hits and misses."""
 
-    def __init__(self, conn: redis.Redis, identity: Identity, lookup: EmailLookup | None) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        identity: Identity,
+        lookup: EmailLookup | None,
+        writes: redis.Redis | Pipeline | None = None,
+    ) -> None:
         self.conn = conn
         self.identity = identity
         self.lookup = lookup if identity.lookup else None
+        self.writes = conn if writes is None else writes  # a pipeline defers cache writes
+        self.known: dict[str, str] = {}  # emails learnt by this resolver, not yet sent
+
+    def learn(self, user_id: str, email: str) -> None:
+        """Cache a user's email (once per resolver)."""
+        if self.known.get(user_id) != email:
+            remember(self.writes, user_id, email)
+            self.known[user_id] = email
 
     def resolve(self, event: Event) -> Resolution:
         """Find the email for the event's learner."""
         email = email_in(event.params, self.identity.email_params)
         if email:
             if event.user_id:
-                remember(self.conn, event.user_id, email)
+                self.learn(event.user_id, email)
             return self._count(Resolution(email, "params"))
         if not event.user_id:
             return self._count(Resolution(None, "none"))
@@ -85,6 +100,8 @@ class IdentityResolver:
 
     def resolve_user(self, user_id: str) -> Resolution:
         """Cache first, then the Instruqt API."""
+        if user_id in self.known:
+            return self._count(Resolution(self.known[user_id], "cache"))
         cached = self.conn.get(_cache_key(user_id))
         if cached is not None:
             value = text(cached)
@@ -101,11 +118,14 @@ class IdentityResolver:
         except (RetryableError, PermanentError) as exc:
             log.warning("email lookup for user %s failed: %s", user_id, exc.reason)
             return self._count(Resolution(None, "lookup-failed"))
-        remember(self.conn, user_id, email)
+        if email:
+            self.learn(user_id, email)
+        else:
+            remember(self.writes, user_id, None)
         return self._count(Resolution(email, "lookup"))
 
     def _count(self, found: Resolution) -> Resolution:
-        self.conn.hincrby(STATS_KEY, f"identity:{found.source}", 1)
+        self.writes.hincrby(STATS_KEY, f"identity:{found.source}", 1)
         return found
 
 
@@ -177,6 +197,18 @@ def postpone(conn: redis.Redis, user_id: str, now: float | None = None) -> float
     when = moment + BACKOFF[min(attempt, len(BACKOFF) - 1)]
     conn.zadd(PARKED_USERS, {user_id: when})
     return when
+
+
+def waiting_among(conn: redis.Redis, user_ids: set[str]) -> set[str]:
+    """Which of these users have events waiting for an email (one round trip)."""
+    ordered = sorted(user_ids)
+    if not ordered:
+        return set()
+    with conn.pipeline(transaction=False) as pipe:
+        for user_id in ordered:
+            pipe.zscore(PARKED_USERS, user_id)
+        scores = pipe.execute()
+    return {user_id for user_id, score in zip(ordered, scores, strict=True) if score is not None}
 
 
 def parked_count(conn: redis.Redis) -> int:

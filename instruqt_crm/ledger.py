@@ -2,8 +2,9 @@
 
 One hash per contact (``instruqt_crm:contact:<key>``) holds ``c:<property>`` (the merged
 cell, JSON), ``s:<property>`` (the value last accepted by the CRM, JSON), ``email``,
-``user_id`` and ``version`` (bumped by every merge that changed something). Merges use
-WATCH/MULTI, so concurrent workers never lose an update; a contact whose cells changed is
+``user_id`` and ``version`` (bumped by every merge that changed something). Merges read the
+cells, fold the changes in, and write with a script only if the version is unchanged (else
+read again), so concurrent workers never lose an update; a contact whose cells changed is
 put in the ``dirty`` sorted set (scored by when it first became dirty).
 """
 
@@ -38,6 +39,29 @@ return 0
 """
 
 
+# Merge a batch's changes: per contact, write only if no merge changed it since it was read
+# (same version); returns the 1-based positions of those that did, to be read and tried again.
+# KEYS: the dirty set, then per contact its hash and its events set. ARGV: plan (JSON), now.
+_MERGE_MANY = """
+local plan = cjson.decode(ARGV[1])
+local conflicts = {}
+for i, c in ipairs(plan) do
+  local hash, events = KEYS[2 * i], KEYS[2 * i + 1]
+  if (redis.call('HGET', hash, 'version') or '0') ~= c.version then
+    conflicts[#conflicts + 1] = i
+  else
+    redis.call('HSET', hash, unpack(c.fields))
+    redis.call('SADD', events, unpack(c.events))
+    if c.changed then
+      redis.call('HINCRBY', hash, 'version', 1)
+      redis.call('ZADD', KEYS[1], 'NX', ARGV[2], c.key)
+    end
+  end
+end
+return conflicts
+"""
+
+
 def contact_key(key: str) -> str:
     """The hash holding one contact's state."""
     return f"{KEY_PREFIX}contact:{key}"
@@ -52,6 +76,17 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class Merge:
+    """One event's changes for one contact."""
+
+    key: str
+    changes: Sequence[PropertyChange]
+    event_id: str
+    email: str
+    user_id: str | None = None
+
+
 def merge(
     conn: redis.Redis,
     key: str,
@@ -61,28 +96,63 @@ def merge(
     user_id: str | None = None,
 ) -> bool:
     """Merge one event's changes into the contact atomically; True if any cell changed."""
-    hkey = contact_key(key)
-    fields = [f"c:{change.name}" for change in changes]
+    return merge_many(conn, [Merge(key, changes, event_id, email, user_id)])[0]
+
+
+def merge_many(conn: redis.Redis, merges: Sequence[Merge]) -> list[bool]:
+    """Merge many events at once (a read and a script per round); per merge: changed anything?
+
+    Same result as ``merge`` one by one, in any order: contacts another worker changed
+    between the read and the write are read and merged again.
+    """
+    positions: dict[str, list[int]] = {}
+    for index, item in enumerate(merges):
+        positions.setdefault(item.key, []).append(index)
+    changed = [False] * len(merges)
+    todo = list(positions)
+    script = conn.register_script(_MERGE_MANY)
     for _ in range(MAX_MERGE_ATTEMPTS):
-        with conn.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(hkey)
-                stored = pipe.hmget(hkey, fields) if fields else []
-                updates = _merged(changes, stored)
-                pipe.multi()
-                written: dict[Any, Any] = {"email": email, **updates}
-                if user_id:
-                    written["user_id"] = user_id
-                pipe.hset(hkey, mapping=written)
-                pipe.sadd(events_key(key), event_id)
-                if updates:
-                    pipe.hincrby(hkey, "version", 1)
-                    pipe.zadd(DIRTY_KEY, {key: time.time()}, nx=True)
-                pipe.execute()
-                return bool(updates)
-            except redis.WatchError:
-                continue
-    raise redis.WatchError(f"contact {key}: too much contention to merge event {event_id}")
+        if not todo:
+            return changed
+        with conn.pipeline(transaction=False) as pipe:
+            for key in todo:
+                pipe.hgetall(contact_key(key))
+            stored = pipe.execute()
+        plan, keys = [], [DIRTY_KEY]
+        for key, raw in zip(todo, stored, strict=True):
+            current = {text(k): text(v) for k, v in raw.items()}
+            write, flags = _fold([merges[i] for i in positions[key]], current)
+            for index, flag in zip(positions[key], flags, strict=True):
+                changed[index] = flag
+            plan.append(write)
+            keys += [contact_key(key), events_key(key)]
+        conflicts = script(keys=keys, args=[_dumps(plan), time.time()])
+        todo = [todo[int(position) - 1] for position in conflicts]
+    raise redis.WatchError(f"contacts {', '.join(todo[:5])}: too much contention to merge")
+
+
+def _fold(items: list[Merge], current: dict[str, str]) -> tuple[dict[str, Any], list[bool]]:
+    """One contact's write (its events' changes folded into the stored cells, in turn) and,
+    per event, whether it changed a cell."""
+    updates: dict[str, str] = {}
+    written = {"email": items[0].email}
+    flags = []
+    for item in items:
+        fields = [f"c:{change.name}" for change in item.changes]
+        step = _merged(item.changes, [current.get(field) for field in fields])
+        current.update(step)
+        updates.update(step)
+        flags.append(bool(step))
+        if item.user_id:
+            written["user_id"] = item.user_id
+    write = {
+        "key": items[0].key,
+        "version": current.get("version", "0"),
+        "fields": [part for pair in {**written, **updates}.items() for part in pair],
+        "events": sorted({item.event_id for item in items}),
+        "changed": bool(updates),
+    }
+    return write, flags
 
 
 def _merged(changes: Sequence[PropertyChange], stored: Sequence[Any]) -> dict[str, str]:

@@ -1,15 +1,23 @@
 """Prometheus metrics kept in Redis, so every web and worker process (and dyno) adds to one set.
 
-Processes count with ``incr``/``observe`` (cheap HINCRBY calls); ``/metrics`` renders them,
-plus gauges read at scrape time (queue depths, dirty contacts, parked learners), through a
-custom collector. Counting never breaks the caller: Redis errors are swallowed.
+Processes count with ``incr``/``observe`` (HINCRBY calls), the web receiver through a
+``Tally`` (its counts added up in memory and written at most once a second: a round trip per
+request cost as much as keeping the event); ``/metrics`` renders them, plus gauges read at
+scrape time (inbox and queue depths, dirty contacts, parked learners), through a custom
+collector. Counting never breaks the caller: Redis errors are swallowed.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from . import inbox, plays
 from .identity import PARKED_USERS
 from .ledger import DIRTY_KEY
 from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
@@ -27,6 +36,7 @@ from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
 log = logging.getLogger(__name__)
 PREFIX = f"{KEY_PREFIX}metrics:"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+TALLY_SECONDS = 1.0  # the web receiver writes its counts at most this often (see Tally)
 COUNTERS = {
     "webhook_requests": ("Webhook deliveries answered, by outcome.", ("outcome",)),
     "crm_requests": (
@@ -41,6 +51,122 @@ def incr(conn: redis.Redis, name: str, *labels: str, amount: int = 1) -> None:
     """Add to a counter (labels in the order declared in COUNTERS)."""
     with contextlib.suppress(redis.RedisError):
         conn.hincrby(PREFIX + name, "\x1f".join(labels), amount)
+
+
+class Tally:
+    """Counters added up in this process and written to Redis together, about once a second.
+
+    A count is written at once when nothing was written in the last ``interval``; later ones
+    wait for the first count after the interval, for the ``background`` writer thread (one
+    per process, every TALLY_SECONDS; used under gunicorn), for ``render`` in this process,
+    or for the process's exit. So a busy receiver writes one pipeline a second instead of one
+    HINCRBY per request, and a process killed outright loses at most its last second of
+    counts. A write that fails (Redis down) keeps its counts for the next one.
+    """
+
+    def __init__(
+        self,
+        conn: redis.Redis,
+        interval: float = TALLY_SECONDS,
+        background: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conn = conn
+        self.interval = interval
+        self.background = background
+        self.clock = clock
+        self._pending: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()  # guards _pending and _written_at
+        self._writing = threading.Lock()  # one write at a time; exit waits for a running one
+        self._written_at = float("-inf")
+        _tallies.add(self)
+
+    def incr(self, name: str, *labels: str, amount: int = 1) -> None:
+        """Add to a counter (labels in the order declared in COUNTERS)."""
+        key = (PREFIX + name, "\x1f".join(labels))
+        now = self.clock()
+        with self._lock:
+            self._pending[key] += amount
+            due = now - self._written_at >= self.interval
+        if due:
+            self.flush(wait=False)
+        elif self.background:
+            _start_writer()
+
+    def flush(self, wait: bool = True) -> None:
+        """Write every count added so far (if another write is going on: wait, or leave it)."""
+        if not self._writing.acquire(blocking=wait):
+            return
+        try:
+            with self._lock:
+                pending, self._pending = self._pending, Counter()
+                self._written_at = self.clock()
+            if pending:
+                self._write(pending)
+        finally:
+            self._writing.release()
+
+    def _write(self, pending: Counter[tuple[str, str]]) -> None:
+        """One MULTI/EXEC of HINCRBYs; on a Redis error the counts go back to pending."""
+        try:
+            with self.conn.pipeline(transaction=True) as pipe:
+                for (key, field), amount in pending.items():
+                    pipe.hincrby(key, field, amount)
+                pipe.execute()
+        except redis.RedisError:
+            with self._lock:
+                self._pending.update(pending)
+
+    def _forget(self) -> None:
+        """In a forked child: the parent writes what it counted; start afresh."""
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()
+        self._pending = Counter()
+
+
+_tallies: weakref.WeakSet[Tally] = weakref.WeakSet()
+_writer_pid = 0  # the process whose writer thread runs
+
+
+def flush_tallies(conn: redis.Redis | None = None) -> None:
+    """Write the pending counts of this process's tallies (on ``conn`` only, if given)."""
+    for tally in list(_tallies):
+        if conn is None or tally.conn is conn:
+            tally.flush()
+
+
+def _start_writer() -> None:
+    """Start this process's background writer, once (a forked child starts its own)."""
+    global _writer_pid
+    if _writer_pid == os.getpid():
+        return
+    with _writer_start:
+        if _writer_pid != os.getpid():
+            _writer_pid = os.getpid()
+            threading.Thread(target=_write_forever, name="metrics-tally", daemon=True).start()
+
+
+def _write_forever() -> None:
+    while True:
+        time.sleep(TALLY_SECONDS)
+        for tally in list(_tallies):
+            if tally.background:
+                try:
+                    tally.flush()
+                except Exception as exc:  # keep writing the others, and later ones
+                    log.warning("metrics counts not written: %r", exc)
+
+
+def _after_fork_in_child() -> None:
+    global _writer_start
+    _writer_start = threading.Lock()
+    for tally in list(_tallies):
+        tally._forget()
+
+
+_writer_start = threading.Lock()
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(flush_tallies)
 
 
 def observe(conn: redis.Redis, name: str, seconds: Sequence[float]) -> None:
@@ -101,7 +227,12 @@ class RedisCollector:
         )
 
     def _gauges(self) -> Iterator[Metric]:
-        """Current depths: queues, dirty contacts, learners waiting for an email."""
+        """Current depths: inbox, queues, dirty contacts, learners waiting for an email."""
+        yield GaugeMetricFamily(
+            "instruqt_crm_inbox_depth",
+            "Events accepted and not yet handled by a worker.",
+            value=inbox.depth(self.conn),
+        )
         depth = GaugeMetricFamily("instruqt_crm_queue_depth", "Jobs waiting.", labels=("queue",))
         for name in QUEUE_NAMES:
             depth.add_metric([name], queue(name, self.conn).count)
@@ -112,6 +243,11 @@ class RedisCollector:
             value=int(self.conn.zcard(DIRTY_KEY)),
         )
         yield GaugeMetricFamily(
+            "instruqt_crm_dirty_plays",
+            "Play records (Salesforce) with changes not yet sent.",
+            value=plays.dirty_count(self.conn),
+        )
+        yield GaugeMetricFamily(
             "instruqt_crm_parked_learners",
             "Learners whose events wait for an email.",
             value=int(self.conn.zcard(PARKED_USERS)),
@@ -120,6 +256,7 @@ class RedisCollector:
 
 def render(conn: redis.Redis) -> bytes:
     """The Prometheus text exposition of every metric."""
+    flush_tallies(conn)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(conn))
     return generate_latest(registry)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import tempfile
-from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.client import Pipeline
 from redis.retry import Retry
 from rq import Queue
 from rq import Retry as JobRetry
@@ -27,8 +24,6 @@ QUEUE_NAME = "instruqt"
 QUEUE_NAMES = (QUEUE_NAME,)
 KEY_PREFIX = "instruqt_crm:"
 STATS_KEY = f"{KEY_PREFIX}stats"  # event and identity counters (hash)
-EVENT_RETRY = JobRetry(max=5, interval=[5, 30, 120, 600, 1800])
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
 class EmbeddedRedis:
@@ -80,68 +75,30 @@ def queues(conn: redis.Redis) -> list[Queue]:
     return [queue(name, conn) for name in QUEUE_NAMES]
 
 
-def job_id_for(message_id: str) -> str:
-    """An RQ job id derived from the Svix message id (hashed if it has odd characters)."""
-    if _SAFE_ID.match(message_id):
-        return f"event-{message_id}"
-    return "event-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
+JOB_OPTIONS: dict[str, Any] = {
+    "retry": JobRetry(max=8, interval=[5, 15, 30, 60, 120, 300, 600, 1200]),
+    "result_ttl": 600,
+    "failure_ttl": 30 * 86400,
+    "job_timeout": 120,
+}
+PENDING = f"{KEY_PREFIX}pending:"
 
 
-def dedupe_key(message_id: str) -> str:
-    """The Redis key remembering that a message id was accepted."""
-    return f"{KEY_PREFIX}seen:{hashlib.sha256(message_id.encode()).hexdigest()}"
+def enqueue_job(conn: redis.Redis, func: str, delay: float = 0) -> None:
+    """Queue one of our maintenance jobs (drain, flush, parked retry) now or in ``delay`` s."""
+    jobs = queue(QUEUE_NAME, conn)
+    if delay <= 0:  # behind what already waits
+        jobs.enqueue(func, **JOB_OPTIONS)
+    else:  # after the delay, ahead of what waits then
+        jobs.enqueue_in(timedelta(seconds=delay), func, at_front=True, **JOB_OPTIONS)
 
 
-def add_event_job(
-    conn: redis.Redis,
-    pipe: Pipeline,
-    message_id: str,
-    body: dict[str, Any],
-    job_id: str,
-    note: str = "",
-) -> None:
-    """Queue one ``process_event`` job inside ``pipe``'s transaction."""
-    queue(QUEUE_NAME, conn).enqueue_call(
-        "instruqt_crm.jobs.process_event",
-        args=(message_id, body),
-        job_id=job_id,
-        retry=EVENT_RETRY,
-        timeout=60,
-        result_ttl=3600,
-        failure_ttl=30 * 24 * 3600,
-        description=f"{body.get('type')} {message_id}{note}",
-        pipeline=pipe,
-    )
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    """What happened to an accepted delivery: queued now, or seen before."""
-
-    job_id: str
-    duplicate: bool
-
-
-def enqueue_event(
-    conn: redis.Redis, message_id: str, body: dict[str, Any], dedupe_ttl: int
-) -> Enqueued:
-    """Mark the message id seen and enqueue its job in one transaction (all or nothing)."""
-    key = dedupe_key(message_id)
-    job_id = job_id_for(message_id)
-    for _ in range(3):
-        with conn.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(key)
-                if pipe.exists(key):
-                    return Enqueued(job_id, duplicate=True)
-                pipe.multi()
-                pipe.set(key, job_id, ex=dedupe_ttl)
-                add_event_job(conn, pipe, message_id, body, job_id)
-                pipe.execute()
-                return Enqueued(job_id, duplicate=False)
-            except redis.WatchError:
-                # A concurrent delivery of the same id won -- or the connection died while
-                # watching (redis-py raises WatchError then too): only Redis itself can tell.
-                if conn.exists(key):
-                    return Enqueued(job_id, duplicate=True)
-    raise redis.ConnectionError(f"event {message_id} not stored: transaction kept failing")
+def schedule_once(
+    conn: redis.Redis, func: str, delay: float, hold: float, force: bool = False
+) -> bool:
+    """Enqueue ``func`` in ``delay`` s unless one is already pending (the mark lasts ``hold`` s)."""
+    marked = conn.set(f"{PENDING}{func}", "1", nx=True, px=max(1, int(hold * 1000)))
+    if not marked and not force:
+        return False
+    enqueue_job(conn, func, delay)
+    return True

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from rq import Worker
 
-from . import failures, identity, ledger
+from . import failures, identity, inbox, ledger, plays
 from .config import Settings
 from .crm.hubspot import WINDOW_SECONDS, hubspot_budget
 from .mapping import Mapping, MappingError, load_mapping
@@ -106,8 +106,10 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
             "error": mapping_error,
         },
         "workers": Worker.count(connection=conn),
+        "inbox": {"events": inbox.depth(conn)},
         "queues": queue_figures(conn),
         "contacts": {"dirty": ledger.dirty_count(conn)},
+        "plays": {"dirty": plays.dirty_count(conn)},
         "identity": {
             "waiting_learners": identity.parked_count(conn),
             "waiting_events": parked_event_count(conn),
@@ -134,6 +136,7 @@ def render(figures: dict[str, Any]) -> list[str]:
     lines = [
         f"Mapping       {mapping['path']} ({crm_name})",
         f"Workers       {figures['workers']}",
+        f"Inbox         {figures['inbox']['events']} event(s) accepted, not yet handled",
     ]
     for name, jobs in q.items():
         lines.append(
@@ -143,6 +146,7 @@ def render(figures: dict[str, Any]) -> list[str]:
     waiting = figures["identity"]
     lines += [
         f"Contacts      {figures['contacts']['dirty']} waiting to be sent",
+        f"Plays         {figures['plays']['dirty']} play record(s) waiting to be sent",
         f"Identity      {waiting['waiting_learners']} learner(s) waiting for an email "
         f"({waiting['waiting_events']} event(s))",
         f"Failures      open: {pairs(figures['failures']['open'])}; "

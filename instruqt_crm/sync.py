@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import redis
 from redis.lock import Lock
 
-from . import failures, ledger, metrics, trace
+from . import failures, ledger, metrics, plays, trace
 from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
 from .errors import PermanentError, RateLimited
 from .mapping import Mapping
@@ -180,6 +180,7 @@ def flush(
                 conn, adapter, mapping, report, window
             ):
                 pass
+            plays.flush_plays(conn, adapter, report, deadline)  # after the learners they link to
     except RateLimited as exc:
         report.wait = exc.wait
         log.warning("CRM rate limit (%s): flush parked for %.0f s", exc.policy or "quota", exc.wait)

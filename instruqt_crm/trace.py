@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from .queueing import KEY_PREFIX, text
 
@@ -27,16 +28,24 @@ def _user_key(user_id: str) -> str:
 
 
 def note(
-    conn: redis.Redis, email: str, kind: str, user_id: str | None = None, **details: Any
+    conn: redis.Redis | Pipeline,
+    email: str,
+    kind: str,
+    user_id: str | None = None,
+    **details: Any,
 ) -> None:
-    """Append one entry (kind: event | sent | rejected | retry | failed) to a learner's trail."""
+    """Append one entry (kind: event | sent | rejected | retry | failed) to a learner's trail.
+
+    Given a pipeline, the commands join it (sent with it); given a connection, they are sent.
+    """
     entry = json.dumps({"at": time.time(), "kind": kind, **details}, sort_keys=True, default=str)
-    with conn.pipeline() as pipe:
-        pipe.lpush(_key(email), entry)
-        pipe.ltrim(_key(email), 0, MAX_ENTRIES - 1)
-        pipe.expire(_key(email), TTL_SECONDS)
-        if user_id:
-            pipe.set(_user_key(user_id), email.lower(), ex=TTL_SECONDS)
+    pipe = conn if isinstance(conn, Pipeline) else conn.pipeline()
+    pipe.lpush(_key(email), entry)
+    pipe.ltrim(_key(email), 0, MAX_ENTRIES - 1)
+    pipe.expire(_key(email), TTL_SECONDS)
+    if user_id:
+        pipe.set(_user_key(user_id), email.lower(), ex=TTL_SECONDS)
+    if pipe is not conn:
         pipe.execute()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import redis
@@ -12,8 +13,9 @@ from flask import Flask, Response, current_app, jsonify, request
 from . import admin, failures, metrics
 from .config import Settings
 from .events import EventError, check_body
+from .inbox import enqueue_event
 from .logs import configure
-from .queueing import connect, enqueue_event
+from .queueing import connect
 from .signature import SignatureError, verify
 
 log = logging.getLogger(__name__)
@@ -26,15 +28,24 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
     configure(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    conn = conn if conn is not None else connect(settings.redis_url)
     app.extensions["instruqt_crm"] = {
         "settings": settings,
-        "redis": conn if conn is not None else connect(settings.redis_url),
+        "redis": conn,
+        # Per-request counts, written together about once a second (under gunicorn by a
+        # background thread too): a HINCRBY per request cost as much as keeping the event.
+        "tally": metrics.Tally(conn, background=served_by_gunicorn()),
     }
     app.add_url_rule("/webhooks/instruqt", view_func=receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     admin.init_app(app)
     return app
+
+
+def served_by_gunicorn() -> bool:
+    """Whether this process is a gunicorn worker (gunicorn sets SERVER_SOFTWARE for them)."""
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
 
 
 def settings_of(app: Flask) -> Settings:
@@ -54,7 +65,8 @@ def reply(code: int, **fields: Any) -> tuple[Response, int]:
     outcome = str(fields.get("outcome") or fields.get("status") or code)
     fields.pop("outcome", None)
     if request.endpoint == "receive_webhook" and code != 503:
-        metrics.incr(redis_of(current_app), "webhook_requests", outcome)
+        tally: metrics.Tally = current_app.extensions["instruqt_crm"]["tally"]
+        tally.incr("webhook_requests", outcome)
     return jsonify(fields), code
 
 
@@ -122,12 +134,11 @@ def _accept(
         failure = failures.record(conn, "invalid_body", reason, message_id, body)
         log.warning("event %s kept as failure %s: %s", message_id, failure.id, reason)
         return reply(400, status="invalid", reason=reason, id=message_id)
-    outcome = enqueue_event(conn, message_id, decoded, settings.dedupe_ttl_seconds)
-    if outcome.duplicate:
+    if not enqueue_event(conn, message_id, body, settings.dedupe_ttl_seconds):
         log.info("event %s (%s) is a duplicate delivery", message_id, event_type)
         return reply(200, status="duplicate", id=message_id)
-    log.info("event %s (%s) queued as job %s", message_id, event_type, outcome.job_id)
-    return reply(202, status="queued", id=message_id, job=outcome.job_id)
+    log.info("event %s (%s) queued", message_id, event_type)
+    return reply(202, status="queued", id=message_id)
 
 
 def healthz() -> tuple[Response, int]:

@@ -17,12 +17,13 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 
-from . import identity, ledger
+from . import identity, inbox, ledger, plays
 from .config import SettingsError
 from .errors import SyncError
+from .handling import RETRY_PARKED_JOB, schedule_flush
 from .logs import configure
 from .mapping import MappingError
-from .queueing import QUEUE_NAMES, connect, queue, queues, text
+from .queueing import QUEUE_NAMES, connect, queue, queues, schedule_once, text
 from .runtime import Runtime, current_runtime
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,31 @@ class StartupError(RuntimeError):
     """The worker must not start; the message says why and what to do."""
 
 
+class _Maintained:
+    """Adds the app's own checks to RQ's periodic maintenance (every ``maintenance_interval``)."""
+
+    connection: redis.Redis
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's clean-up, then make sure waiting events have a drain job."""
+        super().run_maintenance_tasks()  # type: ignore[misc]
+        try:
+            inbox.wake(self.connection)
+        except redis.RedisError as exc:  # the worker loop reconnects; try again next time
+            log.warning("inbox check skipped: %s", exc)
+
+
+class AppWorker(_Maintained, HerokuWorker):
+    """The production worker: a fork per job, Heroku-style shutdown, inbox safety net."""
+
+
+class SimpleAppWorker(_Maintained, SimpleWorker):
+    """The same in-process (tests, comparisons)."""
+
+
 def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = None) -> BaseWorker:
     """A worker on the app's queues; HerokuWorker forks per job, SimpleWorker runs in-process."""
-    worker_class = SimpleWorker if simple else HerokuWorker
+    worker_class = SimpleAppWorker if simple else AppWorker
     return worker_class(
         queues(conn),
         connection=conn,
@@ -71,7 +94,7 @@ def requeue_orphans(conn: redis.Redis) -> list[str]:
         for job_id in registry.get_job_ids(cleanup=False):
             try:
                 job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
-                if not job.worker_name or not _dead(conn, job.worker_name):
+                if not job.worker_name or not worker_gone(conn, job.worker_name):
                     continue
                 executions = [execution.composite_key for execution in job.get_executions()]
                 if executions and conn.zrem(registry.key, *executions):  # we took it: put it back
@@ -100,10 +123,10 @@ def _requeue_taken_not_started(conn: redis.Redis, jobs: Queue) -> list[str]:
     return requeued
 
 
-def _dead(conn: redis.Redis, worker_name: str) -> bool:
-    """Whether a worker is gone: unregistered, or registered on this host with no process."""
+def worker_gone(conn: redis.Redis, worker_name: str) -> bool:
+    """Whether a worker is gone: stopped, unregistered, or on this host with no process."""
     owner = Worker.find_by_key(f"{Worker.redis_worker_namespace_prefix}{worker_name}", conn)
-    if owner is None:
+    if owner is None or owner.death_date is not None:
         return True
     return owner.hostname == socket.gethostname() and not _alive(owner.pid or 0)
 
@@ -142,14 +165,13 @@ def preflight(runtime: Runtime, conn: redis.Redis) -> None:
             f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}. "
             f"Create them with: instruqt-crm setup {runtime.mapping.crm}"
         )
-    from .jobs import schedule_flush, schedule_once
-
     release_stale_scheduler_locks(conn)
     requeue_orphans(conn)
-    if ledger.dirty_count(conn):  # left by a stopped or killed worker: send it now
+    if ledger.dirty_count(conn) or plays.dirty_count(conn):  # left by a stopped worker
         schedule_flush(conn, runtime, delay=0, force=True)
+    inbox.wake(conn)  # events accepted while no worker ran, or held by a killed one
     if identity.parked_count(conn):
-        schedule_once(conn, "instruqt_crm.jobs.retry_parked", 1, 60)
+        schedule_once(conn, RETRY_PARKED_JOB, 1, 60)
 
 
 def run_worker(burst: bool = False) -> int:

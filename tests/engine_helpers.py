@@ -10,7 +10,9 @@ import redis
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from instruqt_crm.queueing import QUEUE_NAME, enqueue_event, queue
+from instruqt_crm import inbox
+from instruqt_crm.inbox import enqueue_event
+from instruqt_crm.queueing import QUEUE_NAME, queue
 
 
 def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
@@ -28,7 +30,7 @@ def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
 
 
 def drain(conn: redis.Redis) -> None:
-    """Run every queued job; with FLUSH_WINDOW_SECONDS=0 a flush queues behind the events."""
+    """Run every queued job; with FLUSH_WINDOW_SECONDS=0 a flush queues behind the drain."""
     jobs = queue(QUEUE_NAME, conn)
     while jobs.count:
         SimpleWorker([jobs], connection=conn, serializer=JSONSerializer).work(burst=True)
@@ -36,7 +38,15 @@ def drain(conn: redis.Redis) -> None:
 
 def enqueue_all(conn: redis.Redis, pairs: Iterable[tuple[str, dict[str, Any]]]) -> int:
     """Enqueue (id, body) deliveries as the receiver would; returns how many were new."""
-    return sum(not enqueue_event(conn, msg_id, body, 3600).duplicate for msg_id, body in pairs)
+    return sum(enqueue_event(conn, msg_id, body, 3600) for msg_id, body in pairs)
+
+
+def inbox_events(conn: redis.Redis) -> list[tuple[str, dict[str, Any]]]:
+    """(message id, body) of every event kept in the inbox, oldest first."""
+    return [
+        (fields[b"id"].decode(), json.loads(fields[b"body"]))
+        for _, fields in conn.xrange(inbox.INBOX_KEY)
+    ]
 
 
 def dry_run_batches(path) -> list[dict]:

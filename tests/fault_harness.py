@@ -29,7 +29,7 @@ from typing import Any
 import redis
 import requests
 
-from instruqt_crm import failures, identity, ledger
+from instruqt_crm import failures, identity, inbox, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.mapping import load_mapping
@@ -184,15 +184,17 @@ class Stack:
 
 
 def settled(conn: redis.Redis) -> bool:
-    """No queued, running or retry-scheduled work, nothing dirty or parked, no flush running."""
-    events, flushes = queue(QUEUE_NAME, conn), queue(QUEUE_NAME, conn)
+    """No event in the inbox, no queued or running job, nothing dirty or parked, no flush.
+
+    Jobs scheduled for later do not count: all work lives in the inbox, the ledger and the
+    parked set, so a later ``retry_parked`` or flush with all three empty has nothing to do.
+    """
+    jobs = queue(QUEUE_NAME, conn)
     return (
-        events.count == 0
-        and flushes.count == 0
-        and events.started_job_registry.count == 0
-        and flushes.started_job_registry.count == 0
-        and events.scheduled_job_registry.count == 0
-        and not conn.llen(events.intermediate_queue_key)  # popped by a worker that died
+        inbox.depth(conn) == 0
+        and jobs.count == 0
+        and jobs.started_job_registry.count == 0
+        and not conn.llen(jobs.intermediate_queue_key)  # popped by a worker that died
         and ledger.dirty_count(conn) == 0
         and identity.parked_count(conn) == 0
         and not conn.exists(LOCK_KEY)
@@ -201,16 +203,14 @@ def settled(conn: redis.Redis) -> bool:
 
 def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting (printed when a scenario times out)."""
-    events, flushes = queue(QUEUE_NAME, conn), queue(QUEUE_NAME, conn)
+    jobs = queue(QUEUE_NAME, conn)
     return {
-        "events": events.count,
-        "events_started": events.started_job_registry.count,
-        "events_scheduled": events.scheduled_job_registry.count,
-        "events_failed": events.failed_job_registry.count,
-        "events_intermediate": int(conn.llen(events.intermediate_queue_key)),
-        "flushes": flushes.count,
-        "flushes_started": flushes.started_job_registry.count,
-        "flushes_scheduled": flushes.scheduled_job_registry.count,
+        "inbox": inbox.depth(conn),
+        "jobs": jobs.count,
+        "started": jobs.started_job_registry.count,
+        "scheduled": jobs.scheduled_job_registry.count,
+        "failed": jobs.failed_job_registry.count,
+        "intermediate": int(conn.llen(jobs.intermediate_queue_key)),
         "dirty": ledger.dirty_count(conn),
         "parked": identity.parked_count(conn),
         "locked": int(conn.exists(LOCK_KEY)),
@@ -328,28 +328,14 @@ def accounted_ids(conn: redis.Redis, emails: Iterable[str]) -> set[str]:
     return ids
 
 
-def job_fate(conn: redis.Redis, msg_id: str) -> str:
-    """Where the RQ job of a message id ended (status, origin, retries left, registries)."""
-    from rq.job import Job
-    from rq.serializers import JSONSerializer
-
-    from instruqt_crm.queueing import job_id_for
-
-    job_id = job_id_for(msg_id)
-    try:
-        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
-    except Exception as exc:  # a diagnostic: say what happened, whatever it was
-        return f"{job_id} not fetchable: {exc!r}"
-    events = queue(QUEUE_NAME, conn)
-    where = {
-        "queued": job_id in events.get_job_ids(),
-        "failed": job_id in events.failed_job_registry.get_job_ids(),
-        "scheduled": job_id in events.scheduled_job_registry.get_job_ids(),
-    }
-    return (
-        f"{job_id} status={job.get_status()} retries_left={job.retries_left} "
-        f"in={[k for k, v in where.items() if v]} exc={str(job.exc_info or '')[-200:]!r}"
-    )
+def inbox_fate(conn: redis.Redis, msg_id: str) -> str:
+    """Where a lost event is in the inbox: waiting, held by a consumer, or gone."""
+    for entry_id, fields in conn.xrange(inbox.INBOX_KEY):
+        if text(fields.get(b"id", b"")) == msg_id:
+            held = conn.xpending_range(inbox.INBOX_KEY, inbox.GROUP, entry_id, entry_id, 1)
+            owner = text(held[0]["consumer"]) if held else None
+            return f"entry {text(entry_id)} " + (f"held by {owner}" if owner else "waiting")
+    return "not in the inbox (handled or never kept)"
 
 
 @dataclass
@@ -407,7 +393,7 @@ def build_report(
     rejected_keys = {f.message_id for f in rejections}
     synced = sum(stored.get(email) == record for email, record in expected.items())
     missing = sorted(posted.seen - accounted_ids(conn, {*expected, *rejected_keys}))
-    diffs = [f"lost {msg_id}: RQ job {job_fate(conn, msg_id)}" for msg_id in missing[:5]]
+    diffs = [f"lost {msg_id}: {inbox_fate(conn, msg_id)}" for msg_id in missing[:5]]
     wrong_emails = [
         email
         for email, record in expected.items()

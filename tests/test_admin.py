@@ -83,7 +83,8 @@ def test_metrics_move_when_events_flow(
     body, headers = signed(track_event(), secret="whsec_" + base64.b64encode(b"other").decode())
     client.post("/webhooks/instruqt", data=body, headers=headers)
     queued = client.get("/metrics").get_data(as_text=True)
-    assert metric(queued, 'instruqt_crm_queue_depth{queue="instruqt"}') == 3
+    assert metric(queued, "instruqt_crm_inbox_depth") == 3
+    assert metric(queued, 'instruqt_crm_queue_depth{queue="instruqt"}') == 1  # one drain job
     drain(redis_conn)
     current_runtime.cache_clear()
     after = client.get("/metrics").get_data(as_text=True)
@@ -97,7 +98,9 @@ def test_metrics_move_when_events_flow(
     )
     assert metric(after, "instruqt_crm_flush_latency_seconds_count") == 3
     assert metric(after, 'instruqt_crm_queue_depth{queue="instruqt"}') == 0
+    assert metric(after, "instruqt_crm_inbox_depth") == 0
     assert metric(after, "instruqt_crm_dirty_contacts") == 0
+    assert metric(after, "instruqt_crm_dirty_plays") == 0
 
 
 def test_status_page_shows_figures_and_traces_a_learner(
@@ -115,6 +118,8 @@ def test_status_page_shows_figures_and_traces_a_learner(
     assert page.status_code == 200
     html = page.get_data(as_text=True)
     assert "Contacts      0 waiting to be sent" in html
+    assert "Inbox         0 event(s) accepted, not yet handled" in html
+    assert "Plays         0 play record(s) waiting to be sent" in html
     assert 'href="/rq/"' in html
     traced = client.get("/status?who=u7", headers=basic("ops", "s3cret-pass")).get_data(
         as_text=True

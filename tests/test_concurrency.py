@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from instruqt_crm import identity, ledger
+from instruqt_crm import identity, inbox, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter
@@ -25,10 +25,10 @@ MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting (printed when a test times out)."""
     return {
-        "events": queue(QUEUE_NAME, conn).count,
-        "flushes": queue(QUEUE_NAME, conn).count,
-        "events_started": queue(QUEUE_NAME, conn).started_job_registry.count,
-        "scheduled_flushes": queue(QUEUE_NAME, conn).scheduled_job_registry.count,
+        "inbox": inbox.depth(conn),
+        "jobs": queue(QUEUE_NAME, conn).count,
+        "started": queue(QUEUE_NAME, conn).started_job_registry.count,
+        "scheduled": queue(QUEUE_NAME, conn).scheduled_job_registry.count,
         "dirty": ledger.dirty_count(conn),
         "parked": identity.parked_count(conn),
         "locked": int(conn.exists("instruqt_crm:flush:lock")),
@@ -37,9 +37,9 @@ def state(conn: redis.Redis) -> dict[str, int]:
 
 
 def settled(conn: redis.Redis) -> bool:
-    """No queued events or flushes, nothing dirty, nothing parked, no flush running."""
+    """No event in the inbox, no queued job, nothing dirty or parked, no flush running."""
     return (
-        queue(QUEUE_NAME, conn).count == 0
+        inbox.depth(conn) == 0
         and queue(QUEUE_NAME, conn).count == 0
         and queue(QUEUE_NAME, conn).started_job_registry.count == 0
         and ledger.dirty_count(conn) == 0

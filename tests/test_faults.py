@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import redis
 
-from instruqt_crm import failures
+from instruqt_crm import failures, inbox
 from instruqt_crm.events import parse_timestamp
 from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue, text
 from tests.fakes.instruqt import FakeInstruqt
@@ -120,7 +120,6 @@ def finish(
     return report
 
 
-@pytest.mark.faults  # opt-in: recovery after a kill can outlast the scenario's bound
 def test_worker_processes_sigkilled_and_restarted(tmp_path: Path) -> None:
     events = history(LEARNERS, seed=101)
     pairs = deliveries(events, seed=102)
@@ -150,29 +149,21 @@ def test_worker_processes_sigkilled_and_restarted(tmp_path: Path) -> None:
     assert report.duplicated_writes == 0
 
 
-@pytest.mark.faults  # opt-in: a job taken as Redis died waits for RQ's own clean-up
 def test_redis_restarted_mid_run_with_persistence(tmp_path: Path) -> None:
     events = history(LEARNERS, seed=201)
     pairs = deliveries(events, seed=202)
-    outage: dict[str, float] = {}
 
     with Stack(tmp_path, persistent=True) as stack:
-
-        def chaos(stop: threading.Event) -> None:
-            if not stop.wait(3.0):
-                outage["start"] = time.monotonic()
-                stack.restart_redis(down_for=4.0)
-                outage["end"] = time.monotonic()
-
-        report = run(
-            "b redis restart",
-            stack,
-            pairs,
-            expected_in_crm(expected_records(events)),
-            chaos,
-            settle=180,
-        )
-    assert outage, "Redis was restarted while events were being posted"
+        started = time.monotonic()
+        third = len(pairs) // 3
+        posted = post_all(stack.url, pairs[:third])
+        crash = threading.Thread(target=stack.restart_redis, args=(4.0,))
+        crash.start()
+        time.sleep(0.2)  # Redis is down: what follows is answered 503 until it is back
+        posted.add(post_all(stack.url, pairs[third:]))
+        crash.join()
+        expected = expected_in_crm(expected_records(events))
+        report = finish("b redis restart", stack, pairs, posted, expected, started, settle=180)
     assert report.retried > 0, "the receiver answered 503 (or nothing) while Redis was down"
     assert report.accepted == report.events
     assert report.wrong == 0 and report.rejected == 0
@@ -183,28 +174,26 @@ def test_redis_restarted_mid_run_with_persistence(tmp_path: Path) -> None:
 def test_crm_5xx_then_429_storm_then_recovery(tmp_path: Path) -> None:
     events = history(LEARNERS, seed=301)
     pairs = deliveries(events, seed=302)
-    phases: dict[str, float] = {}
 
     with Stack(tmp_path) as stack:
         fake = stack.hubspot
-
-        def chaos(stop: threading.Event) -> None:
-            fake.set_error_rate(0.3, 503, seed=303)
-            stop.wait(10.0)
-            fake.set_error_rate(0.0)
-            fake.set_rate_limit(2, 10.0)  # the storm: almost every request is refused
-            phases["storm"] = time.monotonic()
-            time.sleep(6.0)
-            fake.set_rate_limit(100, 10.0)
-            phases["recovered"] = time.monotonic()
-
         expected = expected_in_crm(expected_records(events))
-        chaos_thread = threading.Thread(target=chaos, args=(threading.Event(),))
-        chaos_thread.start()
-        report = run("c crm 5xx+429", stack, pairs, expected, settle=120)
-        chaos_thread.join()
+        half = len(pairs) // 2
+        started = time.monotonic()
+        fake.set_error_rate(0.3, 503, seed=303)
+        first = post_all(stack.url, pairs[:half])  # flushed while 30 % of requests fail
+        time.sleep(max(0.0, started + 10.0 - time.monotonic()))
+        fake.set_error_rate(0.0)
+        fake.set_rate_limit(2, 10.0)  # the storm: almost every request is refused
+        storm = time.monotonic()
+        second = post_all(stack.url, pairs[half:])  # flushed into the storm
+        time.sleep(max(0.0, storm + 6.0 - time.monotonic()))
+        fake.set_rate_limit(100, 10.0)
+        recovered = time.monotonic()
+        first.add(second)
+        report = finish("c crm 5xx+429", stack, pairs, first, expected, started, settle=120)
         statuses = [r.status for r in fake.requests]
-        late_429 = [r for r in fake.rate_limited_requests if r.time >= phases["recovered"]]
+        late_429 = [r for r in fake.rate_limited_requests if r.time >= recovered]
     assert statuses.count(503) > 0, "the 5xx phase hit some requests"
     assert fake.count_429 > 0, "the storm hit some requests"
     assert late_429 == [], "no request over the limit once the CRM recovered"
@@ -264,9 +253,9 @@ def invites(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def drained(conn: redis.Redis) -> bool:
-    """No event queued or running (parked events may remain)."""
-    events = queue(QUEUE_NAME, conn)
-    return events.count == 0 and events.started_job_registry.count == 0
+    """No event waiting in the inbox, no job queued or running (parked events may remain)."""
+    jobs = queue(QUEUE_NAME, conn)
+    return inbox.depth(conn) == 0 and jobs.count == 0 and jobs.started_job_registry.count == 0
 
 
 def test_instruqt_lookup_down_then_back(tmp_path: Path) -> None:
@@ -338,7 +327,6 @@ def test_bad_input_against_real_gunicorn(tmp_path: Path) -> None:
     limit = 256 * 1024
     with Stack(tmp_path, workers=0) as stack:
         conn = stack.conn()
-        events = queue(QUEUE_NAME, conn)
 
         def signed_raw(body: bytes, msg_id: str) -> dict[str, str]:
             stamp = int(time.time())
@@ -395,7 +383,7 @@ def test_bad_input_against_real_gunicorn(tmp_path: Path) -> None:
         ok = post_raw(
             stack.port, iter([small[:10], small[10:]]), signed_raw(small, "msg_ok"), chunked=True
         )
-        queued = events.count
+        queued = inbox.depth(conn)
         web_log = (tmp_path / "web.log").read_text(errors="replace")
     print("\nbad input against gunicorn:")
     for name, (status, _) in cases.items():

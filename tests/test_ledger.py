@@ -14,7 +14,7 @@ from instruqt_crm.config import Settings
 from instruqt_crm.crm.base import ContactChange, Outcome
 from instruqt_crm.crm.dryrun import DryRunAdapter
 from instruqt_crm.events import parse_event
-from instruqt_crm.jobs import handle_event
+from instruqt_crm.handling import handle_event
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.runtime import Runtime
 from instruqt_crm.sync import flush

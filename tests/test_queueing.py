@@ -10,15 +10,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from instruqt_crm import inbox
 from instruqt_crm.config import Settings
-from instruqt_crm.queueing import (
-    QUEUE_NAME,
-    connect,
-    dedupe_key,
-    enqueue_event,
-    job_id_for,
-    queue,
-)
+from instruqt_crm.inbox import dedupe_key, enqueue_event
+from instruqt_crm.queueing import QUEUE_NAME, connect, queue
 from instruqt_crm.web import create_app
 from tests.redis_process import RedisProcess
 from tests.signing import SECRET, signed, track_event
@@ -52,19 +47,17 @@ def test_redis_stopped_mid_test_gives_503_then_retry_succeeds(private_redis: Red
     body, headers = signed(track_event(user_id="b"), msg_id="msg_during_outage")  # Svix's retry
     response = client.post("/webhooks/instruqt", data=body, headers=headers)
     assert response.status_code == 202
-    assert queue(QUEUE_NAME, conn).job_ids == [job_id_for("msg_during_outage")]
+    assert [fields[b"id"] for _, fields in conn.xrange(inbox.INBOX_KEY)] == [b"msg_during_outage"]
+    assert queue(QUEUE_NAME, conn).count == 1  # its drain job
 
 
-def test_failed_transaction_leaves_no_dedupe_mark(redis_conn: redis.Redis, monkeypatch) -> None:
-    from rq import Queue
-
-    def broken(*args, **kwargs):
-        raise redis.ConnectionError("connection lost")
-
-    monkeypatch.setattr(Queue, "enqueue_call", broken)
-    with pytest.raises(redis.ConnectionError):
+def test_refused_write_leaves_no_dedupe_mark(redis_conn: redis.Redis) -> None:
+    redis_conn.set(inbox.INBOX_KEY, "not a stream")  # Redis refuses the XADD (as under OOM)
+    with pytest.raises(redis.ResponseError):
         enqueue_event(redis_conn, "msg_x", track_event(), 3600)
     assert not redis_conn.exists(dedupe_key("msg_x"))
+    redis_conn.delete(inbox.INBOX_KEY)
+    assert enqueue_event(redis_conn, "msg_x", track_event(), 3600)  # Svix's retry is kept
 
 
 def test_jobs_use_the_json_serializer(redis_conn: redis.Redis) -> None:
@@ -73,14 +66,27 @@ def test_jobs_use_the_json_serializer(redis_conn: redis.Redis) -> None:
     raw = redis_conn.hget(job.key, "data")
     assert raw is not None
     data = json.loads(zlib.decompress(raw))  # RQ compresses the serialized payload
-    assert data[0] == "instruqt_crm.jobs.process_event"
-    assert data[2] == ["msg_json", track_event()]
+    assert data[0] == "instruqt_crm.jobs.process_inbox"
+    assert data[2] == []
 
 
-def test_odd_message_ids_get_safe_job_ids() -> None:
-    assert job_id_for("msg_abc") == "event-msg_abc"
-    odd = job_id_for("a b/c:d" * 30)
-    assert odd.startswith("event-") and " " not in odd and len(odd) < 60
+def test_lost_drain_job_is_requeued_by_wake(redis_conn: redis.Redis, monkeypatch) -> None:
+    """The receiver kept the event but could not queue the drain job: the safety net does."""
+    from rq import Queue
+
+    def broken(*args, **kwargs):
+        raise redis.ConnectionError("connection lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Queue, "enqueue", broken)
+        with pytest.raises(redis.ConnectionError):
+            enqueue_event(redis_conn, "msg_lost_job", track_event(), 3600)
+    assert inbox.depth(redis_conn) == 1 and queue(QUEUE_NAME, redis_conn).count == 0
+    assert not enqueue_event(redis_conn, "msg_lost_job", track_event(), 3600)  # retry: duplicate
+    assert not inbox.wake(redis_conn)  # the drain mark still holds (at most 10 s)
+    redis_conn.delete(inbox.DRAIN_MARK)
+    assert inbox.wake(redis_conn)
+    assert queue(QUEUE_NAME, redis_conn).count == 1
 
 
 def test_embedded_redis_when_redis_url_unset(caplog: pytest.LogCaptureFixture) -> None:
@@ -98,16 +104,3 @@ def test_embedded_redis_when_redis_url_unset(caplog: pytest.LogCaptureFixture) -
         assert queue(QUEUE_NAME, conn).count == 1
     finally:
         conn.shutdown(nosave=True)
-
-
-def test_interrupted_transaction_is_not_a_duplicate(redis_conn: redis.Redis, monkeypatch) -> None:
-    """redis-py raises WatchError when the connection drops while watching: not a duplicate."""
-    from redis.client import Pipeline
-
-    def dropped(self, *args, **kwargs):
-        raise redis.WatchError("Watched variable changed.")  # what a dropped connection gives
-
-    monkeypatch.setattr(Pipeline, "execute", dropped)
-    with pytest.raises(redis.ConnectionError):
-        enqueue_event(redis_conn, "msg_dropped", track_event(), 3600)
-    assert not redis_conn.exists(dedupe_key("msg_dropped"))

@@ -9,23 +9,28 @@ from instruqt_crm.config import Secret
 from instruqt_crm.crm.base import BatchRejected, ContactChange
 from instruqt_crm.crm.salesforce import (
     SalesforceAdapter,
+    Target,
     field_name,
     format_value,
     soql_quote,
 )
 from instruqt_crm.crm.salesforce_auth import Connection, Credentials
-from instruqt_crm.crm.salesforce_setup import missing_fields
-from instruqt_crm.errors import RateLimited, RetryableError
+from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT, REQUIRED_FIELDS
+from instruqt_crm.crm.salesforce_setup import missing_fields, package
+from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
 from instruqt_crm.mapping import Mapping, load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from tests.fakes.salesforce import URL, FakeSalesforce
 
 MAPPING = load_mapping("mappings/salesforce.yaml")
 FIELDS = set(MAPPING.properties)
+NO_PLAYS = MAPPING.model_copy(
+    update={"salesforce": MAPPING.salesforce.model_copy(update={"plays": None})}
+)
 
 
 def adapter(fake: FakeSalesforce, mapping: Mapping = MAPPING, **kwargs) -> SalesforceAdapter:
-    fake.custom_fields |= FIELDS
+    fake.deploy(package(mapping))
     creds = Credentials(instance_url=URL, access_token=Secret(fake.issue_token()))
     return SalesforceAdapter(Connection(creds), mapping, sleep=lambda _: None, **kwargs)
 
@@ -194,3 +199,90 @@ def test_describe_maps_fields_back_and_lists_missing_ones() -> None:
         ]
         fake.custom_fields.add("Instruqt_Last_Track__c")
         assert "instruqt_last_track" in SalesforceAdapter(sf.connection, snake).describe()
+
+
+def test_describe_lists_missing_play_fields() -> None:
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        assert missing_fields(sf) == []
+        assert set(sf.describe()) >= FIELDS
+        fake.custom_objects[PLAY_OBJECT].pop("Minutes_Spent__c")
+        fake.custom_fields.discard("Instruqt_Last_Track__c")
+        assert missing_fields(sf) == [
+            "Instruqt_Last_Track__c",
+            f"{PLAY_OBJECT}.Minutes_Spent__c",
+        ]
+        with pytest.raises(PermanentError) as caught:
+            sf.describe()  # the worker's start check compares learner fields only: say it here
+        assert "lacks 2 field(s): Instruqt_Last_Track__c, Instruqt_Play__c.Minutes_Spent__c" in (
+            caught.value.reason
+        )
+        assert "instruqt-crm setup salesforce" in caught.value.reason
+        del fake.custom_objects[PLAY_OBJECT]  # not deployed at all: every play field is missing
+        assert missing_fields(sf)[1:] == [f"{PLAY_OBJECT}.{name}" for name in REQUIRED_FIELDS]
+        without = SalesforceAdapter(sf.connection, NO_PLAYS)
+        assert missing_fields(without) == ["Instruqt_Last_Track__c"]
+        assert without.play_adapter() is None
+
+
+def play(participant: str, **fields) -> dict:
+    return {"attributes": {"type": PLAY_OBJECT}, PLAY_KEY: participant, **fields}
+
+
+def collection(sf: SalesforceAdapter, records: list[dict]) -> list[dict]:
+    path = f"composite/sobjects/{PLAY_OBJECT}/{PLAY_KEY}"
+    return sf.call("upsert plays", "PATCH", path, json={"allOrNone": False, "records": records})
+
+
+def test_the_fake_org_checks_play_records_like_salesforce() -> None:
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        contact = fake.add("Contact", Email="c@acme.io", LastName="C")
+        lead = fake.add("Lead", Email="l@acme.io", LastName="L", Company="A")
+        results = collection(
+            sf,
+            [
+                play("p1", Contact__c=contact, Status__c="Started"),
+                play("p2", Lead__c=contact),  # a Contact's Id in the Lead lookup
+                play("p3", Contact__c="003000000000000999"),  # no such record
+                play("p4", Status__c="Paused"),  # not in the restricted picklist
+                play("p5", Lead__c=lead, Minutes_Spent__c=3),
+            ],
+        )
+        codes = [r["errors"][0]["statusCode"] if r["errors"] else "ok" for r in results]
+        assert codes == [
+            "ok",
+            "FIELD_INTEGRITY_EXCEPTION",
+            "INVALID_CROSS_REFERENCE_KEY",
+            "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+            "ok",
+        ]
+        again = collection(sf, [play("P1", Status__c="Completed")])  # upsert: same record
+        assert again[0]["id"] == results[0]["id"] and not again[0]["created"]
+        assert len(fake.records[PLAY_OBJECT]) == 2
+        with pytest.raises(BatchRejected, match="INVALID_FIELD"):
+            sf._send([Target("x", PLAY_OBJECT, None, {PLAY_KEY: "x", "Nope__c": 1}, PLAY_KEY)])
+        with pytest.raises(PermanentError, match="JSON_PARSER_ERROR"):
+            collection(sf, [play("p6", Minutes_Spent__c="ten")])
+        with pytest.raises(PermanentError, match="EXCEEDED_ID_LIMIT"):
+            collection(sf, [play(f"q{n}") for n in range(201)])
+        with pytest.raises(PermanentError, match="not an External ID"):
+            sf.call(
+                "upsert",
+                "PATCH",
+                f"composite/sobjects/{PLAY_OBJECT}/Track__c",
+                json={"allOrNone": False, "records": [play("p7", Track__c="t")]},
+            )
+
+
+def test_the_fake_org_enforces_unique_external_ids() -> None:
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        first = fake.add("Lead", Email="a@acme.io", LastName="A", Company="X")
+        fake.add("Lead", Email="b@acme.io", LastName="B", Company="X", Instruqt_User_Id__c="u9")
+        body = {
+            "allOrNone": False,
+            "records": [{"attributes": {"type": "Lead"}, "Id": first, "Instruqt_User_Id__c": "U9"}],
+        }
+        [result] = sf.call("update", "PATCH", "composite/sobjects", json=body)
+        assert result["errors"][0]["statusCode"] == "DUPLICATE_VALUE"

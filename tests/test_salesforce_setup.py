@@ -17,14 +17,22 @@ from instruqt_crm.cli import main
 from instruqt_crm.config import Secret
 from instruqt_crm.crm import salesforce_setup
 from instruqt_crm.crm.salesforce_auth import Connection, Credentials
+from instruqt_crm.crm.salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS, STATUSES
 from instruqt_crm.errors import PermanentError
 from instruqt_crm.mapping import load_mapping
 from tests.fakes.salesforce import URL, FakeSalesforce
 from tests.signing import SECRET
 
 MAPPING = load_mapping("mappings/salesforce.yaml")
+NO_PLAYS = MAPPING.model_copy(
+    update={"salesforce": MAPPING.salesforce.model_copy(update={"plays": None})}
+)
 NS = {"m": salesforce_setup.NS}
 FIELDS = "force-app/main/default/objects/{}/fields/{}.field-meta.xml"
+PLAY_OBJECT_FILE = f"force-app/main/default/objects/{PLAY_OBJECT}/{PLAY_OBJECT}.object-meta.xml"
+PERMISSIONS = (
+    "force-app/main/default/permissionsets/Instruqt_CRM_Integration.permissionset-meta.xml"
+)
 
 
 def parse(content: bytes) -> ET.Element:
@@ -39,7 +47,8 @@ def test_package_has_every_mapped_field_on_both_objects() -> None:
             assert root.findtext("m:fullName", namespaces=NS) == name
             assert root.findtext("m:label", namespaces=NS) == MAPPING.properties[name].label
     assert json.loads(files["sfdx-project.json"])["packageDirectories"][0]["path"] == "force-app"
-    assert len(files) == 2 * len(MAPPING.properties) + 2
+    assert len(files) == 2 * len(MAPPING.properties) + 1 + len(REQUIRED_FIELDS) + 2
+    assert len(salesforce_setup.package(NO_PLAYS)) == 2 * len(MAPPING.properties) + 2
 
 
 def test_field_types_follow_the_mapping() -> None:
@@ -76,22 +85,74 @@ def test_golden_field_file() -> None:
     )
 
 
+def granted_fields(files: dict[str, bytes]) -> set[str | None]:
+    return {
+        p.findtext("m:field", namespaces=NS)
+        for p in parse(files[PERMISSIONS]).findall("m:fieldPermissions", NS)
+        if p.findtext("m:editable", namespaces=NS) == "true"
+        and p.findtext("m:readable", namespaces=NS) == "true"
+    }
+
+
+def object_permissions(files: dict[str, bytes]) -> dict[str, dict[str, str]]:
+    return {
+        str(p.findtext("m:object", namespaces=NS)): {c.tag.split("}")[1]: c.text or "" for c in p}
+        for p in parse(files[PERMISSIONS]).findall("m:objectPermissions", NS)
+    }
+
+
 def test_permission_set_grants_every_field() -> None:
     files = salesforce_setup.package(MAPPING)
-    path = "force-app/main/default/permissionsets/Instruqt_CRM_Integration.permissionset-meta.xml"
-    root = parse(files[path])
-    granted = {
-        p.findtext("m:field", namespaces=NS)
-        for p in root.findall("m:fieldPermissions", NS)
-        if p.findtext("m:editable", namespaces=NS) == "true"
+    learners = {f"{o}.{n}" for o in ("Contact", "Lead") for n in MAPPING.properties}
+    plays = {f"{PLAY_OBJECT}.{n}" for n in REQUIRED_FIELDS}
+    assert granted_fields(files) == learners | plays
+    access = object_permissions(files)
+    assert access["Lead"]["allowCreate"] == "true"
+    play = access[PLAY_OBJECT]
+    assert (play["allowCreate"], play["allowEdit"], play["allowRead"]) == ("true",) * 3
+    assert play["allowDelete"] == "false" and play["modifyAllRecords"] == "false"
+    without = salesforce_setup.package(NO_PLAYS)
+    assert granted_fields(without) == learners
+    assert set(object_permissions(without)) == {"Contact", "Lead"}
+
+
+def test_play_object_and_its_fields() -> None:
+    files = salesforce_setup.package(MAPPING)
+    root = parse(files[PLAY_OBJECT_FILE])
+    assert root.findtext("m:label", namespaces=NS) == "Instruqt Play"
+    assert root.findtext("m:nameField/m:type", namespaces=NS) == "AutoNumber"
+    assert root.findtext("m:deploymentStatus", namespaces=NS) == "Deployed"
+
+    def field(name: str) -> ET.Element:
+        return parse(files[FIELDS.format(PLAY_OBJECT, name)])
+
+    def text(name: str, tag: str) -> str | None:
+        return field(name).findtext(f"m:{tag}", namespaces=NS)
+
+    assert {n: text(n, "type") for n in REQUIRED_FIELDS} == {
+        "Participant_Id__c": "Text",
+        "Track__c": "Text",
+        "Status__c": "Picklist",
+        "Started_At__c": "DateTime",
+        "Completed_At__c": "DateTime",
+        "Challenges_Completed__c": "Number",
+        "Minutes_Spent__c": "Number",
+        "Contact__c": "Lookup",
+        "Lead__c": "Lookup",
     }
-    assert granted == {f"{o}.{n}" for o in ("Contact", "Lead") for n in MAPPING.properties}
-    lead = [
-        p
-        for p in root.findall("m:objectPermissions", NS)
-        if p.findtext("m:object", namespaces=NS) == "Lead"
-    ]
-    assert lead[0].findtext("m:allowCreate", namespaces=NS) == "true"
+    assert (text("Participant_Id__c", "externalId"), text("Participant_Id__c", "unique")) == (
+        "true",
+        "true",
+    )
+    assert (text("Track__c", "externalId"), text("Track__c", "unique")) == ("false", "false")
+    values = field("Status__c").findall("m:valueSet/m:valueSetDefinition/m:value/m:fullName", NS)
+    assert tuple(v.text for v in values) == STATUSES
+    assert text("Status__c", "valueSet/m:restricted") == "true"
+    for lookup, parent in (("Contact__c", "Contact"), ("Lead__c", "Lead")):
+        assert text(lookup, "referenceTo") == parent
+        assert text(lookup, "deleteConstraint") == "SetNull"
+        assert text(lookup, "relationshipName") == "Instruqt_Plays"
+    assert not any(PLAY_OBJECT in path for path in salesforce_setup.package(NO_PLAYS))
 
 
 def test_writing_is_idempotent(tmp_path: Path) -> None:
@@ -114,6 +175,20 @@ def test_mdapi_zip_is_a_deployable_package() -> None:
     assert "Lead.Instruqt_User_Id__c" in members and "Instruqt_CRM_Integration" in members
     lead = parse(archive.read("objects/Lead.object"))
     assert len(lead.findall("m:fields", NS)) == len(MAPPING.properties)
+    play = parse(archive.read(f"objects/{PLAY_OBJECT}.object"))
+    assert play.findtext("m:label", namespaces=NS) == "Instruqt Play"
+    assert {f.findtext("m:fullName", namespaces=NS) for f in play.findall("m:fields", NS)} == set(
+        REQUIRED_FIELDS
+    )
+    types = {
+        t.findtext("m:name", namespaces=NS): {m.text for m in t.findall("m:members", NS)}
+        for t in manifest.findall("m:types", NS)
+    }
+    assert types["CustomObject"] == {PLAY_OBJECT}
+    assert {f"{PLAY_OBJECT}.{n}" for n in REQUIRED_FIELDS} <= types["CustomField"]
+    plain = zipfile.ZipFile(io.BytesIO(salesforce_setup.mdapi_zip(NO_PLAYS)))
+    assert f"objects/{PLAY_OBJECT}.object" not in plain.namelist()
+    assert b"CustomObject</name>" not in plain.read("package.xml")
 
 
 def _connection(fake: FakeSalesforce) -> Connection:
@@ -164,7 +239,9 @@ def test_cli_setup_salesforce_dry_run_then_write(tmp_path: Path, monkeypatch) ->
     assert "would write (new)" in dry.output and not any(tmp_path.iterdir())
     assert runner.invoke(main, args).exit_code == 0
     again = runner.invoke(main, args)
-    assert "0 file(s) wrote, 22 unchanged" in again.output
+    total = len(salesforce_setup.package(MAPPING))
+    assert total == 32
+    assert f"0 file(s) wrote, {total} unchanged" in again.output
 
 
 def test_cli_check_lists_missing_salesforce_fields(monkeypatch) -> None:
@@ -177,3 +254,19 @@ def test_cli_check_lists_missing_salesforce_fields(monkeypatch) -> None:
     assert result.exit_code == 1, result.output
     assert "Instruqt_Last_Track__c" in result.output
     assert "setup salesforce" in result.output
+
+
+def test_cli_check_and_dry_run_list_missing_play_fields(tmp_path: Path, monkeypatch) -> None:
+    with FakeSalesforce() as fake:
+        fake.deploy(salesforce_setup.package(MAPPING))
+        fake.custom_objects[PLAY_OBJECT].pop("Track__c")
+        monkeypatch.setenv("SALESFORCE_INSTANCE_URL", URL)
+        monkeypatch.setenv("SALESFORCE_ACCESS_TOKEN", fake.issue_token())
+        monkeypatch.setenv("INSTRUQT_WEBHOOK_SECRET", SECRET)
+        check = CliRunner().invoke(main, ["check", "mappings/salesforce.yaml"])
+        args = ["setup", "salesforce", "--mapping", "mappings/salesforce.yaml"]
+        dry = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--dry-run"])
+    assert check.exit_code == 1, check.output
+    assert "1 mapped field(s) missing: Instruqt_Play__c.Track__c" in check.output
+    assert dry.exit_code == 0, dry.output
+    assert "deploy would create (1): Instruqt_Play__c.Track__c" in dry.output

@@ -12,10 +12,11 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from instruqt_crm import failures
+from instruqt_crm import failures, inbox, metrics
 from instruqt_crm.config import Settings
 from instruqt_crm.queueing import QUEUE_NAME, connect, queue
 from instruqt_crm.web import create_app
+from tests.engine_helpers import inbox_events
 from tests.signing import OTHER_SECRET, SECRET, signed, track_event
 
 URL = "/webhooks/instruqt"
@@ -49,7 +50,8 @@ def stored(conn: redis.Redis) -> list[bytes]:
 
 
 def queued(conn: redis.Redis) -> int:
-    return queue(QUEUE_NAME, conn).count
+    """Events kept in the inbox."""
+    return inbox.depth(conn)
 
 
 def post(client: FlaskClient, body: bytes, headers: dict[str, str]):
@@ -62,10 +64,9 @@ def test_valid_event_is_queued_once(client: FlaskClient, redis_conn: redis.Redis
     assert response.status_code == 202
     assert response.json["status"] == "queued"
     assert response.json["id"] == headers["svix-id"]
-    assert queued(redis_conn) == 1
-    job = queue(QUEUE_NAME, redis_conn).jobs[0]
-    assert job.args == [headers["svix-id"], json.loads(body)]
-    assert job.func_name == "instruqt_crm.jobs.process_event"
+    drain_jobs = queue(QUEUE_NAME, redis_conn).jobs
+    assert [job.func_name for job in drain_jobs] == ["instruqt_crm.jobs.process_inbox"]
+    assert inbox_events(redis_conn) == [(headers["svix-id"], json.loads(body))]
 
 
 def test_unknown_type_is_accepted(client: FlaskClient, redis_conn: redis.Redis) -> None:
@@ -210,3 +211,22 @@ def test_absurd_type_is_an_invalid_body(client: FlaskClient, redis_conn: redis.R
     assert response.status_code == 400
     assert "at most" in response.json["reason"]
     assert queued(redis_conn) == 0
+
+
+def test_outcomes_are_counted_together_and_shown_by_metrics(
+    app: Flask, client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    app.extensions["instruqt_crm"]["tally"].clock = lambda: 1000.0  # all within one second
+    counter = metrics.PREFIX + "webhook_requests"
+    for number in range(3):
+        assert post(client, *signed(track_event(), msg_id=f"msg_c{number}")).status_code == 202
+    assert post(client, *signed(track_event(), msg_id="msg_c0")).status_code == 200
+    assert post(client, *signed(track_event(), secret="whsec_b3RoZXI=")).status_code == 401
+    assert redis_conn.hgetall(counter) == {b"queued": b"1"}  # only the first, at once
+    text = client.get("/metrics").get_data(as_text=True)  # the scrape writes the rest first
+    assert redis_conn.hgetall(counter) == {
+        b"queued": b"3",
+        b"duplicate": b"1",
+        b"bad_signature": b"1",
+    }
+    assert 'instruqt_crm_webhook_requests_total{outcome="queued"} 3.0' in text

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import redis
 
-from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, enqueue_event, queue
+from instruqt_crm.inbox import enqueue_event
+from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker
 from tests.engine_helpers import engine_env

@@ -11,8 +11,9 @@ import redis
 
 from .. import identity, ledger, preview, status, trace
 from ..events import EventError, parse_event
+from ..inbox import enqueue_event
 from ..mapping import Mapping, cell_value
-from ..queueing import enqueue_event, text
+from ..queueing import text
 from .common import (
     json_option,
     optional_mapping,
@@ -55,8 +56,8 @@ def replay(file: Path, id_field: str | None) -> None:
                 raise click.ClickException(
                     f"Redis failed at {item.where} ({queued} queued so far): {exc}"
                 ) from None
-            duplicates += done.duplicate
-            queued += not done.duplicate
+            duplicates += not done
+            queued += done
     click.echo(
         f"{file}: {queued} queued, {duplicates} duplicate(s) skipped, {len(invalid)} invalid"
     )

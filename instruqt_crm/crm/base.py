@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ..errors import PermanentError, RateLimited, RetryableError, SyncError
 
@@ -24,6 +24,7 @@ __all__ = [
     "CrmAdapter",
     "Outcome",
     "PermanentError",
+    "PlayRecords",
     "RateLimited",
     "RetryableError",
     "SyncError",
@@ -44,7 +45,11 @@ class BatchRejected(PermanentError):
 
 @dataclass(frozen=True)
 class ContactChange:
-    """The properties to write on one learner's record (only those that changed)."""
+    """The properties to write on one learner's record (only those that changed).
+
+    A play record's change has the same shape: ``key`` is the participant id, ``email`` and
+    ``user_id`` name the learner whose record the play links to.
+    """
 
     key: str
     email: str
@@ -84,4 +89,13 @@ class CrmAdapter(Protocol):
 
     def describe(self) -> dict[str, PropertyInfo]:
         """The record properties the CRM knows, by name."""
+        ...
+
+
+@runtime_checkable
+class PlayRecords(Protocol):
+    """Optional: an adapter that also keeps one record per play (Salesforce)."""
+
+    def play_adapter(self) -> CrmAdapter | None:
+        """The adapter writing play records (changes keyed by participant id), or None."""
         ...

@@ -4,7 +4,8 @@ Per batch: one SOQL query per object finds records by Email or the external id
 (``Instruqt_User_Id__c``); matched records are updated by Id, new ones are upserted by the
 external id (≤ 200 per request, ``allOrNone: false``), a converted Lead is followed to its
 Contact. Per-record errors become outcomes (UNABLE_TO_LOCK_ROW is retried, the rest rejected
-with Salesforce's message); whole-request failures become the engine's errors.
+with Salesforce's message); whole-request failures become the engine's errors. Play records
+(``Instruqt_Play__c``) go through the same writes: see ``salesforce_plays``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+from simple_salesforce import Salesforce
+from simple_salesforce.exceptions import SalesforceResourceNotFound
 
 from .. import metrics
 from ..config import Settings
@@ -25,6 +28,9 @@ from ..ratelimit import RequestBudget
 from ..retry import retrying
 from .base import BatchRejected, ContactChange, Outcome, PropertyInfo, Value
 from .salesforce_auth import Connection, credentials_from
+
+if TYPE_CHECKING:
+    from .salesforce_plays import SalesforcePlays
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 200
@@ -57,12 +63,14 @@ def soql_quote(text: str) -> str:
 
 @dataclass
 class Target:
-    """Where one change goes: an object, and an Id (update) or nothing (create)."""
+    """Where one record goes: an object, and an Id (update), an external id field (upsert on
+    it, its value in ``fields``) or neither (create); ``key`` names the change it carries."""
 
-    change: ContactChange
+    key: str
     sobject: str
     record_id: str | None
     fields: dict[str, Any]
+    external: str | None = None
 
 
 class SalesforceAdapter:
@@ -91,6 +99,7 @@ class SalesforceAdapter:
         self.match_key = key
         self.external_id = field_name(key) if key else EXTERNAL_ID
         self.api_usage: tuple[int, int] | None = None
+        self.placed: dict[str, tuple[str, str]] = {}  # learner key -> (object, Id) written
         connection.on_response = self._observe
 
     def __repr__(self) -> str:
@@ -98,14 +107,24 @@ class SalesforceAdapter:
 
     # -- transport -------------------------------------------------------------------------
 
-    def _request(self, what: str, method: str, path: str, **kwargs: Any) -> Any:
-        """One REST call: budget first, then the connection (login, one refresh, conversion)."""
+    def _request(
+        self, what: str, method: str, path: str, missing_ok: bool = False, **kwargs: Any
+    ) -> Any:
+        """One REST call: budget first, then the connection (login, one refresh, conversion);
+        with ``missing_ok`` a 404 answers None."""
         if self.budget is not None:
             self.budget.acquire(1, timeout=60)
+
+        def run(sf: Salesforce) -> Any:
+            try:
+                return sf.restful(path, method=method, **kwargs)
+            except SalesforceResourceNotFound:
+                if missing_ok:
+                    return None
+                raise
+
         try:
-            result = self.connection.call(
-                what, lambda sf: sf.restful(path, method=method, **kwargs)
-            )
+            result = self.connection.call(what, run)
         except RateLimited as exc:
             log.error(
                 "SALESFORCE API QUOTA EXHAUSTED (%s): flushes parked for %.0f s",
@@ -205,16 +224,29 @@ class SalesforceAdapter:
             fields = {field_name(k): format_value(v) for k, v in change.properties.items()}
             contact = self._match(contacts, change)
             lead = self._match(leads, change)
+            key = change.key
             if contact is not None:
-                targets.append(Target(change, "Contact", contact["Id"], fields))
+                targets.append(Target(key, "Contact", contact["Id"], fields))
             elif lead is not None and lead.get("IsConverted") and lead.get("ConvertedContactId"):
-                targets.append(Target(change, "Contact", lead["ConvertedContactId"], fields))
+                targets.append(Target(key, "Contact", lead["ConvertedContactId"], fields))
             elif lead is not None:
-                targets.append(Target(change, "Lead", lead["Id"], fields))
+                targets.append(Target(key, "Lead", lead["Id"], fields))
             else:
                 sobject = "Contact" if self.object == "Contact" else "Lead"
-                targets.append(Target(change, sobject, None, self._new(sobject, change, fields)))
+                created = self._new(sobject, change, fields)
+                external = self.external_id if self.external_id in created else None
+                targets.append(Target(key, sobject, None, created, external))
         return targets
+
+    def located(self, learners: Sequence[ContactChange]) -> dict[str, tuple[str, str]]:
+        """(object, Id) of each learner's existing record, by key: written in this flush, else
+        found by the usual lookup (one query per object); learners without a record are left out.
+        """
+        unknown = [c for c in learners if c.key not in self.placed]
+        for target in self.route(unknown) if unknown else []:
+            if target.record_id:
+                self.placed[target.key] = (target.sobject, target.record_id)
+        return {c.key: self.placed[c.key] for c in learners if c.key in self.placed}
 
     def _new(self, sobject: str, change: ContactChange, fields: dict[str, Any]) -> dict[str, Any]:
         """Fields of a record to create: the placeholders, Email, external id, then ours."""
@@ -231,14 +263,25 @@ class SalesforceAdapter:
 
     def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
         """Write a batch: one outcome per change (synced, rejected with a reason, or retry)."""
-        pending = self.route(changes)
+        targets = self.route(changes)
+        outcomes = self.write(targets)
+        for target in targets:
+            outcome = outcomes[target.key]
+            if outcome.status == "synced" and outcome.record_id:
+                self.placed[target.key] = (target.sobject, outcome.record_id)
+        return [outcomes[change.key] for change in changes]
+
+    def write(self, targets: Sequence[Target]) -> dict[str, Outcome]:
+        """Send targets, one request per object and kind (≤ 200 each); locked rows are resent
+        twice. The outcome of each target, by key."""
+        pending = list(targets)
         outcomes: dict[str, Outcome] = {}
         for attempt in range(LOCK_RETRIES + 1):
             locked: list[Target] = []
             for group in self._groups(pending):
                 for target, result in zip(group, self._send(group), strict=True):
                     outcome = self._outcome(target, result)
-                    outcomes[target.change.key] = outcome
+                    outcomes[target.key] = outcome
                     if outcome.status == "retry":
                         locked.append(target)
             if not locked or attempt == LOCK_RETRIES:
@@ -246,7 +289,7 @@ class SalesforceAdapter:
             log.info("salesforce: %d record(s) locked, retrying them", len(locked))
             self.sleep(1.0 + attempt)
             pending = locked
-        return [outcomes[change.key] for change in changes]
+        return outcomes
 
     def _groups(self, targets: list[Target]) -> list[list[Target]]:
         """Targets grouped by request kind (object x update/create), ≤ 200 each."""
@@ -257,11 +300,12 @@ class SalesforceAdapter:
             g[i : i + BATCH_SIZE] for g in groups.values() for i in range(0, len(g), BATCH_SIZE)
         ]
 
-    def _kind(self, target: Target) -> str:
+    @staticmethod
+    def _kind(target: Target) -> str:
         """``update`` (by Id), ``upsert`` (by external id) or ``create``."""
         if target.record_id:
             return "update"
-        return "upsert" if self.external_id in target.fields else "create"
+        return "upsert" if target.external else "create"
 
     def _send(self, group: list[Target]) -> list[dict[str, Any]]:
         """One sObject Collections request; the per-record results in input order."""
@@ -276,7 +320,7 @@ class SalesforceAdapter:
         kind = self._kind(group[0])
         method, path = {
             "update": ("PATCH", "composite/sobjects"),
-            "upsert": ("PATCH", f"composite/sobjects/{sobject}/{self.external_id}"),
+            "upsert": ("PATCH", f"composite/sobjects/{sobject}/{group[0].external}"),
             "create": ("POST", "composite/sobjects"),
         }[kind]
         what = f"{kind} {sobject}s"
@@ -292,7 +336,7 @@ class SalesforceAdapter:
 
     def _outcome(self, target: Target, result: dict[str, Any]) -> Outcome:
         """The outcome of one record's result."""
-        key = target.change.key
+        key = target.key
         if result.get("success"):
             return Outcome(key, "synced", record_id=result.get("id") or target.record_id)
         errors = result.get("errors") or [{}]
@@ -307,25 +351,65 @@ class SalesforceAdapter:
 
     # -- describe --------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, PropertyInfo]:
-        """Fields on every object this mapping writes, under our property names where mapped."""
-        objects = ["Contact", "Lead"] if self.object == "auto" else [self.object]
-        found: list[dict[str, PropertyInfo]] = []
-        for sobject in objects:
-            data = self.call(f"describe {sobject}", "GET", f"sobjects/{sobject}/describe/")
-            found.append(
-                {
-                    str(f["name"]): PropertyInfo(
-                        str(f["name"]), str(f.get("type", "")), {"object": sobject}
-                    )
-                    for f in data.get("fields") or []
-                }
+    def fields_of(self, sobject: str) -> dict[str, PropertyInfo] | None:
+        """One object's fields by API name (None when the org has no such object)."""
+        path = f"sobjects/{sobject}/describe/"
+        data = self.call(f"describe {sobject}", "GET", path, missing_ok=True)
+        if data is None:
+            return None
+        return {
+            str(f["name"]): PropertyInfo(
+                str(f["name"]), str(f.get("type", "")), {"object": sobject}
             )
+            for f in data.get("fields") or []
+        }
+
+    def learner_fields(self) -> dict[str, PropertyInfo]:
+        """Fields on every learner object this mapping writes, under our property names too."""
+        objects = ["Contact", "Lead"] if self.object == "auto" else [self.object]
+        found = [self.fields_of(sobject) or {} for sobject in objects]
         common = set.intersection(*(set(fields) for fields in found))
         known = {name: found[0][name] for name in common}
         for prop in self.mapping.properties:
             if field_name(prop) in common:
                 known[prop] = known[field_name(prop)]
+        return known
+
+    def _missing_learner_fields(self, known: dict[str, PropertyInfo]) -> list[str]:
+        """Mapped properties not in ``known``, with their API names when those differ."""
+        return sorted(
+            f"{prop} ({field_name(prop)})" if field_name(prop) != prop else prop
+            for prop in self.mapping.properties
+            if prop not in known
+        )
+
+    def missing_fields(self) -> list[str]:
+        """Mapped fields on Contact/Lead and play-record fields the org lacks, for operators."""
+        plays = self.play_adapter()
+        lacking = plays.missing_fields() if plays is not None else []
+        return self._missing_learner_fields(self.learner_fields()) + lacking
+
+    def play_adapter(self) -> SalesforcePlays | None:
+        """Play records (``Instruqt_Play__c``) through this adapter, if the mapping has plays."""
+        if self.mapping.plays is None:
+            return None
+        from .salesforce_plays import SalesforcePlays  # late: that module builds on this one
+
+        return SalesforcePlays(self)
+
+    def describe(self) -> dict[str, PropertyInfo]:
+        """The learner fields (``learner_fields``). The engine's start check compares only
+        those, so a play object lacking fields raises PermanentError listing every missing one."""
+        known = self.learner_fields()
+        plays = self.play_adapter()
+        lacking = plays.missing_fields() if plays is not None else []
+        if lacking:
+            missing = self._missing_learner_fields(known) + lacking
+            raise PermanentError(
+                f"the Salesforce org lacks {len(missing)} field(s): {', '.join(missing)}. "
+                "Create them with: instruqt-crm setup salesforce",
+                "validation",
+            )
         return known
 
 

@@ -1,8 +1,9 @@
-"""Metadata for the Salesforce admin: mapped custom fields and a permission set, from the mapping.
+"""Metadata for the Salesforce admin: mapped custom fields, the play object, a permission set.
 
 ``package(mapping)`` gives every file (sfdx source format) as bytes; ``write`` puts them in a
 folder (idempotent: same bytes, unchanged files untouched); ``mdapi_zip`` converts them to a
-Metadata API zip, which ``deploy`` sends through simple-salesforce and polls to the end.
+Metadata API zip, which ``deploy`` sends through simple-salesforce and polls to the end. The
+``Instruqt_Play__c`` object (fields, permissions) is included when the mapping writes plays.
 """
 
 from __future__ import annotations
@@ -14,18 +15,38 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
 from ..errors import PermanentError
-from ..mapping import Mapping, PropertySpec
+from ..mapping import Mapping
 from .salesforce import EXTERNAL_ID, SalesforceAdapter, field_name
 from .salesforce_auth import Connection
+from .salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS
+from .salesforce_xml import (
+    NS,
+    Block,
+    document,
+    element,
+    elements,
+    field_body,
+    play_field_body,
+    play_object_body,
+)
 
-NS = "http://soap.sforce.com/2006/04/metadata"
-HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n'
+__all__ = [
+    "NS",
+    "PERMISSION_SET",
+    "changes",
+    "deploy",
+    "field_bodies",
+    "mdapi_zip",
+    "missing_fields",
+    "package",
+    "permission_set_xml",
+    "write",
+]
 OBJECTS = ("Contact", "Lead")
 PERMISSION_SET = "Instruqt_CRM_Integration"
 ROOT = "force-app/main/default"
@@ -36,56 +57,44 @@ MODIFY_METADATA = (
 )
 
 
-def _element(tag: str, value: object, indent: int = 4) -> str:
-    text = str(value).lower() if isinstance(value, bool) else escape(str(value))
-    return f"{' ' * indent}<{tag}>{text}</{tag}>\n"
+def _external(mapping: Mapping, name: str) -> bool:
+    key = mapping.identity.match_key
+    return field_name(name) == (field_name(key) if key else EXTERNAL_ID)
 
 
-def field_body(name: str, spec: PropertySpec, external: bool, indent: int = 4) -> str:
-    """The inner elements of one CustomField, sorted by tag as sfdx writes them."""
-    items: dict[str, object] = {"fullName": field_name(name), "label": spec.label[:40]}
-    if spec.description:
-        items["description"] = spec.description[:1000]
-    if spec.type == "bool":
-        items.update(type="Checkbox", defaultValue=False)
-    elif spec.type == "number":
-        items.update(type="Number", precision=18, scale=0, required=False, unique=False)
-        items["externalId"] = False
-    elif spec.type in ("datetime", "date"):
-        items.update(type="DateTime" if spec.type == "datetime" else "Date", required=False)
-        items["externalId"] = False
-    elif spec.merge == "union" and not external:
-        items.update(type="LongTextArea", length=32768, visibleLines=3)
-    else:
-        items.update(type="Text", length=255, required=False, externalId=external, unique=external)
-        if external:
-            items["caseSensitive"] = False
-    return "".join(_element(tag, items[tag], indent) for tag in sorted(items))
+def field_bodies(mapping: Mapping, indent: int = 4) -> dict[str, dict[str, str]]:
+    """Every CustomField's inner elements, by object and field API name."""
+    bodies = {
+        sobject: {
+            field_name(name): field_body(name, spec, _external(mapping, name), indent)
+            for name, spec in mapping.properties.items()
+        }
+        for sobject in OBJECTS
+    }
+    if mapping.plays is not None:
+        bodies[PLAY_OBJECT] = {name: play_field_body(name, indent) for name in REQUIRED_FIELDS}
+    return bodies
 
 
-def field_xml(name: str, spec: PropertySpec, external: bool) -> bytes:
-    """A ``.field-meta.xml`` file."""
-    body = field_body(name, spec, external)
-    return f'{HEADER}<CustomField xmlns="{NS}">\n{body}</CustomField>\n'.encode()
+def _members(mapping: Mapping) -> list[str]:
+    """Every field as ``Object.Field``, sorted."""
+    return sorted(f"{o}.{n}" for o, fields in field_bodies(mapping).items() for n in fields)
 
 
 def permission_set_xml(mapping: Mapping) -> bytes:
-    """A permission set: edit the mapped fields, read/edit Contacts, create/read/edit Leads."""
-    parts = [_element("description", "Access for the Instruqt CRM sync integration user.")]
-    for sobject in OBJECTS:
-        for name in sorted(mapping.properties, key=field_name):
-            parts.append(
-                "    <fieldPermissions>\n"
-                + _element("editable", True, 8)
-                + _element("field", f"{sobject}.{field_name(name)}", 8)
-                + _element("readable", True, 8)
-                + "    </fieldPermissions>\n"
-            )
-    parts.append(_element("hasActivationRequired", False))
-    parts.append(_element("label", "Instruqt CRM Integration"))
-    for sobject in OBJECTS:
+    """A permission set: edit every field, read/edit Contacts, create/read/edit Leads (and
+    play records)."""
+    parts = [element("description", "Access for the Instruqt CRM sync integration user.")]
+    for member in _members(mapping):
+        grant = {"editable": True, "field": member, "readable": True}
+        parts.append(element("fieldPermissions", Block(elements(grant, 8))))
+    parts.append(element("hasActivationRequired", False))
+    parts.append(element("label", "Instruqt CRM Integration"))
+    creates = {"Contact": mapping.object == "Contact", "Lead": True, PLAY_OBJECT: True}
+    objects = [*OBJECTS, PLAY_OBJECT] if mapping.plays is not None else list(OBJECTS)
+    for sobject in sorted(objects):
         flags = {
-            "allowCreate": sobject == "Lead" or mapping.object == "Contact",
+            "allowCreate": creates[sobject],
             "allowDelete": False,
             "allowEdit": True,
             "allowRead": True,
@@ -93,23 +102,21 @@ def permission_set_xml(mapping: Mapping) -> bytes:
             "object": sobject,
             "viewAllRecords": False,
         }
-        inner = "".join(_element(tag, value, 8) for tag, value in flags.items())
-        parts.append(f"    <objectPermissions>\n{inner}    </objectPermissions>\n")
-    return f'{HEADER}<PermissionSet xmlns="{NS}">\n{"".join(parts)}</PermissionSet>\n'.encode()
-
-
-def _external(mapping: Mapping, name: str) -> bool:
-    key = mapping.identity.match_key
-    return field_name(name) == (field_name(key) if key else EXTERNAL_ID)
+        parts.append(element("objectPermissions", Block(elements(flags, 8, ordered=False))))
+    return document("PermissionSet", "".join(parts))
 
 
 def package(mapping: Mapping, api_version: str = "62.0") -> dict[str, bytes]:
     """Every file of the sfdx source-format project, by relative path."""
     files: dict[str, bytes] = {}
-    for sobject in OBJECTS:
-        for name, spec in mapping.properties.items():
-            path = f"{ROOT}/objects/{sobject}/fields/{field_name(name)}.field-meta.xml"
-            files[path] = field_xml(name, spec, _external(mapping, name))
+    for sobject, fields in field_bodies(mapping).items():
+        for name, body in fields.items():
+            files[f"{ROOT}/objects/{sobject}/fields/{name}.field-meta.xml"] = document(
+                "CustomField", body
+            )
+    if mapping.plays is not None:
+        path = f"{ROOT}/objects/{PLAY_OBJECT}/{PLAY_OBJECT}.object-meta.xml"
+        files[path] = document("CustomObject", play_object_body())
     path = f"{ROOT}/permissionsets/{PERMISSION_SET}.permissionset-meta.xml"
     files[path] = permission_set_xml(mapping)
     project = {
@@ -145,29 +152,30 @@ def write(files: dict[str, bytes], out: Path) -> dict[str, str]:
     return result
 
 
+def _manifest(mapping: Mapping, api_version: str) -> bytes:
+    """``package.xml``: the fields, the play object (when written), the permission set."""
+    types = {"CustomField": _members(mapping), "PermissionSet": [PERMISSION_SET]}
+    if mapping.plays is not None:
+        types["CustomObject"] = [PLAY_OBJECT]
+    body = "".join(
+        element(
+            "types",
+            Block("".join(element("members", m, 8) for m in members) + element("name", kind, 8)),
+        )
+        for kind, members in sorted(types.items())
+    )
+    return document("Package", body + element("version", api_version))
+
+
 def mdapi_zip(mapping: Mapping, api_version: str = "62.0") -> bytes:
     """The same metadata as a Metadata API deploy zip (package.xml, objects/*.object, ...)."""
-    names = sorted(mapping.properties, key=field_name)
-    members = [f"{o}.{field_name(n)}" for o in OBJECTS for n in names]
-    types = "".join(_element("members", m, 8) for m in members) + _element("name", "CustomField", 8)
-    perm = _element("members", PERMISSION_SET, 8) + _element("name", "PermissionSet", 8)
-    manifest = (
-        f'{HEADER}<Package xmlns="{NS}">\n    <types>\n{types}    </types>\n'
-        f"    <types>\n{perm}    </types>\n{_element('version', api_version)}</Package>\n"
-    )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("package.xml", manifest)
-        for sobject in OBJECTS:
-            fields = "".join(
-                f"    <fields>\n{field_body(n, mapping.properties[n], _external(mapping, n), 8)}"
-                "    </fields>\n"
-                for n in names
-            )
-            archive.writestr(
-                f"objects/{sobject}.object",
-                f'{HEADER}<CustomObject xmlns="{NS}">\n{fields}</CustomObject>\n',
-            )
+        archive.writestr("package.xml", _manifest(mapping, api_version))
+        for sobject, fields in field_bodies(mapping, 8).items():
+            nested = "".join(element("fields", Block(fields[n])) for n in sorted(fields))
+            body = play_object_body(nested) if sobject == PLAY_OBJECT else nested
+            archive.writestr(f"objects/{sobject}.object", document("CustomObject", body))
         archive.writestr(
             f"permissionsets/{PERMISSION_SET}.permissionset", permission_set_xml(mapping)
         )
@@ -224,10 +232,6 @@ def deploy(
 
 
 def missing_fields(adapter: SalesforceAdapter) -> list[str]:
-    """Mapped properties missing on Contact or Lead (with their API names), for operators."""
-    known = adapter.describe()
-    return sorted(
-        f"{prop} ({field_name(prop)})" if field_name(prop) != prop else prop
-        for prop in adapter.mapping.properties
-        if prop not in known
-    )
+    """Mapped fields missing on Contact or Lead (with their API names) and missing play-record
+    fields (``Instruqt_Play__c.Track__c``), for operators."""
+    return adapter.missing_fields()

@@ -4,7 +4,15 @@ from .apply import apply_event
 from .errors import MappingError, MappingFailure
 from .loader import load_mapping, parse_mapping
 from .merge import POLICIES, canonical_policy, cell_value, fold, merge_cells, to_cell
-from .model import EventClass, Identity, Mapping, PropertySpec, Rule, RuleProperty
+from .model import (
+    EventClass,
+    Identity,
+    Mapping,
+    PlaysOptions,
+    PropertySpec,
+    Rule,
+    RuleProperty,
+)
 from .values import PropertyChange, Value, ValueType
 
 __all__ = [
@@ -14,6 +22,7 @@ __all__ = [
     "Mapping",
     "MappingError",
     "MappingFailure",
+    "PlaysOptions",
     "PropertyChange",
     "PropertySpec",
     "Rule",

@@ -190,6 +190,45 @@ def _rule_problems(m: Mapping) -> list[Problem]:
     return problems
 
 
+PLAY_LISTS: tuple[str, ...] = ("completed", "stopped", "challenge_completed")
+
+
+def _play_patterns(m: Mapping) -> list[tuple[Path, str]]:
+    """Every event pattern of the plays section, with its key path."""
+    options = m.salesforce.plays if m.salesforce is not None else None
+    if options is None:
+        return []
+    return [
+        (("salesforce", "plays", name, index), pattern)
+        for name in PLAY_LISTS
+        for index, pattern in enumerate(getattr(options, name))
+    ]
+
+
+def _plays_problems(m: Mapping) -> list[Problem]:
+    """Play patterns are globs; an exact type must reach the plays (mapped, not ignored)."""
+    problems = []
+    for path, pattern in _play_patterns(m):
+        reason = pattern_problem(pattern)
+        if reason:
+            problems.append(Problem(path, reason))
+        elif m.plays is not None and not _is_glob(pattern):
+            kind = m.classify(pattern)
+            if kind == "ignored":
+                shadow = m.ignored_by(pattern) or ""
+                message = (
+                    f"play records never see {pattern!r}: ignore pattern {shadow!r} matches it"
+                )
+                problems.append(Problem(path, message, see=("ignore", m.ignore.index(shadow))))
+            elif kind == "unknown":
+                message = (
+                    f"play records never see {pattern!r}: no rule under events matches it "
+                    "(only mapped events reach the plays)"
+                )
+                problems.append(Problem(path, message))
+    return problems
+
+
 def mapping_problems(m: Mapping) -> list[Problem]:
     """Everything wrong with a structurally valid mapping."""
     return [
@@ -198,18 +237,19 @@ def mapping_problems(m: Mapping) -> list[Problem]:
         *_identity_problems(m),
         *_pattern_problems(m),
         *_rule_problems(m),
+        *_plays_problems(m),
     ]
 
 
 def mapping_warnings(m: Mapping) -> list[Problem]:
     """Valid but suspicious: exact event types Instruqt does not document (typos?)."""
+    places: list[tuple[Path, str]] = [(("events", p), p) for p in m.events]
+    places += [(("ignore", index), p) for index, p in enumerate(m.ignore)]
+    places += _play_patterns(m)
     warnings = []
-    for pattern in [*m.events, *m.ignore]:
+    for path, pattern in places:
         if not _is_glob(pattern) and pattern not in KNOWN_TYPES:
             hint = suggest(pattern, KNOWN_TYPES)
-            path: Path = (
-                ("events", pattern) if pattern in m.events else ("ignore", m.ignore.index(pattern))
-            )
             message = f"{pattern!r} is not a documented Instruqt event type{hint}"
             warnings.append(Problem(path, message))
     return warnings

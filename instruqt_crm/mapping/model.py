@@ -156,12 +156,34 @@ class Identity(_Model):
     match_key: str | None = Field(None, description="A declared property that also matches.")
 
 
+class PlaysOptions(_Model):
+    """Play records (Salesforce ``Instruqt_Play__c``, one per participant id): what events mean."""
+
+    enabled: bool = Field(True, description="Write one play record per participant id.")
+    completed: list[str] = Field(
+        default_factory=lambda: ["track.completed"],
+        description="Event types (or globs) that complete a play.",
+    )
+    stopped: list[str] = Field(
+        default_factory=lambda: ["track.stopped"],
+        description="Event types (or globs) that stop a play.",
+    )
+    challenge_completed: list[str] = Field(
+        default_factory=lambda: ["track.challenge_completed", "track.challenge_attempted"],
+        description="Event types (or globs) that complete their challenge_id "
+        "(never when the event says completed: false).",
+    )
+
+
 class SalesforceOptions(_Model):
     """Salesforce-only settings."""
 
     lead_defaults: dict[str, str] = Field(
         default_factory=lambda: {"LastName": "[not provided]", "Company": "[not provided]"},
         description="Fields required to create a Lead (LastName, Company), used only on create.",
+    )
+    plays: Annotated[PlaysOptions | None, _empty_as(dict)] = Field(
+        None, description="Play records; absent (or enabled: false) writes none."
     )
 
 
@@ -222,6 +244,12 @@ class Mapping(_Model):
     def warnings(self) -> list[str]:
         """Load-time warnings (``file:LINE: key: message``): suspicious but valid."""
         return list(self._warnings)
+
+    @property
+    def plays(self) -> PlaysOptions | None:
+        """The play-record options when this mapping writes play records, else None."""
+        options = self.salesforce.plays if self.salesforce is not None else None
+        return options if options is not None and options.enabled else None
 
     def ignored_by(self, event_type: str) -> str | None:
         """The first ignore pattern matching ``event_type``, if any."""

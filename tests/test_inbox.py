@@ -1,0 +1,154 @@
+"""The inbox: events kept once, drained in batches, never lost to a dead or failing worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from instruqt_crm import failures, handling, inbox, jobs
+from instruqt_crm.crm.dryrun import dry_run_records
+from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
+from instruqt_crm.runtime import current_runtime
+from instruqt_crm.workers import build_worker
+from tests.engine_helpers import drain, engine_env, enqueue_all
+from tests.signing import track_event
+
+
+@pytest.fixture
+def engine(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Engine settings in the environment; yields the dry-run output file."""
+    for name, value in engine_env(redis_url, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
+    yield tmp_path / "dry-run.jsonl"
+    current_runtime.cache_clear()
+
+
+def challenge(number: int, learner: int | None = None) -> tuple[str, dict[str, object]]:
+    """A delivery: one challenge completed by learner ``learner`` (default: its own learner)."""
+    who = number if learner is None else learner
+    body = track_event(f"u{who}", challenge_id=f"c{number}", params={"email": f"u{who}@x.co"})
+    return f"msg_{number}", body
+
+
+def merged(conn: redis.Redis) -> int:
+    return int(conn.hget(STATS_KEY, "events:merged") or 0)
+
+
+def test_a_burst_queues_one_drain_job(redis_conn: redis.Redis) -> None:
+    assert enqueue_all(redis_conn, (challenge(n) for n in range(250))) == 250
+    assert enqueue_all(redis_conn, (challenge(n) for n in range(5))) == 0  # redeliveries
+    assert inbox.depth(redis_conn) == 250
+    assert queue(QUEUE_NAME, redis_conn).count == 1
+
+
+def test_drain_handles_every_event_in_batches_and_empties_the_inbox(
+    engine: Path, redis_conn: redis.Redis
+) -> None:
+    enqueue_all(redis_conn, (challenge(n, learner=n % 40) for n in range(250)))
+    drain(redis_conn)
+    assert merged(redis_conn) == 250
+    assert inbox.depth(redis_conn) == 0
+    records = dry_run_records(redis_conn).values()
+    counts = [int(str(r["instruqt_challenges_completed_count"])) for r in records]
+    assert len(counts) == 40 and sum(counts) == 250
+
+
+def test_a_drain_job_yields_and_queues_the_next(
+    engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "DRAIN_SECONDS", 0.0)  # one batch per job
+    enqueue_all(redis_conn, (challenge(n) for n in range(250)))
+    drain(redis_conn)
+    assert merged(redis_conn) == 250
+    finished = queue(QUEUE_NAME, redis_conn).finished_job_registry.get_job_ids()
+    done = Job.fetch_many(finished, connection=redis_conn, serializer=JSONSerializer)
+    drains = [job for job in done if job and job.func_name == inbox.DRAIN_JOB]
+    assert len(drains) >= 3  # 100 + 100 + 50: one batch per job
+
+
+def test_events_held_by_a_dead_worker_are_taken_over(engine: Path, redis_conn: redis.Redis) -> None:
+    enqueue_all(redis_conn, (challenge(n) for n in range(30)))
+    held = inbox.take(redis_conn, "killed-worker", 20)  # taken, then the process died
+    assert len(held) == 20
+    drain(redis_conn)
+    assert merged(redis_conn) == 30
+    assert inbox.depth(redis_conn) == 0
+    names = [info["name"] for info in redis_conn.xinfo_consumers(inbox.INBOX_KEY, inbox.GROUP)]
+    assert b"killed-worker" not in names  # the dead consumer is forgotten
+
+
+def test_events_held_too_long_by_a_live_consumer_are_taken_over(
+    engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enqueue_all(redis_conn, (challenge(n) for n in range(10)))
+    inbox.take(redis_conn, "stuck", 10)
+    monkeypatch.setattr(inbox, "STALE_MS", 0)
+    drain(redis_conn)
+    assert merged(redis_conn) == 10
+
+
+def test_an_event_that_raises_becomes_a_failure_and_spares_its_batch(
+    engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = handling.handle
+
+    def fragile(batch, event):
+        if event.id == "msg_3":
+            raise ValueError("cannot handle this one")
+        return real(batch, event)
+
+    enqueue_all(redis_conn, (challenge(n) for n in range(8)))
+    with monkeypatch.context() as patch:
+        patch.setattr(handling, "handle", fragile)
+        drain(redis_conn)
+    assert merged(redis_conn) == 7
+    [failure] = failures.every(redis_conn)
+    assert failure.message_id == "msg_3" and "ValueError: cannot handle this one" in failure.reason
+    assert failures.requeue(redis_conn, failure.id) == "event"
+    drain(redis_conn)
+    assert merged(redis_conn) == 8 and not failures.every(redis_conn)
+
+
+def test_a_redis_error_leaves_the_batch_pending_for_the_next_job(
+    engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = handling.handle
+
+    def flaky(batch, event):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise redis.ConnectionError("connection reset")
+        return real(batch, event)
+
+    enqueue_all(redis_conn, (challenge(n) for n in range(10)))
+    with monkeypatch.context() as patch:
+        patch.setattr(handling, "handle", flaky)
+        SimpleWorker(
+            [queue(QUEUE_NAME, redis_conn)], connection=redis_conn, serializer=JSONSerializer
+        ).work(burst=True)
+    assert inbox.depth(redis_conn) == 10  # nothing acknowledged: the batch is still held
+    assert inbox.wake(redis_conn) or queue(QUEUE_NAME, redis_conn).count
+    drain(redis_conn)
+    assert merged(redis_conn) >= 10 and inbox.depth(redis_conn) == 0
+    assert not failures.every(redis_conn)
+
+
+def test_worker_start_and_maintenance_wake_waiting_events(
+    engine: Path, redis_conn: redis.Redis
+) -> None:
+    enqueue_all(redis_conn, (challenge(n) for n in range(3)))
+    queue(QUEUE_NAME, redis_conn).empty()  # the drain job was lost
+    redis_conn.delete(inbox.DRAIN_MARK)
+    worker = build_worker(redis_conn, simple=True)
+    worker.run_maintenance_tasks()
+    assert queue(QUEUE_NAME, redis_conn).count == 1
+    worker.work(burst=True)
+    assert merged(redis_conn) == 3

@@ -1,0 +1,177 @@
+"""Metrics: counters in Redis; the receiver's Tally writes its counts together, none lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import redis
+import requests
+
+from instruqt_crm import metrics
+from instruqt_crm.metrics import PREFIX, Tally
+from instruqt_crm.queueing import connect, text
+from tests.fault_harness import ROOT, procfile_web
+from tests.processes import wait_for
+from tests.redis_process import free_port
+from tests.signing import OTHER_SECRET, SECRET, signed, track_event
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def counts(conn: redis.Redis, name: str = "webhook_requests") -> dict[str, int]:
+    return {text(k): int(v) for k, v in conn.hgetall(PREFIX + name).items()}
+
+
+def test_incr_counts_at_once(redis_conn: redis.Redis) -> None:
+    metrics.incr(redis_conn, "crm_requests", "hubspot", "200")
+    metrics.incr(redis_conn, "crm_requests", "hubspot", "200", amount=2)
+    assert counts(redis_conn, "crm_requests") == {"hubspot\x1f200": 3}
+
+
+def test_tally_writes_the_first_count_at_once_and_batches_the_rest(
+    redis_conn: redis.Redis, clock: Clock
+) -> None:
+    tally = Tally(redis_conn, interval=1.0, clock=clock)
+    tally.incr("webhook_requests", "queued")
+    assert counts(redis_conn) == {"queued": 1}  # nothing written lately: written at once
+    clock.now += 0.2
+    tally.incr("webhook_requests", "queued")
+    tally.incr("webhook_requests", "bad_signature")
+    assert counts(redis_conn) == {"queued": 1}  # within the interval: kept in memory
+    clock.now += 0.9
+    tally.incr("webhook_requests", "duplicate")  # the interval is over: all written together
+    assert counts(redis_conn) == {"queued": 2, "bad_signature": 1, "duplicate": 1}
+
+
+def test_render_writes_the_pending_counts_of_its_connection(
+    redis_conn: redis.Redis, redis_url: str, clock: Clock
+) -> None:
+    other = redis.Redis.from_url(redis_url)
+    mine, theirs = Tally(redis_conn, clock=clock), Tally(other, clock=clock)
+    for tally in (mine, theirs):
+        tally.incr("webhook_requests", "queued")
+        tally.incr("webhook_requests", "queued")
+    assert counts(redis_conn) == {"queued": 2}
+    text = metrics.render(redis_conn).decode()
+    assert 'instruqt_crm_webhook_requests_total{outcome="queued"} 3.0' in text
+    metrics.flush_tallies()
+    assert counts(redis_conn) == {"queued": 4}
+    other.close()
+
+
+def test_counts_survive_a_failed_write(redis_conn: redis.Redis, clock: Clock) -> None:
+    dead = connect("redis://127.0.0.1:1")  # the app's own client: fails fast
+    tally = Tally(dead, clock=clock)
+    tally.incr("webhook_requests", "bad_signature")  # the write fails: kept, caller unharmed
+    clock.now += 5
+    tally.incr("webhook_requests", "bad_signature")
+    tally.conn = redis_conn  # Redis is back
+    tally.flush()
+    assert counts(redis_conn) == {"bad_signature": 2}
+
+
+def test_no_count_lost_between_threads(redis_conn: redis.Redis) -> None:
+    tally = Tally(redis_conn, interval=0.001)  # writes while other threads keep counting
+
+    def count() -> None:
+        for _ in range(500):
+            tally.incr("webhook_requests", "queued")
+
+    threads = [threading.Thread(target=count) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    tally.flush()
+    assert counts(redis_conn) == {"queued": 4000}
+
+
+def test_a_forked_child_forgets_the_parents_pending_counts(
+    redis_conn: redis.Redis, clock: Clock
+) -> None:
+    tally = Tally(redis_conn, clock=clock)
+    tally.incr("webhook_requests", "queued")
+    tally.incr("webhook_requests", "queued")  # pending: the parent will write it
+    metrics._after_fork_in_child()  # what os.fork runs in the child
+    tally.flush()
+    assert counts(redis_conn) == {"queued": 1}
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_write_their_counts_while_running(
+    redis_conn: redis.Redis, redis_url: str, tmp_path
+) -> None:
+    """The Procfile's web command: the workers' writer threads write the held counts."""
+    port = free_port()
+    env = {**os.environ, "INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
+    with (tmp_path / "web.log").open("wb") as log:
+        web = subprocess.Popen(
+            procfile_web(port),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    expected = {"queued": 20, "bad_signature": 2}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url), 30, "gunicorn to answer /healthz")
+        with requests.Session() as session:
+            codes = [
+                session.post(f"{url}/webhooks/instruqt", data=body, headers=headers).status_code
+                for body, headers in [signed(track_event(), msg_id=f"m{i}") for i in range(20)]
+                + [signed(track_event(), secret=OTHER_SECRET)] * 2
+            ]
+        assert codes == [202] * 20 + [401] * 2
+        wait_for(lambda: counts(redis_conn) == expected, 20, "the counts to reach Redis")
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(timeout=30)
+    assert counts(redis_conn) == expected
+
+
+def test_a_process_writes_its_pending_counts_when_it_exits(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    script = (
+        "import sys, redis\n"
+        "from instruqt_crm.metrics import Tally\n"
+        "tally = Tally(redis.Redis.from_url(sys.argv[1]), interval=3600)\n"
+        "for _ in range(5): tally.incr('webhook_requests', 'queued')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, redis_url], check=True, cwd=ROOT, timeout=60)
+    assert counts(redis_conn) == {"queued": 5}  # 1 at once, 4 at exit
+
+
+def test_the_background_writer_writes_held_counts(redis_conn: redis.Redis) -> None:
+    tally = Tally(redis_conn, interval=3600, background=True)
+    tally.incr("webhook_requests", "queued")
+    tally.incr("webhook_requests", "queued")
+    assert counts(redis_conn) == {"queued": 1}
+    wait_for(lambda: counts(redis_conn) == {"queued": 2}, 20, "the writer thread")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
