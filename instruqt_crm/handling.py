@@ -66,6 +66,7 @@ class Batch:
         )
         self.waiting = identity.waiting_among(conn, {u for u in user_ids if u})
         self.merges: list[_Merge] = []
+        self.unpark: list[tuple[str, list[str]]] = []  # released events, forgotten once merged
         self.changed = self.parked = False
 
     def count(self, outcome: str, event_type: str) -> None:
@@ -76,6 +77,8 @@ class Batch:
     def commit(self) -> None:
         """Merge into the ledger, send the deferred writes, ask for the flush and retries."""
         self._merge_all()
+        for user_id, event_ids in self.unpark:
+            identity.unpark(self.conn, user_id, event_ids)
         self.writes.execute()
         if self.changed:
             schedule_flush(self.conn, self.runtime)
@@ -246,18 +249,21 @@ def _wait_for_identity(batch: Batch, event: Event) -> dict[str, Any]:
 def release(batch: Batch, user_id: str, email: str) -> int:
     """Merge every event that was waiting for this user's email.
 
-    Skipped for learners not waiting when the batch began (nor parked by it): if another
-    worker parks one meanwhile, its retry finds the email this batch cached.
+    The events stay parked until the batch is merged (``Batch.commit`` forgets them), so a
+    batch that fails midway loses none. Skipped for learners not waiting when the batch began
+    (nor parked by it): if another worker parks one meanwhile, its retry finds the email this
+    batch cached.
     """
     if user_id not in batch.waiting:
         return 0
     batch.waiting.discard(user_id)
-    released = identity.release(batch.conn, user_id)
-    for event_id, body in released:
+    waiting = identity.parked_events(batch.conn, user_id)
+    for event_id, body in waiting:
         _merge(batch, parse_event(event_id, body), email)
-    if released:
-        log.info("released %d waiting event(s) of user %s", len(released), user_id)
-    return len(released)
+    batch.unpark.append((user_id, [event_id for event_id, _ in waiting]))
+    if waiting:
+        log.info("released %d waiting event(s) of user %s", len(waiting), user_id)
+    return len(waiting)
 
 
 def retry_parked_users(
@@ -287,10 +293,11 @@ def retry_parked_users(
 
 def _expire(batch: Batch, user_id: str, days: float) -> int:
     """Give up on a learner's waiting events: each becomes a counted, visible failure."""
-    events = identity.release(batch.conn, user_id)
+    events = identity.parked_events(batch.conn, user_id)
     reason = f"no email found for user {user_id} within {days:g} days"
     for event_id, body in events:
         failures.record(batch.conn, "identity", reason, event_id, json.dumps(body))
         batch.count("expired", str(body.get("type")))
+    batch.unpark.append((user_id, [event_id for event_id, _ in events]))
     log.warning("%d event(s) of user %s expired: %s", len(events), user_id, reason)
     return len(events)

@@ -147,15 +147,24 @@ def park(conn: redis.Redis, event: Event) -> None:
     log.info("event %s (%s) waits for the email of user %s", event.id, event.type, event.user_id)
 
 
-def release(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """Take every event parked for a user (id, body), forgetting them."""
-    key = _parked_key(user_id)
-    with conn.pipeline(transaction=True) as pipe:
-        pipe.hgetall(key)
-        pipe.delete(key, f"{key}:meta")
-        pipe.zrem(PARKED_USERS, user_id)
-        stored, *_ = pipe.execute()
-    return [(text(event_id), json.loads(body)) for event_id, body in stored.items()]
+# Forget some of a user's parked events; the user stops waiting once none is left (events
+# parked meanwhile by another worker stay, with the user's place in the retry schedule).
+_UNPARK = """
+redis.call('HDEL', KEYS[1], unpack(ARGV, 2))
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 1
+"""
+
+
+def unpark(conn: redis.Redis, user_id: str, event_ids: list[str]) -> None:
+    """Forget parked events once they were merged (or failed): read first, forget after."""
+    if event_ids:
+        key = _parked_key(user_id)
+        script = conn.register_script(_UNPARK)
+        script(keys=[key, f"{key}:meta", PARKED_USERS], args=[user_id, *event_ids])
 
 
 def parked_events(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:

@@ -11,7 +11,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from instruqt_crm import failures, handling, inbox, jobs
+from instruqt_crm import failures, handling, identity, inbox, jobs, ledger
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
 from instruqt_crm.runtime import current_runtime
@@ -152,3 +152,29 @@ def test_worker_start_and_maintenance_wake_waiting_events(
     assert queue(QUEUE_NAME, redis_conn).count == 1
     worker.work(burst=True)
     assert merged(redis_conn) == 3
+
+
+def test_events_released_by_a_failed_batch_stay_parked_until_merged(
+    engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = track_event("u-late", challenge_id="c-waiting")  # no email: parked
+    enqueue_all(redis_conn, [("msg_waiting", waiting)])
+    drain(redis_conn)
+    assert identity.parked_events(redis_conn, "u-late")
+    revealing = track_event("u-late", challenge_id="c-reveal", params={"email": "late@x.co"})
+    enqueue_all(redis_conn, [("msg_reveal", revealing), challenge(1)])
+    real = handling.handle
+
+    def dies_after_the_release(batch, event):
+        if event.id == "msg_1":
+            raise redis.ConnectionError("connection reset")
+        return real(batch, event)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handling, "handle", dies_after_the_release)
+        build_worker(redis_conn, simple=True).work(burst=True)
+    assert [i for i, _ in identity.parked_events(redis_conn, "u-late")] == ["msg_waiting"]
+    inbox.wake(redis_conn)
+    drain(redis_conn)
+    assert identity.parked_events(redis_conn, "u-late") == []
+    assert set(ledger.event_ids(redis_conn, "late@x.co")) == {"msg_waiting", "msg_reveal"}
