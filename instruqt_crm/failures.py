@@ -86,7 +86,7 @@ def counts(conn: redis.Redis) -> dict[str, int]:
 
 
 class NotRequeueable(ValueError):
-    """The failure's payload is neither an event, a rejected contact, nor a failed flush."""
+    """The failure's payload is neither an event, a rejected contact or play, nor a failed flush."""
 
 
 def every(conn: redis.Redis, category: str | None = None) -> list[Failure]:
@@ -123,10 +123,12 @@ def purge(conn: redis.Redis, category: str | None = None) -> int:
 
 
 def kind_of(failure: Failure) -> str:
-    """What requeueing means for a failure: ``event``, ``contact``, ``flush`` or ``none``."""
+    """What requeueing means: ``event``, ``contact``, ``play``, ``flush`` or ``none``."""
     body = failure.body()
     if isinstance(body, dict) and isinstance(body.get("type"), str) and body["type"]:
         return "event"
+    if isinstance(body, dict) and isinstance(body.get("participant_id"), str) and "fields" in body:
+        return "play"  # a rejected play record (plays._reject)
     if isinstance(body, dict) and isinstance(body.get("email"), str) and "properties" in body:
         return "contact"
     return "flush" if failure.message_id == "flush" else "none"
@@ -151,6 +153,10 @@ def requeue(conn: redis.Redis, failure_id: str, flush_delay: float = 0.0) -> str
         return kind
     if kind == "contact":
         ledger.mark_dirty(conn, [failure.message_id])
+    elif kind == "play":
+        from . import plays  # late: plays records its rejections here
+
+        plays.mark_dirty(conn, failure.body()["participant_id"])
     remove(conn, failure.id)
     schedule_once(conn, "instruqt_crm.jobs.flush_contacts", flush_delay, flush_delay + 30)
     return kind

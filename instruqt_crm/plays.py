@@ -205,6 +205,11 @@ def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
     return [text(p) for p in conn.zrange(DIRTY_KEY, offset, offset + limit - 1)]
 
 
+def mark_dirty(conn: redis.Redis, participant: str) -> None:
+    """Put a play back in the dirty set (to requeue it after a rejection)."""
+    conn.zadd(DIRTY_KEY, {participant: time.time()}, nx=True)
+
+
 def dirty_count(conn: redis.Redis) -> int:
     """How many plays wait to be sent."""
     return int(conn.zcard(DIRTY_KEY))
@@ -276,7 +281,7 @@ def _send_batch(
 
 
 def _reject(conn: redis.Redis, change: ContactChange, reason: str, category: str) -> None:
-    """Keep a rejected play visible to operators (it is sent again with its next event)."""
+    """Keep a rejected play visible and requeueable (``failed requeue``, or its next event)."""
     payload = {"participant_id": change.key, "email": change.email, "fields": change.properties}
     failures.record(conn, category or "validation", reason, f"play:{change.key}", _encode(payload))
     log.warning("play %s of %s rejected by the CRM: %s", change.key, change.email, reason)

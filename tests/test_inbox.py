@@ -178,3 +178,12 @@ def test_events_released_by_a_failed_batch_stay_parked_until_merged(
     drain(redis_conn)
     assert identity.parked_events(redis_conn, "u-late") == []
     assert set(ledger.event_ids(redis_conn, "late@x.co")) == {"msg_waiting", "msg_reveal"}
+
+
+def test_an_unreadable_inbox_entry_becomes_a_failure(engine: Path, redis_conn: redis.Redis) -> None:
+    redis_conn.xadd(inbox.INBOX_KEY, {"id": "msg_odd", "body": "{not json"})
+    enqueue_all(redis_conn, [challenge(1)])
+    drain(redis_conn)
+    assert merged(redis_conn) == 1 and inbox.depth(redis_conn) == 0
+    [failure] = failures.every(redis_conn)
+    assert failure.message_id == "msg_odd" and "{not json" in failure.payload

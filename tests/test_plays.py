@@ -12,14 +12,17 @@ from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruqt_crm import failures, ledger, plays
+from instruqt_crm.cli import main
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import DryRunAdapter
-from instruqt_crm.crm.salesforce import SalesforceAdapter, field_name
+from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT
+from instruqt_crm.crm.salesforce_routing import field_name
 from instruqt_crm.crm.salesforce_setup import package
 from instruqt_crm.events import format_timestamp, parse_event, parse_timestamp
 from instruqt_crm.handling import handle_event
@@ -344,7 +347,7 @@ def test_one_bad_play_does_not_fail_its_batch_mates(
         assert failure.message_id == "play:p1" and failure.category == "validation"
         assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in failure.reason
         assert json.loads(failure.payload)["email"] == "u1@acme.io"
-        assert failures.kind_of(failure) != "contact"  # requeueing it must not touch contacts
+        assert failures.kind_of(failure) == "play"  # requeueing it must not touch contacts
         # the play's next event sends the whole play again
         stopped = {**learner("p1", "u1@acme.io", "u1")[0], "type": "track.stopped"}
         handle(redis_conn, run, [{**stopped, "timestamp": "2026-11-01T11:00:00Z"}], tag="x")
@@ -466,6 +469,43 @@ def test_plays_are_created_then_updated_by_participant_id(
         enqueue_all(redis_conn, [(f"c{n}", body) for n, body in enumerate(events)])
         drain(redis_conn)
         assert len(fake.data_calls(contains=PLAY_OBJECT)) == before  # nothing changed: no writes
+
+
+def test_a_rejected_play_is_requeued_by_the_operator_and_written_once_fixed(
+    salesforce_runtime: Runtime, redis_conn: redis.Redis
+) -> None:
+    with FakeSalesforce() as fake:
+        fake.deploy(package(MAPPING))
+        fake.record_errors["p1"] = ["FIELD_CUSTOM_VALIDATION_EXCEPTION"] * 10  # a validation rule
+        events = learner("p1", "u1@acme.io", "u1")
+        enqueue_all(redis_conn, [(f"m{n}", body) for n, body in enumerate(events)])
+        drain(redis_conn)
+        assert "p1" not in play_records(fake) and plays.dirty_count(redis_conn) == 0
+        [failure] = failures.every(redis_conn)
+        assert failure.message_id == "play:p1" and failures.kind_of(failure) == "play"
+        cli = CliRunner()
+        assert "play:p1" in cli.invoke(main, ["failed", "list"]).output
+        shown = cli.invoke(main, ["failed", "show", failure.id])
+        assert "requeue:   mark the play record for sending again" in shown.output
+
+        requeued = cli.invoke(main, ["failed", "requeue", failure.id])  # before the fix
+        assert requeued.exit_code == 0, requeued.output
+        assert f"requeued {failure.id} (play)" in requeued.output
+        drain(redis_conn)
+        [again] = failures.every(redis_conn)  # rejected again, visibly
+        assert again.id != failure.id and again.message_id == "play:p1"
+        assert "p1" not in play_records(fake)
+
+        fake.record_errors.pop("p1")  # the admin fixes the validation rule
+        result = cli.invoke(main, ["failed", "requeue", "--all"])
+        assert "1 requeued, 0 not requeueable" in result.output, result.output
+        assert plays.dirty(redis_conn, 10) == ["p1"] and failures.every(redis_conn) == []
+        drain(redis_conn)  # the flush the requeue scheduled
+        want = salesforce_fields(expected_plays(events)["p1"])
+        record = play_records(fake)["p1"]
+        assert {name: record.get(name) for name in want} == want
+        assert record["Lead__c"] == fake.by_email("Lead")["u1@acme.io"]["Id"]
+        assert plays.dirty_count(redis_conn) == 0 and failures.every(redis_conn) == []
 
 
 # -- the plays section of the mapping ----------------------------------------------------------

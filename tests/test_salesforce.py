@@ -7,15 +7,10 @@ import redis
 
 from instruqt_crm.config import Secret
 from instruqt_crm.crm.base import BatchRejected, ContactChange
-from instruqt_crm.crm.salesforce import (
-    SalesforceAdapter,
-    Target,
-    field_name,
-    format_value,
-    soql_quote,
-)
+from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_auth import Connection, Credentials
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT, REQUIRED_FIELDS
+from instruqt_crm.crm.salesforce_routing import Target, field_name, format_value, soql_quote
 from instruqt_crm.crm.salesforce_setup import missing_fields, package
 from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
 from instruqt_crm.mapping import Mapping, load_mapping

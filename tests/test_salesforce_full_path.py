@@ -9,8 +9,9 @@ import redis
 
 from instruqt_crm import plays
 from instruqt_crm.config import Settings
-from instruqt_crm.crm.salesforce import SalesforceAdapter, field_name, format_value
+from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT
+from instruqt_crm.crm.salesforce_routing import field_name, format_value
 from instruqt_crm.crm.salesforce_setup import package
 from instruqt_crm.queueing import QUEUE_NAME, queue
 from instruqt_crm.runtime import current_runtime

@@ -18,7 +18,7 @@ from .common import (
 
 @click.group("failed", short_help="List, show, requeue or purge failures.")
 def failed_group() -> None:
-    """Inspect, requeue or purge failures (events and contacts that need an operator)."""
+    """Inspect, requeue or purge failures (events, contacts and plays that need an operator)."""
 
 
 def _failure_line(failure: failures.Failure) -> str:
@@ -71,6 +71,7 @@ def failed_show(failure_id: str, as_json: bool) -> None:
     requeue = {
         "event": "process the event again",
         "contact": "mark the contact for sending again",
+        "play": "mark the play record for sending again (Salesforce)",
         "flush": "run a flush again",
         "none": "nothing (not requeueable)",
     }[failures.kind_of(failure)]

@@ -1,11 +1,11 @@
 """Salesforce adapter: Contact / Lead / auto routing, one lookup per object, sObject Collections.
 
-Per batch: one SOQL query per object finds records by Email or the external id
-(``Instruqt_User_Id__c``); matched records are updated by Id, new ones are upserted by the
-external id (≤ 200 per request, ``allOrNone: false``), a converted Lead is followed to its
-Contact. Per-record errors become outcomes (UNABLE_TO_LOCK_ROW is retried, the rest rejected
-with Salesforce's message); whole-request failures become the engine's errors. Play records
-(``Instruqt_Play__c``) go through the same writes: see ``salesforce_plays``.
+Per batch: ``salesforce_routing`` finds each change's record (one SOQL query per object);
+matched records are updated by Id, new ones are upserted by the external id (≤ 200 per
+request, ``allOrNone: false``). Per-record errors become outcomes (UNABLE_TO_LOCK_ROW is
+retried, the rest rejected with Salesforce's message); whole-request failures become the
+engine's errors. Play records (``Instruqt_Play__c``) go through the same writes: see
+``salesforce_plays``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -26,51 +25,19 @@ from ..errors import PermanentError, RateLimited
 from ..mapping import Mapping
 from ..ratelimit import RequestBudget
 from ..retry import retrying
-from .base import BatchRejected, ContactChange, Outcome, PropertyInfo, Value
+from .base import BatchRejected, ContactChange, Outcome, PropertyInfo
 from .salesforce_auth import Connection, credentials_from
+from .salesforce_routing import Router, Target, field_name
 
 if TYPE_CHECKING:
     from .salesforce_plays import SalesforcePlays
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 200
-EXTERNAL_ID = "Instruqt_User_Id__c"
 RETRYABLE_CODES = {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}
 LOCK_RETRIES = 2
-MAX_SOQL = 9000  # characters; longer lookups are split in two
 LIMIT_RESERVE = 0.05  # keep this share of the daily API quota for the org's other integrations
 RESERVE_WAIT = 900.0  # seconds to hold off once only the reserve is left
-
-
-def field_name(prop: str) -> str:
-    """API name of a property: ``instruqt_tracks_completed`` → ``Instruqt_Tracks_Completed__c``."""
-    if prop.endswith("__c") or prop[:1].isupper():
-        return prop  # already an API name (custom or standard)
-    return "_".join(part.capitalize() for part in prop.split("_") if part) + "__c"
-
-
-def format_value(value: Value) -> Value:
-    """A value as Salesforce JSON wants it: numbers as numbers, None clears, ISO text as is."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def soql_quote(text: str) -> str:
-    """A SOQL string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-@dataclass
-class Target:
-    """Where one record goes: an object, and an Id (update), an external id field (upsert on
-    it, its value in ``fields``) or neither (create); ``key`` names the change it carries."""
-
-    key: str
-    sobject: str
-    record_id: str | None
-    fields: dict[str, Any]
-    external: str | None = None
 
 
 class SalesforceAdapter:
@@ -92,12 +59,8 @@ class SalesforceAdapter:
         self.budget = budget
         self.attempts = attempts
         self.sleep = sleep
-        self.object = mapping.object if mapping.object in ("Contact", "Lead") else "auto"
-        options = mapping.salesforce
-        self.lead_defaults = dict(options.lead_defaults) if options else {}
-        key = mapping.identity.match_key
-        self.match_key = key
-        self.external_id = field_name(key) if key else EXTERNAL_ID
+        self.router = Router(mapping, self.call, connection.creds.api_version)
+        self.object = self.router.object
         self.api_usage: tuple[int, int] | None = None
         self.placed: dict[str, tuple[str, str]] = {}  # learner key -> (object, Id) written
         connection.on_response = self._observe
@@ -159,111 +122,23 @@ class SalesforceAdapter:
         else:
             self.budget.observe_headers(None, left, None)
 
-    # -- lookup ----------------------------------------------------------------------------
-
-    def _user_id(self, change: ContactChange) -> str | None:
-        """The learner's external id value, if known."""
-        value = change.properties.get(self.match_key) if self.match_key else None
-        return str(value) if value not in (None, "") else change.user_id
-
-    def _find(self, sobject: str, changes: Sequence[ContactChange]) -> list[dict[str, Any]]:
-        """One SOQL query: records of ``sobject`` whose Email or external id is in the batch."""
-        soql = self._soql(sobject, changes)
-        if len(soql) > MAX_SOQL and len(changes) > 1:  # keep the GET URL under 16 kB
-            middle = len(changes) // 2
-            return self._find(sobject, changes[:middle]) + self._find(sobject, changes[middle:])
-        records: list[dict[str, Any]] = []
-        data = self.call(f"find {sobject}s", "GET", "query/", params={"q": soql})
-        while True:
-            records += list(data.get("records") or [])
-            following = data.get("nextRecordsUrl")
-            if data.get("done", True) or not following:
-                return records
-            path = following.split(f"/v{self.connection.creds.api_version}/", 1)[-1]
-            data = self.call(f"find {sobject}s (more)", "GET", path)
-
-    def _soql(self, sobject: str, changes: Sequence[ContactChange]) -> str:
-        """The lookup query for a batch."""
-        emails = sorted({c.email for c in changes})
-        ids = sorted({uid for c in changes if (uid := self._user_id(c))})
-        extra = ", IsConverted, ConvertedContactId" if sobject == "Lead" else ""
-        where = f"Email IN ({', '.join(map(soql_quote, emails))})"
-        if ids:
-            where += f" OR {self.external_id} IN ({', '.join(map(soql_quote, ids))})"
-        return (
-            f"SELECT Id, Email, {self.external_id}{extra} FROM {sobject} "
-            f"WHERE {where} ORDER BY CreatedDate ASC"
-        )
-
-    def _index(self, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Records by lower-cased email and by external id (the oldest wins)."""
-        index: dict[str, dict[str, Any]] = {}
-        for record in records:
-            for key in (
-                str(record.get("Email") or "").lower(),
-                f"#{record.get(self.external_id) or ''}",
-            ):
-                if key not in ("", "#"):
-                    index.setdefault(key, record)
-        return index
-
-    def _match(
-        self, index: dict[str, dict[str, Any]], change: ContactChange
-    ) -> dict[str, Any] | None:
-        uid = self._user_id(change)
-        return (
-            index.get(f"#{uid}") if uid and f"#{uid}" in index else index.get(change.email.lower())
-        )
-
-    def route(self, changes: Sequence[ContactChange]) -> list[Target]:
-        """Decide for each change which record it updates or creates."""
-        contacts = self._index(self._find("Contact", changes)) if self.object != "Lead" else {}
-        leads = self._index(self._find("Lead", changes)) if self.object != "Contact" else {}
-        targets = []
-        for change in changes:
-            fields = {field_name(k): format_value(v) for k, v in change.properties.items()}
-            contact = self._match(contacts, change)
-            lead = self._match(leads, change)
-            key = change.key
-            if contact is not None:
-                targets.append(Target(key, "Contact", contact["Id"], fields))
-            elif lead is not None and lead.get("IsConverted") and lead.get("ConvertedContactId"):
-                targets.append(Target(key, "Contact", lead["ConvertedContactId"], fields))
-            elif lead is not None:
-                targets.append(Target(key, "Lead", lead["Id"], fields))
-            else:
-                sobject = "Contact" if self.object == "Contact" else "Lead"
-                created = self._new(sobject, change, fields)
-                external = self.external_id if self.external_id in created else None
-                targets.append(Target(key, sobject, None, created, external))
-        return targets
+    # -- lookup (Router, salesforce_routing) -----------------------------------------------
 
     def located(self, learners: Sequence[ContactChange]) -> dict[str, tuple[str, str]]:
         """(object, Id) of each learner's existing record, by key: written in this flush, else
         found by the usual lookup (one query per object); learners without a record are left out.
         """
         unknown = [c for c in learners if c.key not in self.placed]
-        for target in self.route(unknown) if unknown else []:
+        for target in self.router.route(unknown) if unknown else []:
             if target.record_id:
                 self.placed[target.key] = (target.sobject, target.record_id)
         return {c.key: self.placed[c.key] for c in learners if c.key in self.placed}
-
-    def _new(self, sobject: str, change: ContactChange, fields: dict[str, Any]) -> dict[str, Any]:
-        """Fields of a record to create: the placeholders, Email, external id, then ours."""
-        defaults = dict(self.lead_defaults)
-        if sobject == "Contact":
-            defaults = {k: v for k, v in defaults.items() if k != "Company"}
-        uid = self._user_id(change)
-        created = {**defaults, "Email": change.email, **fields}
-        if uid:
-            created[self.external_id] = uid
-        return created
 
     # -- writes ----------------------------------------------------------------------------
 
     def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
         """Write a batch: one outcome per change (synced, rejected with a reason, or retry)."""
-        targets = self.route(changes)
+        targets = self.router.route(changes)
         outcomes = self.write(targets)
         for target in targets:
             outcome = outcomes[target.key]

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..mapping import PropertySpec
 from .base import ContactChange, Outcome, PropertyInfo
-from .salesforce import BATCH_SIZE, SalesforceAdapter, Target, field_name, format_value
+from .salesforce import BATCH_SIZE, SalesforceAdapter
+from .salesforce_routing import Target, field_name, format_value
 
 PLAY_OBJECT = "Instruqt_Play__c"
 PLAY_KEY = "Participant_Id__c"

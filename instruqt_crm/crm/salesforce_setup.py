@@ -21,9 +21,10 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from ..errors import PermanentError
 from ..mapping import Mapping
-from .salesforce import EXTERNAL_ID, SalesforceAdapter, field_name
+from .salesforce import SalesforceAdapter
 from .salesforce_auth import Connection
 from .salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS
+from .salesforce_routing import EXTERNAL_ID, field_name
 from .salesforce_xml import (
     NS,
     Block,

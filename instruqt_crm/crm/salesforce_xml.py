@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from ..mapping import PropertySpec
-from .salesforce import field_name
 from .salesforce_plays import LOOKUPS, PLAY_FIELDS, PLAY_KEY, STATUS_FIELD, STATUSES
+from .salesforce_routing import field_name
 
 NS = "http://soap.sforce.com/2006/04/metadata"
 HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n'
