@@ -7,6 +7,7 @@ in batches. ``retry_parked``: look up emails for learners whose events wait, exp
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -16,17 +17,11 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
-from . import inbox, ledger
+from . import failures, identity, inbox, ledger
 from .errors import RetryableError
-from .handling import (
-    FLUSH_JOB,
-    RETRY_PARKED_JOB,
-    handle_batch,
-    retry_parked_users,
-    schedule_flush,
-)
+from .handling import FLUSH_JOB, RETRY_PARKED_JOB, Batch, handle_batch, release, schedule_flush
 from .queueing import PENDING, schedule_once
-from .runtime import current_runtime
+from .runtime import Runtime, current_runtime
 from .sync import flush
 from .workers import worker_gone
 
@@ -104,3 +99,40 @@ def retry_parked() -> dict[str, Any]:
     conn = current_connection()
     conn.delete(f"{PENDING}{RETRY_PARKED_JOB}")
     return retry_parked_users(conn, current_runtime())
+
+
+def retry_parked_users(
+    conn: redis.Redis, runtime: Runtime, now: float | None = None
+) -> dict[str, Any]:
+    """Release parked learners whose email can now be found; expire those past the wait."""
+    moment = time.time() if now is None else now
+    due = identity.due(conn, moment)
+    batch = Batch(conn, runtime, due)
+    max_wait = runtime.settings.identity_wait_days * 86400
+    released = expired = 0
+    for user_id in due:
+        found = batch.resolver.resolve_user(user_id)
+        if found.email:
+            released += release(batch, user_id, found.email)
+        elif moment - (identity.parked_since(conn, user_id) or moment) >= max_wait:
+            expired += _expire(batch, user_id, runtime.settings.identity_wait_days)
+        else:
+            identity.postpone(conn, user_id, moment)
+    batch.commit()
+    upcoming = identity.next_due(conn)
+    if upcoming is not None:
+        delay = max(1.0, upcoming - moment)
+        schedule_once(conn, RETRY_PARKED_JOB, delay, delay)
+    return {"released": released, "expired": expired}
+
+
+def _expire(batch: Batch, user_id: str, days: float) -> int:
+    """Give up on a learner's waiting events: each becomes a counted, visible failure."""
+    events = identity.parked_events(batch.conn, user_id)
+    reason = f"no email found for user {user_id} within {days:g} days"
+    for event_id, body in events:
+        failures.record(batch.conn, "identity", reason, event_id, json.dumps(body))
+        batch.count("expired", str(body.get("type")))
+    batch.unpark.append((user_id, [event_id for event_id, _ in events]))
+    log.warning("%d event(s) of user %s expired: %s", len(events), user_id, reason)
+    return len(events)

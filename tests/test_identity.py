@@ -12,8 +12,9 @@ from instruqt_crm import failures, identity
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.events import parse_event
-from instruqt_crm.handling import handle_event, retry_parked_users
+from instruqt_crm.handling import handle_event
 from instruqt_crm.instruqt_api import InstruqtClient
+from instruqt_crm.jobs import retry_parked_users
 from instruqt_crm.mapping import Identity, load_mapping
 from instruqt_crm.runtime import Runtime
 from instruqt_crm.sync import flush
