@@ -1,9 +1,9 @@
 """Prometheus metrics kept in Redis, so every web and worker process (and dyno) adds to one set.
 
 Processes count with ``incr``/``observe`` (HINCRBY calls), the web receiver through a
-``Tally`` (its counts added up in memory and written at most once a second: a round trip per
-request cost as much as keeping the event); ``/metrics`` renders them, plus gauges read at
-scrape time (inbox and queue depths, dirty contacts, parked learners), through a custom
+``Tally`` (counts added up in memory and written together about once a second: a round trip
+per request cost as much as keeping the event). ``/metrics`` renders them, plus gauges read
+at scrape time (inbox and queue depths, dirty contacts, parked learners), through a custom
 collector. Counting never breaks the caller: Redis errors are swallowed.
 """
 
@@ -36,7 +36,7 @@ from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
 log = logging.getLogger(__name__)
 PREFIX = f"{KEY_PREFIX}metrics:"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
-TALLY_SECONDS = 1.0  # the web receiver writes its counts at most this often (see Tally)
+TALLY_SECONDS = 1.0  # the web receiver writes its counts about this often (see Tally)
 COUNTERS = {
     "webhook_requests": ("Webhook deliveries answered, by outcome.", ("outcome",)),
     "crm_requests": (
@@ -149,12 +149,12 @@ def _start_writer() -> None:
 def _write_forever() -> None:
     while True:
         time.sleep(TALLY_SECONDS)
-        for tally in list(_tallies):
-            if tally.background:
-                try:
+        try:
+            for tally in list(_tallies):
+                if tally.background:
                     tally.flush()
-                except Exception as exc:  # keep writing the others, and later ones
-                    log.warning("metrics counts not written: %r", exc)
+        except Exception as exc:  # stay alive: the next round writes what is left
+            log.warning("metrics counts not written: %r", exc)
 
 
 def _after_fork_in_child() -> None:
