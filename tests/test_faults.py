@@ -81,7 +81,7 @@ def run(
     pairs: list[tuple[str, dict[str, Any]]],
     expected: dict[str, dict[str, str]],
     chaos: Callable[[threading.Event], None] | None = None,
-    settle: float = 90,
+    settle: float = 60,
 ) -> Report:
     """Post ``pairs`` while ``chaos`` runs, wait until settled, report and keep the report."""
     started = time.monotonic()
@@ -105,7 +105,7 @@ def finish(
     posted: Posted,
     expected: dict[str, dict[str, str]],
     started: float,
-    settle: float = 90,
+    settle: float = 60,
 ) -> Report:
     """Wait until the stack has settled, then report (and keep the report for the table)."""
     conn = stack.conn()
@@ -140,7 +140,7 @@ def test_worker_processes_sigkilled_and_restarted(tmp_path: Path) -> None:
             pairs,
             expected_in_crm(expected_records(events)),
             chaos,
-            settle=180,
+            settle=60,
         )
     assert len(stack.kill_times) >= 5
     assert report.accepted == report.events
@@ -163,7 +163,7 @@ def test_redis_restarted_mid_run_with_persistence(tmp_path: Path) -> None:
         posted.add(post_all(stack.url, pairs[third:]))
         crash.join()
         expected = expected_in_crm(expected_records(events))
-        report = finish("b redis restart", stack, pairs, posted, expected, started, settle=180)
+        report = finish("b redis restart", stack, pairs, posted, expected, started, settle=60)
     assert report.retried > 0, "the receiver answered 503 (or nothing) while Redis was down"
     assert report.accepted == report.events
     assert report.wrong == 0 and report.rejected == 0
@@ -191,7 +191,7 @@ def test_crm_5xx_then_429_storm_then_recovery(tmp_path: Path) -> None:
         fake.set_rate_limit(100, 10.0)
         recovered = time.monotonic()
         first.add(second)
-        report = finish("c crm 5xx+429", stack, pairs, first, expected, started, settle=120)
+        report = finish("c crm 5xx+429", stack, pairs, first, expected, started, settle=90)
         statuses = [r.status for r in fake.requests]
         late_429 = [r for r in fake.rate_limited_requests if r.time >= recovered]
     assert statuses.count(503) > 0, "the 5xx phase hit some requests"
