@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,8 +28,23 @@ from .queueing import STATS_KEY, schedule_once
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+# Redis errors that pass: the batch stays unacknowledged and is taken again. Others (a
+# script or type error) would fail the same way every time, so they fail the event instead.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 FLUSH_JOB = "instruqt_crm.jobs.flush_contacts"
+FLUSH_STALL_SECONDS = 30
 RETRY_PARKED_JOB = "instruqt_crm.jobs.retry_parked"
+
+
+def wake_flush(conn: redis.Redis, runtime: Runtime) -> bool:
+    """Queue a flush now if changes waited 30 s past the window and none is pending (a net
+    for a flush lost with a worker or held by a scheduler that died with Redis)."""
+    due = time.time() - runtime.settings.flush_window_seconds - FLUSH_STALL_SECONDS
+    for key in (ledger.DIRTY_KEY, plays.DIRTY_KEY):
+        oldest: Any = conn.zrange(key, 0, 0, withscores=True)
+        if oldest and float(oldest[0][1]) <= due:
+            return schedule_flush(conn, runtime, delay=0)  # unless a flush (or its wait) is pending
+    return False
 
 
 def schedule_flush(
@@ -77,12 +93,29 @@ class Batch:
         self._merge_all()
         for user_id, event_ids in self.unpark:
             identity.unpark(self.conn, user_id, event_ids)
-        self.writes.execute()
+        for reply in self.writes.execute(raise_on_error=False):  # counters, trails, cache
+            if isinstance(reply, redis.ResponseError):
+                log.warning("a counter or trail write failed: %s", reply)
+        self._release_late()
         if self.changed:
             schedule_flush(self.conn, self.runtime)
         if self.parked:
             first = identity.BACKOFF[0]
             schedule_once(self.conn, RETRY_PARKED_JOB, first, first)
+
+    def _release_late(self) -> None:
+        """Release learners another worker parked while this batch learnt their email.
+
+        This batch cached the emails before looking; a worker parking an event looks at the
+        cache after parking it: whichever comes second sees the other, so none waits.
+        """
+        learnt = dict(self.resolver.known)
+        late = identity.waiting_among(self.conn, set(learnt))
+        if late:
+            extra = Batch(self.conn, self.runtime, late)
+            for user_id in sorted(late):
+                release(extra, user_id, learnt[user_id])
+            extra.commit()
 
     def _merge_all(self) -> None:
         """Every merge of the batch at once; one by one if that raises, to isolate the cause."""
@@ -92,7 +125,7 @@ class Batch:
         ]
         try:
             flags = ledger.merge_many(self.conn, items)
-        except redis.RedisError:
+        except TRANSIENT:
             raise
         except Exception:  # a bug or an odd value: find the event, spare the others
             log.exception("merging %d events at once failed; merging one by one", len(items))
@@ -107,7 +140,7 @@ class Batch:
         """Merge one event; if it raises, the event becomes a visible failure."""
         try:
             return ledger.merge_many(self.conn, [item])[0]
-        except redis.RedisError:
+        except TRANSIENT:
             raise
         except Exception as exc:
             merge.result.update(_fail(self, merge.event.id, merge.event.body, exc))
@@ -148,7 +181,7 @@ def handle_batch(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> C
         marker = CURRENT_EVENT.set(entry.message_id)
         try:
             results.append(handle(batch, parse_event(entry.message_id, entry.body)))
-        except redis.RedisError:
+        except TRANSIENT:
             raise  # nothing is acknowledged: the batch is taken again
         except Exception as exc:  # one broken event must not hold up the others
             results.append(_fail(batch, entry.message_id, entry.body, exc))
@@ -241,6 +274,9 @@ def _wait_for_identity(batch: Batch, event: Event) -> dict[str, Any]:
     batch.waiting.add(event.user_id)
     batch.parked = True
     batch.count("parked", event.type)
+    email = identity.cached_email(batch.conn, event.user_id)  # cached meanwhile elsewhere?
+    if email:
+        release(batch, event.user_id, email)
     return {"status": "parked"}
 
 
@@ -249,8 +285,7 @@ def release(batch: Batch, user_id: str, email: str) -> int:
 
     The events stay parked until the batch is merged (``Batch.commit`` forgets them), so a
     batch that fails midway loses none. Skipped for learners not waiting when the batch began
-    (nor parked by it): if another worker parks one meanwhile, its retry finds the email this
-    batch cached.
+    (nor parked by it); ``Batch.commit`` looks again for those parked meanwhile.
     """
     if user_id not in batch.waiting:
         return 0

@@ -57,6 +57,12 @@ def remember(conn: redis.Redis | Pipeline, user_id: str, email: str | None) -> N
         conn.set(_cache_key(user_id), _NO_EMAIL, ex=NEGATIVE_TTL)
 
 
+def cached_email(conn: redis.Redis, user_id: str) -> str | None:
+    """The user's cached email, if one is known."""
+    value = conn.get(_cache_key(user_id))
+    return None if value is None or text(value) == _NO_EMAIL else text(value)
+
+
 @dataclass(frozen=True)
 class Resolution:
     """The email found (or None) and where it came from."""
@@ -150,7 +156,7 @@ def park(conn: redis.Redis, event: Event) -> None:
 # Forget some of a user's parked events; the user stops waiting once none is left (events
 # parked meanwhile by another worker stay, with the user's place in the retry schedule).
 _UNPARK = """
-redis.call('HDEL', KEYS[1], unpack(ARGV, 2))
+for i = 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])

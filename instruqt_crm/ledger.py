@@ -51,7 +51,7 @@ for i, c in ipairs(plan) do
     conflicts[#conflicts + 1] = i
   else
     redis.call('HSET', hash, unpack(c.fields))
-    redis.call('SADD', events, unpack(c.events))
+    for _, id in ipairs(c.events) do redis.call('SADD', events, id) end
     if c.changed then
       redis.call('HINCRBY', hash, 'version', 1)
       redis.call('ZADD', KEYS[1], 'NX', ARGV[2], c.key)

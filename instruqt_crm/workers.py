@@ -20,7 +20,7 @@ from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 from . import identity, inbox, ledger, plays
 from .config import SettingsError
 from .errors import SyncError
-from .handling import RETRY_PARKED_JOB, schedule_flush
+from .handling import RETRY_PARKED_JOB, schedule_flush, wake_flush
 from .logs import configure
 from .mapping import MappingError
 from .queueing import QUEUE_NAMES, connect, queue, queues, schedule_once, text
@@ -39,12 +39,18 @@ class _Maintained:
     connection: redis.Redis
 
     def run_maintenance_tasks(self) -> None:
-        """RQ's clean-up, then make sure waiting events have a drain job."""
+        """Free a dead scheduler's lock (RQ then restarts one), RQ's clean-up, safety nets."""
+        conn = self.connection
+        try:
+            release_stale_scheduler_locks(conn)
+        except redis.RedisError as exc:
+            log.warning("scheduler lock check skipped: %s", exc)
         super().run_maintenance_tasks()  # type: ignore[misc]
         try:
-            inbox.wake(self.connection)
+            inbox.wake(conn)  # events without a drain job
+            wake_flush(conn, current_runtime())  # contacts without a flush
         except redis.RedisError as exc:  # the worker loop reconnects; try again next time
-            log.warning("inbox check skipped: %s", exc)
+            log.warning("inbox and flush checks skipped: %s", exc)
 
 
 class AppWorker(_Maintained, HerokuWorker):
@@ -63,25 +69,38 @@ def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = Non
         connection=conn,
         serializer=JSONSerializer,
         name=name,
-        maintenance_interval=30,  # finds jobs of killed workers (and retries them) sooner
-        worker_ttl=60,  # idle workers wake every ~45 s, so a dead scheduler is replaced soon
+        maintenance_interval=15,  # safety nets and killed workers' jobs found sooner
+        worker_ttl=30,  # idle workers wake every ~15 s, so maintenance runs when idle too
     )
 
 
+# A live scheduler refreshes its lock to interval + 60 s every interval (1 s): a lock with
+# less than 45 s left has not been refreshed for 15 s, so its owner is gone, wherever it ran.
+_FREE_UNREFRESHED_LOCK = """
+local left = redis.call('PTTL', KEYS[1])
+if left >= 0 and left < tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+STALE_LOCK_MS = 45_000
+
+
 def release_stale_scheduler_locks(conn: redis.Redis) -> list[str]:
-    """Free scheduler locks held by a dead worker process on this host (e.g. after SIGKILL)."""
+    """Free scheduler locks whose owner is dead: on this host with no process, or silent 15 s."""
     freed = []
+    unrefreshed = conn.register_script(_FREE_UNREFRESHED_LOCK)
     for name in QUEUE_NAMES:
         lock_key = RQScheduler.get_locking_key(name)
         owner = conn.get(lock_key)
         if owner is None:
             continue
         info = {text(k): text(v) for k, v in conn.hgetall(f"rq:scheduler:{text(owner)}").items()}
-        if info.get("hostname") == socket.gethostname() and not _alive(int(info.get("pid", 0))):
-            conn.delete(lock_key)
+        dead_here = info.get("hostname") == socket.gethostname() and not _alive(
+            int(info.get("pid", 0))
+        )
+        if (dead_here and conn.delete(lock_key)) or unrefreshed([lock_key], [STALE_LOCK_MS]):
             freed.append(name)
     if freed:
-        log.warning("freed scheduler locks left by a dead worker: %s", ", ".join(freed))
+        log.warning("freed scheduler locks left by a dead scheduler: %s", ", ".join(freed))
     return freed
 
 

@@ -28,12 +28,14 @@ from typing import Any
 
 import redis
 import requests
+from rq.scheduler import RQScheduler
 
 from instruqt_crm import failures, identity, inbox, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.handling import FLUSH_JOB
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import KEY_PREFIX, QUEUE_NAME, queue, text
+from instruqt_crm.queueing import KEY_PREFIX, PENDING, QUEUE_NAME, queue, text
 from instruqt_crm.sync import LOCK_KEY
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
@@ -184,17 +186,15 @@ class Stack:
 
 
 def settled(conn: redis.Redis) -> bool:
-    """No event in the inbox, no queued or running job, nothing dirty or parked, no flush.
+    """Every accepted event handled and written: nothing in the inbox (waiting or being
+    handled), no contact dirty, no learner waiting for an email, no flush running.
 
-    Jobs scheduled for later do not count: all work lives in the inbox, the ledger and the
-    parked set, so a later ``retry_parked`` or flush with all three empty has nothing to do.
+    RQ jobs do not count: all work lives in the inbox, the ledger and the parked set, and a
+    job left "started" by a worker that lost Redis mid-job (RQ clears it after its timeout)
+    holds none of it.
     """
-    jobs = queue(QUEUE_NAME, conn)
     return (
         inbox.depth(conn) == 0
-        and jobs.count == 0
-        and jobs.started_job_registry.count == 0
-        and not conn.llen(jobs.intermediate_queue_key)  # popped by a worker that died
         and ledger.dirty_count(conn) == 0
         and identity.parked_count(conn) == 0
         and not conn.exists(LOCK_KEY)
@@ -204,6 +204,7 @@ def settled(conn: redis.Redis) -> bool:
 def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting (printed when a scenario times out)."""
     jobs = queue(QUEUE_NAME, conn)
+    oldest = ledger.dirty_since(conn, 1)
     return {
         "inbox": inbox.depth(conn),
         "jobs": jobs.count,
@@ -212,8 +213,12 @@ def state(conn: redis.Redis) -> dict[str, int]:
         "failed": jobs.failed_job_registry.count,
         "intermediate": int(conn.llen(jobs.intermediate_queue_key)),
         "dirty": ledger.dirty_count(conn),
+        "dirty_oldest_age_s": int(time.time() - oldest[0][1]) if oldest else -1,
+        "flush_mark_ttl_ms": int(conn.pttl(f"{PENDING}{FLUSH_JOB}")),
+        "scheduler_lock_ttl_ms": int(conn.pttl(RQScheduler.get_locking_key(QUEUE_NAME))),
         "parked": identity.parked_count(conn),
         "locked": int(conn.exists(LOCK_KEY)),
+        "scheduled_jobs": ",".join(jobs.scheduled_job_registry.get_job_ids()),
     }
 
 

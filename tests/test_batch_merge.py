@@ -8,10 +8,11 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruqt_crm import failures, inbox, ledger
+from instruqt_crm import failures, identity, inbox, ledger
 from instruqt_crm.events import parse_event
-from instruqt_crm.handling import handle_batch, handle_event
+from instruqt_crm.handling import Batch, handle, handle_batch, handle_event
 from tests.history import history
+from tests.signing import track_event
 from tests.test_ledger import EVENTS, runtime, snapshot
 
 MANY = history(12, seed=33)  # ~80 events, several per learner
@@ -91,3 +92,62 @@ def test_an_event_that_breaks_the_batch_merge_fails_alone(
     email = EVENTS[2]["params"]["email"]
     assert "msg_2" not in ledger.event_ids(redis_conn, email)
     assert ledger.event_ids(redis_conn, email)  # its learner's other events were merged
+
+
+def test_a_deterministic_redis_error_fails_the_event_not_the_batch(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """A type error on one contact's key would fail every retry: that event fails alone."""
+    run = runtime(redis_url)
+    broken = EVENTS[0]["params"]["email"]
+    redis_conn.set(ledger.contact_key(broken), "not a hash")
+    statuses = handle_batch(redis_conn, run, entries(EVENTS, list(range(len(EVENTS)))))
+    learner_events = sum(1 for body in EVENTS if body["user_id"] == EVENTS[0]["user_id"])
+    assert statuses["failed"] == learner_events
+    assert statuses["merged"] == len(EVENTS) - learner_events
+    assert all("WRONGTYPE" in f.reason for f in failures.every(redis_conn))
+
+
+def test_a_learner_with_thousands_of_waiting_events_is_released_in_one_batch(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    run = runtime(redis_url)
+    body = {**EVENTS[0], "user_id": "u-busy", "params": {}}
+    for number in range(9000):  # more than Lua's unpack() takes at once
+        identity.park(redis_conn, parse_event(f"w{number}", {**body, "challenge_id": f"c{number}"}))
+    reveal = {**body, "params": {"email": "busy@example.com"}}
+    handle_batch(redis_conn, run, [inbox.Entry("1-0", "reveal", reveal)])
+    assert identity.parked_events(redis_conn, "u-busy") == []
+    assert len(ledger.event_ids(redis_conn, "busy@example.com")) == 9001
+
+
+def test_a_learner_parked_by_another_worker_mid_batch_is_released_at_commit(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    run = runtime(redis_url)
+    reveal = track_event("u-race", challenge_id="c1", params={"email": "race@example.com"})
+    hidden = track_event("u-race", challenge_id="c2")
+    first = Batch(redis_conn, run, ["u-race"])  # u-race is not waiting when it starts
+    handle(first, parse_event("reveal", reveal))
+    assert handle_event(redis_conn, run, parse_event("hidden", hidden))["status"] == "parked"
+    first.commit()  # caches the email, then looks for learners parked meanwhile
+    assert identity.parked_events(redis_conn, "u-race") == []
+    assert ledger.event_ids(redis_conn, "race@example.com") == ["hidden", "reveal"]
+
+
+def test_an_event_parked_just_after_another_worker_cached_the_email_is_released(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch
+) -> None:
+    run = runtime(redis_url)
+    reveal = track_event("u-race", challenge_id="c1", params={"email": "race@example.com"})
+    hidden = track_event("u-race", challenge_id="c2")
+    real_park = identity.park
+
+    def other_worker_commits_first(conn, event):  # between this worker's lookup and its park
+        handle_batch(conn, run, [inbox.Entry("1-0", "reveal", reveal)])
+        real_park(conn, event)
+
+    monkeypatch.setattr(identity, "park", other_worker_commits_first)
+    handle_event(redis_conn, run, parse_event("hidden", hidden))
+    assert identity.parked_events(redis_conn, "u-race") == []
+    assert ledger.event_ids(redis_conn, "race@example.com") == ["hidden", "reveal"]

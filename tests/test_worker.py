@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import redis
+from rq.scheduler import RQScheduler
 
+from instruqt_crm import ledger
+from instruqt_crm.handling import FLUSH_JOB
 from instruqt_crm.inbox import enqueue_event
 from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
 from instruqt_crm.runtime import current_runtime
-from instruqt_crm.workers import build_worker
+from instruqt_crm.workers import build_worker, release_stale_scheduler_locks
 from tests.engine_helpers import engine_env
 from tests.signing import SECRET, track_event
 
@@ -62,3 +65,32 @@ def test_worker_process_runs_jobs_and_stops_on_sigterm(
             process.kill()
         output = process.stdout.read().decode() if process.stdout else ""
     assert SECRET not in output
+
+
+def test_maintenance_frees_a_scheduler_lock_nobody_refreshes(redis_conn: redis.Redis) -> None:
+    """A scheduler that died with Redis leaves its lock (persisted); maintenance frees it."""
+    lock = RQScheduler.get_locking_key(QUEUE_NAME)
+    redis_conn.set(lock, "dead-scheduler", px=40_000)  # not refreshed for 21 s: gone
+    assert release_stale_scheduler_locks(redis_conn) == [QUEUE_NAME]
+    assert not redis_conn.exists(lock)
+    redis_conn.set(lock, "live-scheduler", px=60_500)  # refreshed half a second ago
+    assert release_stale_scheduler_locks(redis_conn) == []
+    assert redis_conn.get(lock) == b"live-scheduler"
+
+
+def test_maintenance_queues_a_flush_for_contacts_left_waiting(
+    redis_url: str, redis_conn: redis.Redis, tmp_path, monkeypatch
+) -> None:
+    for name, value in engine_env(redis_url, tmp_path, FLUSH_WINDOW_SECONDS="1").items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
+    worker = build_worker(redis_conn, simple=True)
+    redis_conn.zadd(ledger.DIRTY_KEY, {"fresh@example.com": time.time()})
+    worker.run_maintenance_tasks()
+    assert queue(QUEUE_NAME, redis_conn).count == 0  # not late: left to its own flush
+    redis_conn.zadd(ledger.DIRTY_KEY, {"stuck@example.com": time.time() - 40})
+    worker.run_maintenance_tasks()
+    assert [job.func_name for job in queue(QUEUE_NAME, redis_conn).jobs] == [FLUSH_JOB]
+    worker.run_maintenance_tasks()
+    assert queue(QUEUE_NAME, redis_conn).count == 1  # pending: not queued twice
+    current_runtime.cache_clear()
