@@ -23,6 +23,7 @@ from .queueing import KEY_PREFIX, STATS_KEY, text
 log = logging.getLogger(__name__)
 CACHE_TTL = 90 * 24 * 3600
 NEGATIVE_TTL = 15 * 60
+LOOKUP_SECONDS = 20.0  # Instruqt lookups one batch may spend (see IdentityResolver)
 PARKED_USERS = f"{KEY_PREFIX}parked_users"
 BACKOFF = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 _NO_EMAIL = "-"
@@ -68,7 +69,7 @@ class Resolution:
     """The email found (or None) and where it came from."""
 
     email: str | None
-    source: str  # params | cache | lookup | negative-cache | none | lookup-failed
+    source: str  # params | cache | lookup | negative-cache | none | lookup-failed | lookup-deferred
 
 
 class IdentityResolver:
@@ -86,6 +87,9 @@ class IdentityResolver:
         self.lookup = lookup if identity.lookup else None
         self.writes = conn if writes is None else writes  # a pipeline defers cache writes
         self.known: dict[str, str] = {}  # emails learnt by this resolver, not yet sent
+        # A batch stops asking Instruqt once a lookup failed or LOOKUP_SECONDS went by: its
+        # other unknown learners wait (parked, retried later), the batch stays short.
+        self.lookups_until = time.monotonic() + LOOKUP_SECONDS
 
     def learn(self, user_id: str, email: str) -> None:
         """Cache a user's email (once per resolver)."""
@@ -119,10 +123,13 @@ class IdentityResolver:
             return self._count(found)
         if self.lookup is None:
             return self._count(Resolution(None, "none"))
+        if time.monotonic() >= self.lookups_until:
+            return self._count(Resolution(None, "lookup-deferred"))
         try:
             email = self.lookup.lookup_email(user_id)
         except (RetryableError, PermanentError) as exc:
             log.warning("email lookup for user %s failed: %s", user_id, exc.reason)
+            self.lookups_until = 0.0
             return self._count(Resolution(None, "lookup-failed"))
         if email:
             self.learn(user_id, email)

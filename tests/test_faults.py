@@ -277,8 +277,10 @@ def test_instruqt_lookup_down_then_back(tmp_path: Path) -> None:
         started = time.monotonic()
         outage = threading.Thread(target=lookup_comes_back)
         outage.start()
-        posted = post_all(stack.url, pairs)
+        half = len(pairs) // 2
+        posted = post_all(stack.url, pairs[:half])  # while the lookup is down
         outage.join()
+        posted.add(post_all(stack.url, pairs[half:]))  # after: lookups answer again
         conn = stack.conn()
         wait_for(lambda: drained(conn), 90, "the events to be merged or parked")
         parked = int(conn.hget(STATS_KEY, "events:parked") or 0)

@@ -152,3 +152,29 @@ def test_a_later_event_whose_lookup_succeeds_releases_the_waiting_ones(
     flush(redis_conn, runtime.adapter(redis_conn), MAPPING)
     record = dry_run_records(redis_conn)["found@example.com"]
     assert record["instruqt_tracks_started"] == "t" and record["instruqt_tracks_completed"] == "t"
+
+
+@responses.activate
+def test_a_batch_stops_asking_instruqt_after_a_failed_lookup(
+    redis_conn: redis.Redis, lookup
+) -> None:
+    """With Instruqt down or slow, one batch waits for one lookup, not one per learner."""
+    responses.post(GRAPHQL, status=503)
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event("u1")).source == "lookup-failed"
+    asked = len(responses.calls)  # the client's own attempts for u1
+    assert resolver.resolve(event("u2")) == identity.Resolution(None, "lookup-deferred")
+    assert len(responses.calls) == asked
+    fresh = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)  # the next batch
+    assert fresh.resolve(event("u2")).source == "lookup-failed"
+
+
+@responses.activate
+def test_a_batch_stops_asking_instruqt_when_its_lookup_time_is_spent(
+    redis_conn: redis.Redis, lookup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses.post(GRAPHQL, json=user_reply("grace@example.com"))
+    monkeypatch.setattr(identity, "LOOKUP_SECONDS", 0.0)
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event("u1")) == identity.Resolution(None, "lookup-deferred")
+    assert len(responses.calls) == 0
