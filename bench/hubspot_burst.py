@@ -46,7 +46,7 @@ from bench.common import (
 from bench.stack import MAPPING_PATH, FakeHubSpotProcess, start_receiver, start_workers
 from instruqt_crm import identity, inbox, ledger
 from instruqt_crm.crm.hubspot import format_value
-from instruqt_crm.inbox import DRAIN_JOB
+from instruqt_crm.queueing import DRAIN_JOB, FLUSH_JOB
 from instruqt_crm.sync import LOCK_KEY
 from tests.history import expected_records
 from tests.signing import SECRET, signed
@@ -54,7 +54,6 @@ from tests.signing import SECRET, signed
 TOKEN = "bench-token"
 WORKERS = 2
 BATCH = 100
-FLUSH_JOB = "instruqt_crm.jobs.flush_contacts"
 Delivery = tuple[bytes, dict[str, str]]
 Row = tuple[str, str, str]
 

@@ -37,8 +37,8 @@ from bench.common import (
 )
 from bench.common import realistic_events as make_events
 from instruqt_crm import inbox
-from instruqt_crm.inbox import DRAIN_JOB, enqueue_event
-from instruqt_crm.queueing import JOB_OPTIONS
+from instruqt_crm.inbox import enqueue_event
+from instruqt_crm.queueing import DRAIN_JOB, JOB_OPTIONS
 from tests.engine_helpers import engine_env
 
 TARGET_RATIO = 0.7

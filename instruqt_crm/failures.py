@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from . import inbox, ledger
-from .queueing import KEY_PREFIX, schedule_once, text
+from .queueing import FLUSH_JOB, KEY_PREFIX, schedule_once, text
 
 INDEX_KEY = f"{KEY_PREFIX}failures"
 COUNTS_KEY = f"{KEY_PREFIX}failure_counts"
@@ -158,5 +158,5 @@ def requeue(conn: redis.Redis, failure_id: str, flush_delay: float = 0.0) -> str
 
         plays.mark_dirty(conn, failure.body()["participant_id"])
     remove(conn, failure.id)
-    schedule_once(conn, "instruqt_crm.jobs.flush_contacts", flush_delay, flush_delay + 30)
+    schedule_once(conn, FLUSH_JOB, flush_delay, flush_delay + 30)
     return kind

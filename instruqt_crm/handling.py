@@ -24,16 +24,14 @@ from .events import Event, parse_event
 from .inbox import Entry
 from .logs import CURRENT_EVENT
 from .mapping import MappingFailure, PropertyChange, apply_event
-from .queueing import STATS_KEY, schedule_once
+from .queueing import FLUSH_JOB, RETRY_PARKED_JOB, STATS_KEY, schedule_once
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 # Redis errors that pass: the batch stays unacknowledged and is taken again. Others (a
 # script or type error) would fail the same way every time, so they fail the event instead.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
-FLUSH_JOB = "instruqt_crm.jobs.flush_contacts"
 FLUSH_STALL_SECONDS = 30
-RETRY_PARKED_JOB = "instruqt_crm.jobs.retry_parked"
 
 
 def wake_flush(conn: redis.Redis, runtime: Runtime) -> bool:

@@ -23,14 +23,13 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from .queueing import KEY_PREFIX, enqueue_job, text
+from .queueing import DRAIN_JOB, KEY_PREFIX, PENDING, enqueue_job, schedule_once, text
 
 log = logging.getLogger(__name__)
 
 INBOX_KEY = f"{KEY_PREFIX}inbox"
 GROUP = "workers"
-DRAIN_JOB = "instruqt_crm.jobs.process_inbox"
-DRAIN_MARK = f"{KEY_PREFIX}pending:{DRAIN_JOB}"
+DRAIN_MARK = f"{PENDING}{DRAIN_JOB}"  # schedule_once's mark, also set by the accept script
 DRAIN_MARK_MS = 10_000  # at most one queued drain job per 10 s of arrivals
 STALE_MS = 300_000  # a live consumer acknowledges far sooner than this (job timeout)
 
@@ -79,10 +78,7 @@ def enqueue_event(
 
 def wake(conn: redis.Redis) -> bool:
     """Queue a drain job if events wait and none is pending (a safety net after failures)."""
-    if not depth(conn) or not conn.set(DRAIN_MARK, "1", nx=True, px=DRAIN_MARK_MS):
-        return False
-    enqueue_job(conn, DRAIN_JOB)
-    return True
+    return depth(conn) > 0 and schedule_once(conn, DRAIN_JOB, 0, DRAIN_MARK_MS / 1000)
 
 
 def add(conn: redis.Redis | Any, message_id: str, body: dict[str, Any]) -> None:

@@ -19,8 +19,8 @@ from rq.job import Job
 
 from . import failures, identity, inbox, ledger
 from .errors import RetryableError
-from .handling import FLUSH_JOB, RETRY_PARKED_JOB, Batch, handle_batch, release, schedule_flush
-from .queueing import PENDING, schedule_once
+from .handling import Batch, handle_batch, release, schedule_flush
+from .queueing import FLUSH_JOB, PENDING, RETRY_PARKED_JOB, schedule_once
 from .runtime import Runtime, current_runtime
 from .sync import flush
 from .workers import worker_gone

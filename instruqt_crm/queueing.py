@@ -81,7 +81,10 @@ JOB_OPTIONS: dict[str, Any] = {
     "failure_ttl": 30 * 86400,
     "job_timeout": 120,
 }
-PENDING = f"{KEY_PREFIX}pending:"
+PENDING = f"{KEY_PREFIX}pending:"  # + a job's name: one of it is queued or scheduled
+DRAIN_JOB = "instruqt_crm.jobs.process_inbox"
+FLUSH_JOB = "instruqt_crm.jobs.flush_contacts"
+RETRY_PARKED_JOB = "instruqt_crm.jobs.retry_parked"
 
 
 def enqueue_job(conn: redis.Redis, func: str, delay: float = 0) -> None:

@@ -20,10 +20,10 @@ from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 from . import identity, inbox, ledger, plays
 from .config import SettingsError
 from .errors import SyncError
-from .handling import RETRY_PARKED_JOB, schedule_flush, wake_flush
+from .handling import schedule_flush, wake_flush
 from .logs import configure
 from .mapping import MappingError
-from .queueing import QUEUE_NAMES, connect, queue, queues, schedule_once, text
+from .queueing import QUEUE_NAMES, RETRY_PARKED_JOB, connect, queue, queues, schedule_once, text
 from .runtime import Runtime, current_runtime
 
 log = logging.getLogger(__name__)

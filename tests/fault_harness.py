@@ -33,9 +33,8 @@ from rq.scheduler import RQScheduler
 from instruqt_crm import failures, identity, inbox, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
-from instruqt_crm.handling import FLUSH_JOB
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import KEY_PREFIX, PENDING, QUEUE_NAME, queue, text
+from instruqt_crm.queueing import FLUSH_JOB, KEY_PREFIX, PENDING, QUEUE_NAME, queue, text
 from instruqt_crm.sync import LOCK_KEY
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt

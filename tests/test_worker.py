@@ -13,9 +13,8 @@ import redis
 from rq.scheduler import RQScheduler
 
 from instruqt_crm import ledger
-from instruqt_crm.handling import FLUSH_JOB
 from instruqt_crm.inbox import enqueue_event
-from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
+from instruqt_crm.queueing import FLUSH_JOB, QUEUE_NAME, STATS_KEY, queue
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker, release_stale_scheduler_locks
 from tests.engine_helpers import engine_env
