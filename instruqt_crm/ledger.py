@@ -72,7 +72,8 @@ def events_key(key: str) -> str:
     return f"{KEY_PREFIX}contact:{key}:events"
 
 
-def _dumps(value: Any) -> str:
+def encode(value: Any) -> str:
+    """A cell or sent value as stored: canonical JSON, so equal values compare equal."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
@@ -126,7 +127,7 @@ def merge_many(conn: redis.Redis, merges: Sequence[Merge]) -> list[bool]:
                 changed[index] = flag
             plan.append(write)
             keys += [contact_key(key), events_key(key)]
-        conflicts = script(keys=keys, args=[_dumps(plan), time.time()])
+        conflicts = script(keys=keys, args=[encode(plan), time.time()])
         todo = [todo[int(position) - 1] for position in conflicts]
     raise redis.WatchError(f"contacts {', '.join(todo[:5])}: too much contention to merge")
 
@@ -139,7 +140,7 @@ def _fold(items: list[Merge], current: dict[str, str]) -> tuple[dict[str, Any], 
     flags = []
     for item in items:
         fields = [f"c:{change.name}" for change in item.changes]
-        step = _merged(item.changes, [current.get(field) for field in fields])
+        step = merged_cells(item.changes, [current.get(field) for field in fields])
         current.update(step)
         updates.update(step)
         flags.append(bool(step))
@@ -155,7 +156,7 @@ def _fold(items: list[Merge], current: dict[str, str]) -> tuple[dict[str, Any], 
     return write, flags
 
 
-def _merged(changes: Sequence[PropertyChange], stored: Sequence[Any]) -> dict[str, str]:
+def merged_cells(changes: Sequence[PropertyChange], stored: Sequence[Any]) -> dict[str, str]:
     """The cell fields the changes alter (several changes to one property fold together)."""
     original = {f"c:{c.name}": raw for c, raw in zip(changes, stored, strict=True)}
     cells: dict[str, dict[str, Any]] = {}
@@ -164,7 +165,7 @@ def _merged(changes: Sequence[PropertyChange], stored: Sequence[Any]) -> dict[st
         raw = original[field]
         current = cells[field] if field in cells else (json.loads(raw) if raw else None)
         cells[field] = merge_cells(change.policy, current, to_cell(change))
-    encoded = {field: _dumps(cell) for field, cell in cells.items()}
+    encoded = {field: encode(cell) for field, cell in cells.items()}
     return {
         field: value
         for field, value in encoded.items()
@@ -203,12 +204,24 @@ def pending(conn: redis.Redis, key: str, mapping: Mapping) -> Pending:
 
 def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | None = None) -> bool:
     """Record values the CRM accepted; leave the dirty set if nothing merged meanwhile."""
+    return settle_record(conn, contact_key(key), DIRTY_KEY, key, version, sent)
+
+
+def settle_record(
+    conn: redis.Redis,
+    hash_key: str,
+    dirty_key: str,
+    member: str,
+    version: str,
+    sent: dict[str, Value] | None = None,
+) -> bool:
+    """``settle`` for any versioned record hash and its dirty set (contacts, plays)."""
     pairs: list[str] = []
     for name, value in (sent or {}).items():
-        pairs += [f"s:{name}", _dumps(value)]
+        pairs += [f"s:{name}", encode(value)]
     script = conn.register_script(_SETTLE)
-    args: list[str | float] = [version, key, time.time(), *pairs]
-    return bool(script(keys=[contact_key(key), DIRTY_KEY], args=args))
+    args: list[str | float] = [version, member, time.time(), *pairs]
+    return bool(script(keys=[hash_key, dirty_key], args=args))
 
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:

@@ -31,7 +31,7 @@ from . import failures, ledger
 from .crm.base import ContactChange, CrmAdapter, PlayRecords, Value
 from .events import Event, format_timestamp, parse_timestamp
 from .ledger import Pending
-from .mapping import Mapping, PlaysOptions, PropertyChange, cell_value, merge_cells, to_cell
+from .mapping import Mapping, PlaysOptions, PropertyChange, cell_value
 from .queueing import KEY_PREFIX, text
 
 if TYPE_CHECKING:
@@ -53,10 +53,6 @@ CELLS: dict[str, str] = {  # cell -> merge policy
 def play_key(participant: str) -> str:
     """The hash holding one play's state."""
     return f"{KEY_PREFIX}play:{participant}"
-
-
-def _encode(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _given(value: Any) -> str | None:
@@ -110,13 +106,7 @@ def merge_event(conn: redis.Redis, mapping: Mapping, event: Event, email: str) -
     learner = {"email": email, **({"user_id": event.user_id} if event.user_id else {})}
 
     def apply(pipe: Pipeline) -> bool:
-        updates: dict[str, str] = {}
-        for change, field, raw in zip(changes, fields, pipe.hmget(key, fields), strict=True):
-            cell = _encode(
-                merge_cells(change.policy, json.loads(raw) if raw else None, to_cell(change))
-            )
-            if raw is None or text(raw) != cell:
-                updates[field] = cell
+        updates = ledger.merged_cells(changes, pipe.hmget(key, fields))
         pipe.multi()
         stored: dict[Any, str] = {**learner, **updates}
         pipe.hset(key, mapping=stored)
@@ -184,20 +174,7 @@ def settle(
     conn: redis.Redis, participant: str, version: str, sent: dict[str, Value] | None = None
 ) -> bool:
     """Record fields the CRM accepted; the play leaves the dirty set unless it changed since."""
-    key = play_key(participant)
-
-    def apply(pipe: Pipeline) -> bool:
-        current = text(pipe.hget(key, "version") or "0")
-        pipe.multi()
-        if sent:
-            pipe.hset(key, mapping={f"s:{name}": _encode(found) for name, found in sent.items()})
-        if current == version:
-            pipe.zrem(DIRTY_KEY, participant)
-        else:
-            pipe.zadd(DIRTY_KEY, {participant: time.time()}, nx=True)
-        return current == version
-
-    return _atomically(conn, key, apply)
+    return ledger.settle_record(conn, play_key(participant), DIRTY_KEY, participant, version, sent)
 
 
 def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
@@ -283,5 +260,7 @@ def _send_batch(
 def _reject(conn: redis.Redis, change: ContactChange, reason: str, category: str) -> None:
     """Keep a rejected play visible and requeueable (``failed requeue``, or its next event)."""
     payload = {"participant_id": change.key, "email": change.email, "fields": change.properties}
-    failures.record(conn, category or "validation", reason, f"play:{change.key}", _encode(payload))
+    failures.record(
+        conn, category or "validation", reason, f"play:{change.key}", ledger.encode(payload)
+    )
     log.warning("play %s of %s rejected by the CRM: %s", change.key, change.email, reason)
