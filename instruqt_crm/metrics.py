@@ -36,6 +36,7 @@ from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
 log = logging.getLogger(__name__)
 PREFIX = f"{KEY_PREFIX}metrics:"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+LABEL_SEPARATOR = "\x1f"  # between a counter's label values in its hash field
 TALLY_SECONDS = 1.0  # the web receiver writes its counts about this often (see Tally)
 COUNTERS = {
     "webhook_requests": ("Webhook deliveries answered, by outcome.", ("outcome",)),
@@ -47,10 +48,15 @@ COUNTERS = {
 }
 
 
+def counter_field(name: str, labels: Sequence[str]) -> tuple[str, str]:
+    """The Redis hash and field holding one counter's value for these labels."""
+    return PREFIX + name, LABEL_SEPARATOR.join(labels)
+
+
 def incr(conn: redis.Redis, name: str, *labels: str, amount: int = 1) -> None:
     """Add to a counter (labels in the order declared in COUNTERS)."""
     with contextlib.suppress(redis.RedisError):
-        conn.hincrby(PREFIX + name, "\x1f".join(labels), amount)
+        conn.hincrby(*counter_field(name, labels), amount)
 
 
 class Tally:
@@ -83,7 +89,7 @@ class Tally:
 
     def incr(self, name: str, *labels: str, amount: int = 1) -> None:
         """Add to a counter (labels in the order declared in COUNTERS)."""
-        key = (PREFIX + name, "\x1f".join(labels))
+        key = counter_field(name, labels)
         now = self.clock()
         with self._lock:
             self._pending[key] += amount
@@ -195,7 +201,7 @@ class RedisCollector:
         for name, (doc, label_names) in COUNTERS.items():
             family = CounterMetricFamily(f"instruqt_crm_{name}", doc, labels=label_names)
             for field, value in self.conn.hgetall(PREFIX + name).items():
-                family.add_metric(text(field).split("\x1f"), int(value))
+                family.add_metric(text(field).split(LABEL_SEPARATOR), int(value))
             yield family
         yield from self._events()
         yield self._latency()
