@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from instruqt_crm.runtime import current_runtime
+from tests.engine_helpers import engine_env
+
 TEST_DBS = range(9, 16)  # one per concurrent test session; db 0 holds the claims
 
 
@@ -71,3 +74,13 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
     conn = redis.Redis.from_url(redis_url)
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def engine(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Engine settings in the environment; yields the dry-run output file."""
+    for name, value in engine_env(redis_url, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
+    yield tmp_path / "dry-run.jsonl"
+    current_runtime.cache_clear()

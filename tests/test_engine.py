@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from instruqt_crm.queueing import STATS_KEY
 from instruqt_crm.runtime import current_runtime
 from tests.engine_helpers import drain, dry_run_batches, engine_env, enqueue_all
 from tests.history import deliveries, expected_records, history
-
-
-@pytest.fixture
-def engine(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Engine settings in the environment; yields the dry-run output file."""
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield tmp_path / "dry-run.jsonl"
-    current_runtime.cache_clear()
 
 
 def started(user_id: str, email: str | None = None, **extra: object) -> dict[str, object]:

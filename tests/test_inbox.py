@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,9 @@ from rq.worker import SimpleWorker
 from instruqt_crm import failures, handling, identity, inbox, jobs, ledger
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
-from instruqt_crm.runtime import current_runtime
 from instruqt_crm.workers import build_worker
-from tests.engine_helpers import drain, engine_env, enqueue_all
+from tests.engine_helpers import drain, enqueue_all
 from tests.signing import track_event
-
-
-@pytest.fixture
-def engine(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Engine settings in the environment; yields the dry-run output file."""
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield tmp_path / "dry-run.jsonl"
-    current_runtime.cache_clear()
 
 
 def challenge(number: int, learner: int | None = None) -> tuple[str, dict[str, object]]:

@@ -269,6 +269,12 @@ def handle(conn: redis.Redis, run: Runtime, bodies: list[dict[str, Any]], tag: s
         handle_event(conn, run, parse_event(f"{tag}{number}", body))
 
 
+def handle_learners(conn: redis.Redis, run: Runtime, count: int) -> None:
+    """Learners u0, u1, ... each with one play (p0, p1, ...) started and completed."""
+    for n in range(count):
+        handle(conn, run, learner(f"p{n}", f"u{n}@acme.io", f"u{n}"), tag=f"l{n}-")
+
+
 def play_records(fake: FakeSalesforce) -> dict[str, dict[str, Any]]:
     return fake.by_field(PLAY_OBJECT, PLAY_KEY)
 
@@ -318,14 +324,7 @@ def test_a_converted_lead_links_its_plays_to_the_contact(
     with FakeSalesforce() as fake:
         sf = adapter(fake)
         contact = fake.add("Contact", Email="other@acme.io", LastName="C")
-        fake.add(
-            "Lead",
-            Email="u1@acme.io",
-            LastName="L",
-            Company="A",
-            IsConverted=True,
-            ConvertedContactId=contact,
-        )
+        fake.add_converted_lead("u1@acme.io", contact)
         handle(redis_conn, engine_runtime(redis_url), learner("p1", "u1@acme.io", "u1"))
         flush(redis_conn, sf, MAPPING)
         assert play_records(fake)["p1"]["Contact__c"] == contact
@@ -337,8 +336,7 @@ def test_one_bad_play_does_not_fail_its_batch_mates(
     with FakeSalesforce() as fake:
         sf = adapter(fake)
         run = engine_runtime(redis_url)
-        for n in range(3):
-            handle(redis_conn, run, learner(f"p{n}", f"u{n}@acme.io", f"u{n}"), tag=f"l{n}-")
+        handle_learners(redis_conn, run, 3)
         fake.record_errors["p1"] = ["FIELD_CUSTOM_VALIDATION_EXCEPTION"]
         flush(redis_conn, sf, MAPPING)
         assert set(play_records(fake)) == {"p0", "p2"}
@@ -399,8 +397,7 @@ def test_a_refused_play_request_is_split_to_find_the_record(
     with FakeSalesforce() as fake:
         sf = adapter(fake)
         run = engine_runtime(redis_url)
-        for n in range(4):
-            handle(redis_conn, run, learner(f"p{n}", f"u{n}@acme.io", f"u{n}"), tag=f"l{n}-")
+        handle_learners(redis_conn, run, 4)
         fake.custom_objects[PLAY_OBJECT].pop("Minutes_Spent__c")  # an admin deleted the field
         report = flush(redis_conn, sf, MAPPING)
         assert report.synced == 4 and play_records(fake) == {}

@@ -84,14 +84,7 @@ def test_a_lead_found_by_user_id_after_an_email_change_is_updated() -> None:
 def test_converted_lead_is_followed_to_its_contact() -> None:
     with FakeSalesforce() as fake:
         contact = fake.add("Contact", Email="someone.else@acme.io", LastName="C")
-        fake.add(
-            "Lead",
-            Email="u1@acme.io",
-            LastName="L",
-            Company="A",
-            IsConverted=True,
-            ConvertedContactId=contact,
-        )
+        fake.add_converted_lead("u1@acme.io", contact)
         outcome = adapter(fake).upsert([change(1)])[0]
         assert outcome.status == "synced" and outcome.record_id == contact
         assert fake.records["Contact"][contact]["Instruqt_Last_Track__c"] == "k8s"

@@ -153,6 +153,17 @@ class FakeSalesforce:
         self.records[sobject][record_id] = {"Id": record_id, **fields}
         return record_id
 
+    def add_converted_lead(self, email: str, contact_id: str) -> str:
+        """A Lead with this Email already converted into the given Contact; its Id."""
+        return self.add(
+            "Lead",
+            Email=email,
+            LastName="L",
+            Company="A",
+            IsConverted=True,
+            ConvertedContactId=contact_id,
+        )
+
     def issue_token(self) -> str:
         """A valid access token (as if from a session flow)."""
         token = f"00Dfake!token{len(self.tokens_issued) + 1}"
