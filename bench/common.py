@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import random
 import select
@@ -12,11 +13,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import psutil
 import redis
 from rq import Queue
 from rq.job import Job
@@ -29,6 +32,86 @@ from tests.history import history, learner_history
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 CLAIM_PREFIX = "instruqt_crm_test_db_claim:"  # shared with tests/conftest.py
+WEBHOOK_PATH = "/webhooks/instruqt"
+Delivery = tuple[bytes, dict[str, str]]  # a signed body and its headers
+
+
+class Answer(NamedTuple):
+    """One POST: the status (0 when the connection failed), its latency and when it ended."""
+
+    status: int
+    seconds: float
+    ended: float  # time.monotonic()
+
+
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User + system CPU seconds so far of each role's processes (with their exited and
+    reaped children, e.g. RQ's work horses), and of the whole machine."""
+    used: dict[str, float] = {}
+    for role, members in processes.items():
+        total = 0.0
+        for process in members:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+        used[role] = total
+    machine = psutil.cpu_times()
+    used["busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    used["total"] = sum(machine)
+    used["irq"] = getattr(machine, "irq", 0.0) + getattr(machine, "softirq", 0.0)
+    used["steal"] = getattr(machine, "steal", 0.0)  # taken by the host (a VM's neighbours)
+    return used
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants alive now (none if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def post_deliveries(
+    port: int, deliveries: list[Delivery], clients: int, seconds: float | None = None
+) -> list[Answer]:
+    """POST deliveries in order from ``clients`` threads, each with one keep-alive
+    ``http.client`` connection (a light client: its CPU competes with the server's), until
+    all are sent or ``seconds`` have passed."""
+    answers: list[list[Answer]] = [[] for _ in range(clients)]
+    counter = iter(range(len(deliveries)))
+    lock = threading.Lock()
+    stop = None if seconds is None else time.monotonic() + seconds
+
+    def client(slot: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while stop is None or time.monotonic() < stop:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                break
+            body, headers = deliveries[index]
+            began = time.perf_counter()
+            try:
+                connection.request("POST", WEBHOOK_PATH, body=body, headers=headers)
+                reply = connection.getresponse()
+                reply.read()
+                status = reply.status
+            except (OSError, http.client.HTTPException):
+                status = 0
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            answers[slot].append(Answer(status, time.perf_counter() - began, time.monotonic()))
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [answer for mine in answers for answer in mine]
 
 
 def fresh_redis(url: str = REDIS_URL) -> redis.Redis:

@@ -18,29 +18,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
-import requests
 
 from bench.common import (
     REDIS_URL,
+    Delivery,
     Processes,
     burst_events,
     claimed_db,
+    cpu_seconds,
     ended_job_ids,
     free_port,
     fresh_redis,
     handled,
     job_spans,
     jobs_waiting,
+    post_deliveries,
     print_table,
+    process_tree,
     wait_for,
 )
 from bench.stack import MAPPING_PATH, FakeHubSpotProcess, start_receiver, start_workers
@@ -54,7 +56,6 @@ from tests.signing import SECRET, signed
 TOKEN = "bench-token"
 WORKERS = 2
 BATCH = 100
-Delivery = tuple[bytes, dict[str, str]]
 Row = tuple[str, str, str]
 
 
@@ -85,6 +86,7 @@ class Posted:
     first_accept: float
     last_accept: float
     seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # seconds by role while posting
 
 
 @dataclass
@@ -106,27 +108,36 @@ def now() -> float:
     return time.monotonic()
 
 
-def post_all(url: str, deliveries: list[Delivery], threads: int) -> Posted:
-    """POST every delivery from a thread pool (one requests.Session per thread)."""
-    local = threading.local()
-
-    def post(delivery: Delivery) -> tuple[int, float]:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
-        try:
-            status = session.post(url, data=delivery[0], headers=delivery[1], timeout=10)
-            return status.status_code, now()
-        except requests.RequestException:
-            return 0, now()
-
+def post_all(port: int, deliveries: list[Delivery], threads: int) -> Posted:
+    """POST every delivery to the receiver as fast as it takes them."""
     start = now()
-    with ThreadPoolExecutor(threads) as pool:
-        answers = list(pool.map(post, deliveries))
-    accepted = [moment for status, moment in answers if status == 202]
-    statuses = Counter(status for status, _ in answers)
+    answers = post_deliveries(port, deliveries, threads)
+    accepted = [answer.ended for answer in answers if answer.status == 202]
+    statuses = Counter(answer.status for answer in answers)
     if not accepted:
         raise RuntimeError(f"the receiver accepted nothing: {dict(statuses)}")
     return Posted(statuses, min(accepted), max(accepted), now() - start)
+
+
+ROLES = {"gunicorn": "receiver", "worker": "workers", "fake": "fake HubSpot"}
+
+
+def roles(processes: Processes, conn: redis.Redis) -> dict[str, list[psutil.Process]]:
+    """The processes behind each part of the stack, now (work horses come and go)."""
+    found: dict[str, list[psutil.Process]] = {"client": [psutil.Process()]}
+    for name, process in processes.started:
+        role = ROLES[name.split("-")[0]]
+        found[role] = found.get(role, []) + process_tree(process.pid)
+    found["redis"] = process_tree(int(conn.info("server")["process_id"]))
+    return found
+
+
+def cpu_while(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each role used between two ``cpu_seconds`` readings, and the machine's
+    busy share (0-1)."""
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    used["busy"] = used["busy"] / used.pop("total") if used["total"] else 0.0
+    return used
 
 
 def state(conn: redis.Redis) -> dict[str, int]:
@@ -199,10 +210,13 @@ def run(scenario: Scenario, events: list[dict[str, Any]], args: argparse.Namespa
         )
         provisioning = fake.provision()
         env = shared_env(scenario, fake)
-        url = start_receiver(processes, env, free_port())
+        port = free_port()
+        start_receiver(processes, env, port)
         start_workers(processes, env, conn, WORKERS, args.worker_command)
         deliveries = [signed(body, msg_id=f"msg_{n:06d}") for n, body in enumerate(events)]
-        posted = post_all(url, deliveries, args.threads)
+        before = cpu_seconds(roles(processes, conn))
+        posted = post_all(port, deliveries, args.threads)
+        posted.cpu = cpu_while(before, cpu_seconds(roles(processes, conn)))
 
         def done() -> bool:
             processes.check_alive()
@@ -252,6 +266,7 @@ def figures(scenario: Scenario, events: list[dict[str, Any]], seen: Outcome) -> 
         "statuses": dict(posted.statuses),
         "post_rate": sum(posted.statuses.values()) / posted.seconds,
         "post_seconds": posted.seconds,
+        "post_cpu": posted.cpu,
         "requests": len(log),
         "upserts": len(upserts),
         "inputs": sum(r["inputs"] for r in upserts),
@@ -277,6 +292,14 @@ def figures(scenario: Scenario, events: list[dict[str, Any]], seen: Outcome) -> 
     }
 
 
+def cpu_note(f: dict[str, Any]) -> str:
+    """Milliseconds of CPU per posted event, by role, largest first."""
+    shown = {k: v for k, v in f["post_cpu"].items() if k not in ("busy", "steal") and v > 0}
+    parts = [f"{role} {1000 * seconds / f['posted']:.2f}" for role, seconds in
+             sorted(shown.items(), key=lambda item: -item[1])]  # fmt: skip
+    return "ms/event: " + ", ".join(parts)
+
+
 def verdict(ok: bool) -> str:
     """met / MISSED."""
     return "met" if ok else "MISSED"
@@ -288,6 +311,7 @@ def common_rows(f: dict[str, Any], learners: int, requests_note: str) -> list[Ro
     return [
         ("events posted / accepted", f"{f['posted']}/{f['accepted']}", str(f["statuses"])),
         ("posting took", f"{f['post_seconds']:.1f} s", f"{f['post_rate']:.0f} events/s"),
+        ("  CPU meanwhile", f"{100 * f['post_cpu'].get('busy', 0):.0f} % busy", cpu_note(f)),
         ("HubSpot requests (total)", str(f["requests"]), requests_note),
         ("  batch upserts / other", f"{f['upserts']}/{f['other']}", f"{f['inputs']} inputs sent"),
         ("429s received", str(f["count_429"]), f"target 0: {verdict(f['count_429'] == 0)}"),

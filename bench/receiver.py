@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,14 @@ from pathlib import Path
 import psutil
 from flask import Flask
 
+from bench.common import WEBHOOK_PATH, Delivery, cpu_seconds, post_deliveries, process_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ROLES = ("client", "gunicorn", "redis", "irq", "steal", "other")
 bare_app = Flask(__name__)
 
-Delivery = tuple[bytes, dict[str, str]]
 
-
-@bare_app.post("/webhooks/instruqt")
+@bare_app.post(WEBHOOK_PATH)
 def bare_route() -> tuple[str, int]:
     """The baseline: a Flask route that accepts anything."""
     return '{"status":"queued"}', 202
@@ -84,26 +83,6 @@ HEADER = (
     + " ".join(f"{role:>7}" for role in CPU_ROLES)
     + f" {'idle %':>6}\n{'':<51}(CPU us per request, user + system)"
 )
-
-
-def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    """User + system CPU seconds so far of each role's processes, and of the whole machine."""
-    used: dict[str, float] = {}
-    for role, members in processes.items():
-        total = 0.0
-        for process in members:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        used[role] = total
-    machine = psutil.cpu_times()
-    used["busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-    used["total"] = sum(machine)
-    used["irq"] = getattr(machine, "irq", 0.0) + getattr(machine, "softirq", 0.0)
-    used["steal"] = getattr(machine, "steal", 0.0)  # taken by the host (a VM's neighbours)
-    return used
 
 
 def cpu_per_request(
@@ -197,57 +176,24 @@ def load(
 
     ``processes`` (role -> processes) are measured for CPU with the client (this process).
     """
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    counter = iter(range(len(requests)))
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client(slot: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while time.monotonic() < stop:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            body, headers = requests[index]
-            began = time.perf_counter()
-            try:
-                connection.request("POST", "/webhooks/instruqt", body=body, headers=headers)
-                answer = connection.getresponse()
-                answer.read()
-            except (OSError, http.client.HTTPException):
-                errors[slot] += 1
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                continue
-            if 200 <= answer.status < 300:
-                latencies[slot].append(time.perf_counter() - began)
-            else:
-                errors[slot] += 1
-
     roles = {"client": [psutil.Process()], **(processes or {})}
     cpu_before = cpu_seconds(roles)
     began = time.monotonic()
-    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = post_deliveries(port, requests, clients, seconds)
     elapsed = time.monotonic() - began
     cpu_after = cpu_seconds(roles)
-    every = sorted(x for mine in latencies for x in mine)
+    every = sorted(a.seconds for a in answers if 200 <= a.status < 300)
     if not every:
         raise SystemExit(f"{name}: no successful request")
     p99 = every[min(len(every) - 1, int(len(every) * 0.99))]
     return Result(
         name,
         len(every),
-        sum(errors),
+        len(answers) - len(every),
         elapsed,
         statistics.median(every) * 1000,
         p99 * 1000,
-        cpu_per_request(cpu_before, cpu_after, len(every) + sum(errors)),
+        cpu_per_request(cpu_before, cpu_after, len(answers)),
     )
 
 
@@ -269,9 +215,8 @@ def run_target(
         wait_up(port)
         warm = int(len(requests) * args.warmup / (args.warmup + args.seconds))
         load(name, port, requests[:warm], args.clients, args.warmup)
-        master = psutil.Process(server.pid)
         processes = {
-            "gunicorn": [master, *master.children(recursive=True)],
+            "gunicorn": process_tree(server.pid),
             "redis": [psutil.Process(redis_pid)],
         }
         return load(name, port, requests[warm:], args.clients, args.seconds, processes)
