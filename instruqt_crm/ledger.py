@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from .crm.base import ContactChange, Value
 from .mapping import Mapping, PropertyChange
@@ -183,13 +184,27 @@ class Pending:
 
 def pending(conn: redis.Redis, key: str, mapping: Mapping) -> Pending:
     """The values that differ from what the CRM last accepted (None: nothing to send)."""
-    stored = {text(k): text(v) for k, v in conn.hgetall(contact_key(key)).items()}
+    return pending_many(conn, [key], mapping)[0]
+
+
+def pending_many(conn: redis.Redis, keys: Sequence[str], mapping: Mapping) -> list[Pending]:
+    """``pending`` for several contacts, read in one round trip."""
+    with conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(contact_key(key))
+        found = pipe.execute()
+    return [_unsent(key, stored, mapping) for key, stored in zip(keys, found, strict=True)]
+
+
+def _unsent(key: str, raw: dict[Any, Any], mapping: Mapping) -> Pending:
+    """A contact's pending change, from its hash."""
+    stored = {text(k): text(v) for k, v in raw.items()}
     values: dict[str, Value] = {}
     for name, spec in mapping.properties.items():
-        raw = stored.get(f"c:{name}")
-        if raw is None:
+        cell = stored.get(f"c:{name}")
+        if cell is None:
             continue
-        value = cell_value(spec.merge, json.loads(raw), spec.type)
+        value = cell_value(spec.merge, json.loads(cell), spec.type)
         if value is None:
             continue
         sent = stored.get(f"s:{name}")
@@ -207,6 +222,13 @@ def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | N
     return settle_record(conn, contact_key(key), DIRTY_KEY, key, version, sent)
 
 
+def queue_settle(
+    pipe: Pipeline, key: str, version: str, sent: dict[str, Value] | None = None
+) -> None:
+    """``settle`` as part of a pipeline (sent when the pipeline is)."""
+    _settle_script(pipe, contact_key(key), DIRTY_KEY, key, version, sent)
+
+
 def settle_record(
     conn: redis.Redis,
     hash_key: str,
@@ -216,12 +238,23 @@ def settle_record(
     sent: dict[str, Value] | None = None,
 ) -> bool:
     """``settle`` for any versioned record hash and its dirty set (contacts, plays)."""
+    return bool(_settle_script(conn, hash_key, dirty_key, member, version, sent))
+
+
+def _settle_script(
+    client: redis.Redis | Pipeline,
+    hash_key: str,
+    dirty_key: str,
+    member: str,
+    version: str,
+    sent: dict[str, Value] | None,
+) -> Any:
+    """Run (or, on a pipeline, queue) the settle script: its reply, or the pipeline."""
     pairs: list[str] = []
     for name, value in (sent or {}).items():
         pairs += [f"s:{name}", encode(value)]
-    script = conn.register_script(_SETTLE)
-    args: list[str | float] = [version, member, time.time(), *pairs]
-    return bool(script(keys=[hash_key, dirty_key], args=args))
+    script = client.register_script(_SETTLE)
+    return script(keys=[hash_key, dirty_key], args=[version, member, time.time(), *pairs])
 
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:

@@ -179,14 +179,13 @@ def observe(conn: redis.Redis, name: str, seconds: Sequence[float]) -> None:
     """Record observations in a histogram with LATENCY_BUCKETS."""
     if not seconds:
         return
+    counts = Counter(str(bound) for value in seconds for bound in LATENCY_BUCKETS if value <= bound)
+    counts["+Inf"] = len(seconds)
     with contextlib.suppress(redis.RedisError), conn.pipeline(transaction=False) as pipe:
         key = PREFIX + name
-        for value in seconds:
-            for bound in LATENCY_BUCKETS:
-                if value <= bound:
-                    pipe.hincrby(key, str(bound), 1)
-            pipe.hincrby(key, "+Inf", 1)
-            pipe.hincrbyfloat(key, "sum", value)
+        for bucket, count in counts.items():
+            pipe.hincrby(key, bucket, count)
+        pipe.hincrbyfloat(key, "sum", sum(seconds))
         pipe.execute()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
+from redis.client import Pipeline
 from redis.lock import Lock
 
 from . import failures, ledger, metrics, plays, trace
@@ -61,11 +62,16 @@ def send(
 
 
 def _record(
-    conn: redis.Redis, change: ContactChange, outcome: Outcome, version: str, report: FlushReport
+    conn: redis.Redis,
+    writes: Pipeline,
+    change: ContactChange,
+    outcome: Outcome,
+    version: str,
+    report: FlushReport,
 ) -> None:
-    """Apply one outcome to the ledger (and the failure registry for a rejection)."""
+    """Apply one outcome: trail and ledger through ``writes``, a rejection to the registry."""
     trace.note(
-        conn,
+        writes,
         change.email,
         "sent" if outcome.status == "synced" else outcome.status,
         properties=change.properties,
@@ -73,7 +79,7 @@ def _record(
         record_id=outcome.record_id,
     )
     if outcome.status == "synced":
-        ledger.settle(conn, change.key, version, change.properties)
+        ledger.queue_settle(writes, change.key, version, change.properties)
         report.synced += 1
     elif outcome.status == "rejected":
         payload = {
@@ -88,7 +94,7 @@ def _record(
             change.key,
             json.dumps(payload, sort_keys=True),
         )
-        ledger.settle(conn, change.key, version)
+        ledger.queue_settle(writes, change.key, version)
         report.rejected += 1
         report.reasons.append(outcome.reason)
         log.warning("contact %s rejected by the CRM: %s", change.key, outcome.reason)
@@ -107,7 +113,8 @@ def flush_batch(
 
     A batch smaller than the adapter's waits until its oldest contact has been dirty for
     ``window`` seconds (``report.wait`` says how long), so changes arriving in a stream
-    are sent in full batches, not a few contacts per request.
+    are sent in full batches, not a few contacts per request. The batch's contacts are read
+    in one round trip and its outcomes written in another.
     """
     dirty = ledger.dirty_since(conn, adapter.batch_size)
     if not dirty:
@@ -117,25 +124,27 @@ def flush_batch(
         if wait > 0:
             report.wait = wait
             return False
-    keys = [key for key, _ in dirty]
     since = dict(dirty)
-    batch: list[tuple[ContactChange, str]] = []
-    for key in keys:
-        found = ledger.pending(conn, key, mapping)
-        if found.change is None:
-            ledger.settle(conn, key, found.version)
-            report.unchanged += 1
-        else:
-            batch.append((found.change, found.version))
+    batch: dict[str, tuple[ContactChange, str]] = {}
+    with conn.pipeline(transaction=False) as writes:
+        for key, found in zip(since, ledger.pending_many(conn, list(since), mapping), strict=True):
+            if found.change is None:
+                ledger.queue_settle(writes, key, found.version)
+                report.unchanged += 1
+            else:
+                batch[key] = (found.change, found.version)
+        writes.execute()
     if not batch:
         return True
-    versions = {change.key: (change, version) for change, version in batch}
     latencies = []
-    for outcome in send(adapter, [change for change, _ in batch], report):
-        change, version = versions[outcome.key]
-        _record(conn, change, outcome, version, report)
-        if outcome.status == "synced" and since.get(change.key) is not None:
-            latencies.append(time.time() - since[change.key])
+    outcomes = send(adapter, [change for change, _ in batch.values()], report)
+    with conn.pipeline(transaction=False) as writes:
+        for outcome in outcomes:
+            change, version = batch[outcome.key]
+            _record(conn, writes, change, outcome, version, report)
+            if outcome.status == "synced":
+                latencies.append(time.time() - since[change.key])
+        writes.execute()
     metrics.observe(conn, "flush_latency", latencies)
     return report.retry == 0
 

@@ -17,7 +17,7 @@ from instruqt_crm.events import parse_event
 from instruqt_crm.handling import handle_event
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.runtime import Runtime
-from instruqt_crm.sync import flush
+from instruqt_crm.sync import FlushReport, flush, flush_batch
 from tests.history import history
 from tests.signing import SECRET
 
@@ -205,3 +205,67 @@ def test_the_flush_lease_is_renewed_while_a_batch_is_slow(
     report = flush(redis_conn, Slow(redis_conn, MAPPING, tmp_path / "o.jsonl"), MAPPING, lease=2)
     assert report.synced == 2
     assert not redis_conn.exists("instruqt_crm:flush:lock")
+
+
+class CountingConnection(redis.Connection):
+    """A connection that counts what it sends: one count per command or pipeline."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def round_trips_of_a_batch(redis_url: str, conn: redis.Redis, contacts: int, path: Path) -> int:
+    """Round trips of one ``flush_batch`` of ``contacts`` changed and as many unchanged ones."""
+    conn.flushdb()
+    run = runtime(redis_url)
+    dirty_contacts(conn, run, 2 * contacts)
+    flush(conn, CountingAdapter(conn, MAPPING, path), MAPPING)  # all sent once...
+    ledger.mark_dirty(conn, [f"u{n}@example.com" for n in range(contacts)])  # ...unchanged
+    for number in range(contacts, 2 * contacts):  # ...changed
+        later = {**next_day_event("track.completed"), "user_id": f"u{number}"}
+        later["params"] = {"email": f"u{number}@example.com"}
+        handle_event(conn, run, parse_event(f"later{number}", later))
+    counted = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+        redis_url, connection_class=CountingConnection))  # fmt: skip
+    adapter = CountingAdapter(counted, MAPPING, path, batch_size=2 * contacts)
+    report = FlushReport()
+    CountingConnection.sent = 0
+    assert flush_batch(counted, adapter, MAPPING, report)
+    assert (report.synced, report.unchanged) == (contacts, contacts)
+    return CountingConnection.sent
+
+
+def test_a_batch_costs_the_same_round_trips_whatever_its_size(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    small = round_trips_of_a_batch(redis_url, redis_conn, 2, tmp_path / "a.jsonl")
+    large = round_trips_of_a_batch(redis_url, redis_conn, 50, tmp_path / "b.jsonl")
+    assert small == large  # reads in one pipeline, outcomes in another: none per contact
+    assert large <= 16  # connecting, the dirty set, reads, the CRM call, outcomes, metrics
+
+
+def test_pending_many_reads_what_pending_reads(redis_url: str, redis_conn: redis.Redis) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 3)
+    keys = ["u2@example.com", "nobody@example.com", "u0@example.com"]
+    assert ledger.pending_many(redis_conn, keys, MAPPING) == [
+        ledger.pending(redis_conn, key, MAPPING) for key in keys
+    ]
+    assert ledger.pending_many(redis_conn, keys, MAPPING)[1] == ledger.Pending(None, "0")
+
+
+def test_a_queued_settle_acts_like_settle(redis_url: str, redis_conn: redis.Redis) -> None:
+    run = runtime(redis_url)
+    dirty_contacts(redis_conn, run, 2)
+    first, second = (ledger.pending(redis_conn, f"u{n}@example.com", MAPPING) for n in (0, 1))
+    assert first.change is not None and second.change is not None
+    handle_event(redis_conn, run, parse_event("later", next_day_event("track.completed")))
+    with redis_conn.pipeline(transaction=False) as pipe:
+        ledger.queue_settle(pipe, "u0@example.com", first.version, first.change.properties)
+        ledger.queue_settle(pipe, "u1@example.com", second.version, second.change.properties)
+        assert pipe.execute() == [0, 1]  # u0 merged meanwhile: stays dirty
+    assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
+    assert ledger.pending(redis_conn, "u1@example.com", MAPPING).change is None

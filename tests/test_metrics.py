@@ -175,3 +175,12 @@ def _answers(url: str) -> bool:
         return requests.get(f"{url}/healthz", timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_observe_adds_to_cumulative_buckets_and_the_sum(redis_conn: redis.Redis) -> None:
+    metrics.observe(redis_conn, "flush_latency", [0.2, 0.7, 4.0])
+    metrics.observe(redis_conn, "flush_latency", [4000.0])
+    stored = {text(k): float(v) for k, v in redis_conn.hgetall(PREFIX + "flush_latency").items()}
+    assert stored.pop("sum") == pytest.approx(4004.9)
+    assert stored == {"0.5": 1, "1": 2, "2": 2, "5": 3, "10": 3, "30": 3, "60": 3, "300": 3,
+                      "900": 3, "3600": 3, "+Inf": 4}  # fmt: skip
