@@ -18,6 +18,7 @@ from instruqt_crm.mapping import load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from instruqt_crm.sync import FlushReport, send
 from tests.fakes.hubspot import FakeHubSpot
+from tests.test_fake_hubspot import create_property
 
 MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 
@@ -192,3 +193,24 @@ def test_a_400_naming_the_bad_email_costs_one_extra_request(
     assert [o.key for o in outcomes if o.status == "rejected"] == ["bad"]
     assert report.requests == 2
     assert len(fake.contacts) == 60
+
+
+def test_a_207_rejects_the_contacts_it_names_and_writes_the_others(
+    fake: FakeHubSpot, redis_conn: redis.Redis
+) -> None:
+    by_email = HubSpotAdapter(fake.token, fake.url, sleep=lambda s: None)
+    create_property(by_email.client, "instruqt_user_id", has_unique_value=True)
+    by_email.upsert([ContactChange("taken", "taken@x.com", {"firstname": "T"})])
+    by_user = HubSpotAdapter(fake.token, fake.url, id_property="instruqt_user_id")
+    outcomes = by_user.upsert(
+        [
+            ContactChange("k1", "new@x.com", {"email": "new@x.com"}, user_id="u1"),
+            ContactChange("k2", "taken@x.com", {"email": "taken@x.com"}, user_id="u2"),
+            ContactChange("k3", "three@x.com", {"firstname": "Three"}, user_id="u3"),
+        ]
+    )
+    by_key = {o.key: o for o in outcomes}
+    assert {key: o.status for key, o in by_key.items()} == {
+        "k1": "synced", "k2": "rejected", "k3": "synced"}  # fmt: skip
+    assert by_key["k2"].reason.startswith("CONFLICT: ") and "Existing ID" in by_key["k2"].reason
+    assert fake.contacts["new@x.com"]["instruqt_user_id"] == "u1"
