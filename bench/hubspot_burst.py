@@ -1,7 +1,7 @@
 """A burst of signed webhooks through gunicorn, 2 workers and a rate-limited fake HubSpot.
 
     python -m bench.hubspot_burst [--scenario A|B|both] [--timeout 240] [--threads 16]
-                                  [--worker-command "python worker.py"]
+                                  [--worker-command "python worker.py"] [--direct RATE]
 
 A: 5,000 events from 500 learners, fake limited to 100 requests / 10 s (50 ms latency),
    budget 90: counts HubSpot requests, 429s, the lag from the last accepted event to the
@@ -12,6 +12,10 @@ B: 5,000 events from 2,500 learners, fake limited to 10 / 10 s, budget 10: the d
 Times: the fake records each request on its own ``time.monotonic()``, the same clock as
 this process's on Linux, so its log is compared with the posting times directly. RQ's job
 timestamps (epoch) are shifted onto that clock.
+
+``--direct RATE`` (a what-if, not the benchmark): the events are kept with the receiver's
+``inbox.enqueue_event`` from this process at RATE per second instead of being posted, as if
+the receiver ran on machines of its own; the receiver still runs but gets nothing.
 """
 
 from __future__ import annotations
@@ -140,6 +144,20 @@ def cpu_while(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return used
 
 
+def keep_directly(conn: redis.Redis, events: list[dict[str, Any]], rate: float) -> Posted:
+    """What-if: keep the events with the receiver's own ``enqueue_event``, ``rate`` per second
+    (paced; no HTTP, no verification), as a receiver on machines of its own would."""
+    start = now()
+    moments = []
+    for number, body in enumerate(events):
+        delay = start + number / rate - now()
+        if delay > 0:
+            time.sleep(delay)
+        inbox.enqueue_event(conn, f"msg_{number:06d}", body, 3600)
+        moments.append(now())
+    return Posted(Counter({202: len(events)}), moments[0], moments[-1], now() - start)
+
+
 def state(conn: redis.Redis) -> dict[str, int]:
     """What is still waiting or running."""
     queued, running = jobs_waiting(conn)
@@ -213,9 +231,13 @@ def run(scenario: Scenario, events: list[dict[str, Any]], args: argparse.Namespa
         port = free_port()
         start_receiver(processes, env, port)
         start_workers(processes, env, conn, WORKERS, args.worker_command)
-        deliveries = [signed(body, msg_id=f"msg_{n:06d}") for n, body in enumerate(events)]
-        before = cpu_seconds(roles(processes, conn))
-        posted = post_all(port, deliveries, args.threads)
+        if args.direct:
+            before = cpu_seconds(roles(processes, conn))
+            posted = keep_directly(conn, events, args.direct)
+        else:
+            deliveries = [signed(body, msg_id=f"msg_{n:06d}") for n, body in enumerate(events)]
+            before = cpu_seconds(roles(processes, conn))
+            posted = post_all(port, deliveries, args.threads)
         posted.cpu = cpu_while(before, cpu_seconds(roles(processes, conn)))
 
         def done() -> bool:
@@ -360,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=["A", "B", "both"], default="both")
     parser.add_argument("--threads", type=int, default=16, help="posting threads (default 16)")
+    parser.add_argument(
+        "--direct",
+        type=float,
+        metavar="RATE",
+        help="what-if: keep events directly at RATE/s with the receiver's enqueue, no HTTP",
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for sync")
     parser.add_argument(
         "--worker-command", default=None, help="instead of the Procfile's worker command"

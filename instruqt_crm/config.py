@@ -240,6 +240,7 @@ class Settings:
     hubspot_api_base: str = DEFAULT_HUBSPOT_API_BASE
     hubspot_requests_per_10s: int = 90
     flush_window_seconds: float = 1.0
+    flush_hold_seconds: float = 4.0
     flush_lease_seconds: int = 30
     identity_wait_days: float = 7.0
     max_body_bytes: int = 256 * 1024
@@ -306,6 +307,9 @@ class Settings:
             ),
             flush_window_seconds=get(
                 "FLUSH_WINDOW_SECONDS", _number("FLUSH_WINDOW_SECONDS", float, 0), 1.0
+            ),
+            flush_hold_seconds=get(
+                "FLUSH_HOLD_SECONDS", _number("FLUSH_HOLD_SECONDS", float, 0), 4.0
             ),
             flush_lease_seconds=get(
                 "FLUSH_LEASE_SECONDS", _number("FLUSH_LEASE_SECONDS", int, 2), 30

@@ -79,6 +79,7 @@ def flush_contacts() -> dict[str, Any]:
         runtime.mapping,
         lease=settings.flush_lease_seconds,
         window=settings.flush_window_seconds,
+        hold=settings.flush_hold_seconds,
     )
     if report.wait is not None:
         schedule_once(conn, FLUSH_JOB, report.wait, report.wait + 30)

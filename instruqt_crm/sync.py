@@ -15,7 +15,7 @@ from redis.client import Pipeline
 from redis.lock import Lock
 
 from . import failures, ledger, metrics, plays, trace
-from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome
+from .crm.base import BatchRejected, ContactChange, CrmAdapter, Outcome, request_budget
 from .errors import PermanentError, RateLimited
 from .mapping import Mapping
 from .queueing import KEY_PREFIX
@@ -108,22 +108,19 @@ def flush_batch(
     mapping: Mapping,
     report: FlushReport,
     window: float = 0.0,
+    hold: float = 0.0,
 ) -> bool:
-    """Send one batch of dirty contacts; False when nothing more can be sent now.
-
-    A batch smaller than the adapter's waits until its oldest contact has been dirty for
-    ``window`` seconds (``report.wait`` says how long), so changes arriving in a stream
-    are sent in full batches, not a few contacts per request. The batch's contacts are read
-    in one round trip and its outcomes written in another.
+    """Send one batch of dirty contacts; False when nothing more can be sent now (or, with
+    ``report.wait`` set, not yet: see ``batch_wait``). The batch's contacts are read in one
+    round trip and its outcomes written in another.
     """
     dirty = ledger.dirty_since(conn, adapter.batch_size)
     if not dirty:
         return False
-    if len(dirty) < adapter.batch_size and window > 0:
-        wait = dirty[0][1] + window - time.time()
-        if wait > 0:
-            report.wait = wait
-            return False
+    wait = batch_wait(conn, adapter, dirty, window, hold)
+    if wait > 0:
+        report.wait = wait
+        return False
     since = dict(dirty)
     batch: dict[str, tuple[ContactChange, str]] = {}
     with conn.pipeline(transaction=False) as writes:
@@ -147,6 +144,36 @@ def flush_batch(
         writes.execute()
     metrics.observe(conn, "flush_latency", latencies)
     return report.retry == 0
+
+
+def batch_wait(
+    conn: redis.Redis,
+    adapter: CrmAdapter,
+    dirty: list[tuple[str, float]],
+    window: float,
+    hold: float,
+) -> float:
+    """How long the next batch (``dirty``: its contacts and when each became dirty, oldest
+    first) should wait; 0: send it now.
+
+    A batch smaller than the adapter's waits until its oldest contact has been dirty for
+    ``window`` s, so changes arriving in a stream go in full batches. While the CRM's request
+    budget binds (more contacts are dirty than the requests left in its window can carry),
+    a full batch waits until its newest contact has been dirty for ``hold`` s: the few
+    requests left then carry contacts that have stopped changing, not ones that will need
+    sending again a moment later. ``window`` 0 (a flush on demand) sends at once.
+    """
+    if window <= 0:
+        return 0.0
+    now = time.time()
+    if len(dirty) < adapter.batch_size:
+        return max(0.0, dirty[0][1] + window - now)
+    budget = request_budget(adapter)
+    wait = dirty[-1][1] + hold - now
+    if wait <= 0 or budget is None:
+        return 0.0
+    binds = ledger.dirty_count(conn) > budget.remaining() * adapter.batch_size
+    return wait if binds else 0.0
 
 
 @contextlib.contextmanager
@@ -175,6 +202,7 @@ def flush(
     time_budget: float = TIME_BUDGET_SECONDS,
     lease: int = LOCK_SECONDS,
     window: float = 0.0,
+    hold: float = 0.0,
 ) -> FlushReport:
     """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
     report = FlushReport()
@@ -186,9 +214,12 @@ def flush(
     try:
         with lease_kept(lock, lease):
             while time.monotonic() < deadline and flush_batch(
-                conn, adapter, mapping, report, window
+                conn, adapter, mapping, report, window, hold
             ):
                 pass
+            out_of_time = time.monotonic() >= deadline and report.wait is None
+            if out_of_time and not report.retry and ledger.dirty_count(conn):
+                report.wait = 0.0  # contacts left: a new job goes on at once
             plays.flush_plays(conn, adapter, report, deadline)  # after the learners they link to
     except RateLimited as exc:
         report.wait = exc.wait

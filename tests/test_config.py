@@ -38,6 +38,7 @@ def test_several_secrets_for_rotation() -> None:
         ({**BASE, "DEDUPE_TTL_SECONDS": "3600"}, "DEDUPE_TTL_SECONDS", "at least"),
         ({**BASE, "HUBSPOT_API_BASE": "api.hubapi.com"}, "HUBSPOT_API_BASE", "http"),
         ({**BASE, "FLUSH_WINDOW_SECONDS": "soon"}, "FLUSH_WINDOW_SECONDS", "float"),
+        ({**BASE, "FLUSH_HOLD_SECONDS": "-1"}, "FLUSH_HOLD_SECONDS", "at least"),
         ({**BASE, "PORT": "http"}, "PORT", "int"),
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "DEBUG"),
         ({**BASE, "RQ_DASHBOARD_USERNAME": "ops"}, "RQ_DASHBOARD_USERNAME", "both"),

@@ -16,8 +16,9 @@ from instruqt_crm.crm.dryrun import DryRunAdapter
 from instruqt_crm.events import parse_event
 from instruqt_crm.handling import handle_event
 from instruqt_crm.mapping import load_mapping
+from instruqt_crm.ratelimit import RequestBudget
 from instruqt_crm.runtime import Runtime
-from instruqt_crm.sync import FlushReport, flush, flush_batch
+from instruqt_crm.sync import FlushReport, batch_wait, flush, flush_batch
 from tests.history import history
 from tests.signing import SECRET
 
@@ -269,3 +270,66 @@ def test_a_queued_settle_acts_like_settle(redis_url: str, redis_conn: redis.Redi
         assert pipe.execute() == [0, 1]  # u0 merged meanwhile: stays dirty
     assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
     assert ledger.pending(redis_conn, "u1@example.com", MAPPING).change is None
+
+
+class BudgetedAdapter(CountingAdapter):
+    """The dry-run CRM spending a shared request budget, as the real adapters do."""
+
+    def __init__(self, *args: Any, budget: RequestBudget, batch_size: int = 10) -> None:
+        super().__init__(*args, batch_size=batch_size)
+        self.budget = budget
+
+
+def budgeted(conn: redis.Redis, path: Path, left: int) -> BudgetedAdapter:
+    """An adapter whose budget (10 per 10 s) has ``left`` requests left."""
+    budget = RequestBudget(conn, "hold-test", 10, 10.0)
+    if left < 10:
+        assert budget.try_acquire(10 - left) == 0
+    return BudgetedAdapter(conn, MAPPING, path, budget=budget)
+
+
+def test_a_full_batch_waits_for_its_contacts_to_settle_while_the_budget_binds(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    dirty_contacts(redis_conn, runtime(redis_url), 30)  # 3 batches of 10, 2 requests left
+    adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=2)
+    dirty = ledger.dirty_since(redis_conn, 10)
+    wait = batch_wait(redis_conn, adapter, dirty, window=1.0, hold=4.0)
+    assert 3.0 < wait <= 4.0  # its newest contact became dirty just now
+    report = flush(redis_conn, adapter, MAPPING, window=1.0, hold=4.0)
+    assert adapter.calls == [] and report.wait is not None and report.wait > 3.0
+    assert batch_wait(redis_conn, adapter, dirty, window=0.0, hold=4.0) == 0  # on demand
+    settled = [(key, since - 4.0) for key, since in dirty]  # as if 4 s had passed
+    assert batch_wait(redis_conn, adapter, settled, window=1.0, hold=4.0) == 0
+
+
+def test_a_full_batch_goes_at_once_when_the_budget_can_carry_every_dirty_contact(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    dirty_contacts(redis_conn, runtime(redis_url), 30)  # 3 batches, 3 requests left
+    adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=3)
+    report = flush(redis_conn, adapter, MAPPING, window=1.0, hold=4.0)
+    assert adapter.calls == [10, 10, 10] and report.wait is None
+    unbudgeted = CountingAdapter(redis_conn, MAPPING, tmp_path / "o.jsonl", batch_size=10)
+    dirty_contacts(redis_conn, runtime(redis_url), 30)
+    ledger.mark_dirty(redis_conn, [f"u{n}@example.com" for n in range(30)])
+    dirty = ledger.dirty_since(redis_conn, 10)
+    assert batch_wait(redis_conn, unbudgeted, dirty, window=1.0, hold=4.0) == 0  # dry run
+
+
+def test_a_partial_batch_waits_out_the_window_whatever_the_budget(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    dirty_contacts(redis_conn, runtime(redis_url), 5)
+    adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=10)
+    dirty = ledger.dirty_since(redis_conn, 10)
+    assert 0.5 < batch_wait(redis_conn, adapter, dirty, window=1.0, hold=4.0) <= 1.0
+
+
+def test_a_flush_out_of_time_with_contacts_left_asks_to_go_on_at_once(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    assert flush(redis_conn, adapter, MAPPING, time_budget=0).wait is None  # nothing dirty
+    dirty_contacts(redis_conn, runtime(redis_url), 3)
+    assert flush(redis_conn, adapter, MAPPING, time_budget=0).wait == 0.0

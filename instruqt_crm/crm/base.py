@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from ..errors import PermanentError, RateLimited, RetryableError, SyncError
+from ..ratelimit import RequestBudget
 
 Value = str | int | float | bool | None
 Status = Literal["synced", "rejected", "retry"]
@@ -99,3 +100,9 @@ class PlayRecords(Protocol):
     def play_adapter(self) -> CrmAdapter | None:
         """The adapter writing play records (changes keyed by participant id), or None."""
         ...
+
+
+def request_budget(adapter: object) -> RequestBudget | None:
+    """The shared request budget an adapter spends (None for one without: the dry run)."""
+    budget = getattr(adapter, "budget", None)
+    return budget if isinstance(budget, RequestBudget) else None
