@@ -60,8 +60,12 @@ class _Merge:
     event: Event
     email: str
     changes: list[PropertyChange]
-    play_changed: bool
+    play: ledger.Merge | None  # what the event merges into its play, if it has one
     result: dict[str, Any]
+
+    def contact(self) -> ledger.Merge:
+        """What the event merges into its learner's contact."""
+        return ledger.Merge(self.email, self.changes, self.event.id, self.email, self.event.user_id)
 
 
 class Batch:
@@ -117,27 +121,32 @@ class Batch:
 
     def _merge_all(self) -> None:
         """Every merge of the batch at once; one by one if that raises, to isolate the cause."""
-        items = [
-            ledger.Merge(m.email, m.changes, m.event.id, m.email, m.event.user_id)
-            for m in self.merges
-        ]
         try:
-            flags = ledger.merge_many(self.conn, items)
+            flags = self._merge_together(self.merges)
         except TRANSIENT:
             raise
         except Exception:  # a bug or an odd value: find the event, spare the others
-            log.exception("merging %d events at once failed; merging one by one", len(items))
-            flags = [self._merge_alone(m, item) for m, item in zip(self.merges, items, strict=True)]
+            log.exception("merging %d events at once failed; merging one by one", len(self.merges))
+            flags = [self._merge_alone(merge) for merge in self.merges]
         for merge, changed in zip(self.merges, flags, strict=True):
             if merge.result["status"] == "merged":
                 marker = CURRENT_EVENT.set(merge.event.id)
-                self._merged(merge, changed or merge.play_changed)
+                self._merged(merge, changed)
                 CURRENT_EVENT.reset(marker)
 
-    def _merge_alone(self, merge: _Merge, item: ledger.Merge) -> bool:
+    def _merge_together(self, merges: list[_Merge]) -> list[bool]:
+        """Merge events into their contacts and plays (two scripts); per event: changed?"""
+        flags = ledger.merge_many(self.conn, [merge.contact() for merge in merges])
+        with_play = [(index, merge.play) for index, merge in enumerate(merges) if merge.play]
+        played = plays.merge_many(self.conn, [play for _, play in with_play])
+        for (index, _), changed in zip(with_play, played, strict=True):
+            flags[index] = flags[index] or changed
+        return flags
+
+    def _merge_alone(self, merge: _Merge) -> bool:
         """Merge one event; if it raises, the event becomes a visible failure."""
         try:
-            return ledger.merge_many(self.conn, [item])[0]
+            return self._merge_together([merge])[0]
         except TRANSIENT:
             raise
         except Exception as exc:
@@ -256,8 +265,8 @@ def _merge(batch: Batch, event: Event, email: str) -> dict[str, Any]:
         log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
         return {"status": "failed", "reason": exc.reason}
     result: dict[str, Any] = {"status": "merged"}
-    play_changed = plays.merge_event(conn, mapping, event, email)
-    batch.merges.append(_Merge(event, email, changes, play_changed, result))
+    play = plays.play_merge(mapping, event, email)
+    batch.merges.append(_Merge(event, email, changes, play, result))
     return result  # "changed" is filled in when the batch is merged
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +40,10 @@ return 0
 """
 
 
-# Merge a batch's changes: per contact, write only if no merge changed it since it was read
+# Merge a batch's changes: per record, write only if no merge changed it since it was read
 # (same version); returns the 1-based positions of those that did, to be read and tried again.
-# KEYS: the dirty set, then per contact its hash and its events set. ARGV: plan (JSON), now.
+# KEYS: the dirty set, then per record its hash and its events set (its hash again when event
+# ids are not kept: it then has none to add). ARGV: plan (JSON), now.
 _MERGE_MANY = """
 local plan = cjson.decode(ARGV[1])
 local conflicts = {}
@@ -79,8 +80,20 @@ def encode(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Records:
+    """A kind of versioned record merged here: where its hashes, dirty set and event ids live."""
+
+    hash_key: Callable[[str], str]
+    dirty_key: str
+    events_key: Callable[[str], str] | None = None  # None: event ids are not kept
+
+
+CONTACTS = Records(contact_key, DIRTY_KEY, events_key)
+
+
+@dataclass(frozen=True)
 class Merge:
-    """One event's changes for one contact."""
+    """One event's changes for one record (a contact unless merged as other ``Records``)."""
 
     key: str
     changes: Sequence[PropertyChange]
@@ -101,10 +114,12 @@ def merge(
     return merge_many(conn, [Merge(key, changes, event_id, email, user_id)])[0]
 
 
-def merge_many(conn: redis.Redis, merges: Sequence[Merge]) -> list[bool]:
+def merge_many(
+    conn: redis.Redis, merges: Sequence[Merge], records: Records = CONTACTS
+) -> list[bool]:
     """Merge many events at once (a read and a script per round); per merge: changed anything?
 
-    Same result as ``merge`` one by one, in any order: contacts another worker changed
+    Same result as ``merge`` one by one, in any order: records another worker changed
     between the read and the write are read and merged again.
     """
     positions: dict[str, list[int]] = {}
@@ -118,19 +133,22 @@ def merge_many(conn: redis.Redis, merges: Sequence[Merge]) -> list[bool]:
             return changed
         with conn.pipeline(transaction=False) as pipe:
             for key in todo:
-                pipe.hgetall(contact_key(key))
+                pipe.hgetall(records.hash_key(key))
             stored = pipe.execute()
-        plan, keys = [], [DIRTY_KEY]
+        plan, keys = [], [records.dirty_key]
         for key, raw in zip(todo, stored, strict=True):
             current = {text(k): text(v) for k, v in raw.items()}
             write, flags = _fold([merges[i] for i in positions[key]], current)
             for index, flag in zip(positions[key], flags, strict=True):
                 changed[index] = flag
+            hash_key = records.hash_key(key)
+            if records.events_key is None:
+                write["events"] = []
             plan.append(write)
-            keys += [contact_key(key), events_key(key)]
+            keys += [hash_key, records.events_key(key) if records.events_key else hash_key]
         conflicts = script(keys=keys, args=[encode(plan), time.time()])
         todo = [todo[int(position) - 1] for position in conflicts]
-    raise redis.WatchError(f"contacts {', '.join(todo[:5])}: too much contention to merge")
+    raise redis.WatchError(f"records {', '.join(todo[:5])}: too much contention to merge")
 
 
 def _fold(items: list[Merge], current: dict[str, str]) -> tuple[dict[str, Any], list[bool]]:

@@ -20,12 +20,11 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.client import Pipeline
 
 from . import failures, ledger
 from .crm.base import ContactChange, CrmAdapter, PlayRecords, Value
@@ -55,16 +54,12 @@ def play_key(participant: str) -> str:
     return f"{KEY_PREFIX}play:{participant}"
 
 
+PLAYS = ledger.Records(play_key, DIRTY_KEY)  # merged like contacts, without event ids
+
+
 def _given(value: Any) -> str | None:
     """An event value as text, or None when it is missing or empty."""
     return None if value is None or isinstance(value, dict | list) or value == "" else str(value)
-
-
-def _atomically(conn: redis.Redis, key: str, apply: Callable[[Pipeline], bool]) -> bool:
-    """Run ``apply`` as one WATCH/MULTI transaction on ``key`` (again after each conflict)."""
-    results: list[bool] = []
-    conn.transaction(lambda pipe: results.append(apply(pipe)), key)
-    return results[-1]
 
 
 def _matches(patterns: Sequence[str], event_type: str) -> bool:
@@ -92,30 +87,25 @@ def event_cells(options: PlaysOptions, event: Event) -> list[PropertyChange]:
     ]
 
 
-def merge_event(conn: redis.Redis, mapping: Mapping, event: Event, email: str) -> bool:
-    """Merge an event into its play atomically (WATCH/MULTI); True if the play changed.
-
-    Nothing happens when the mapping writes no play records or the event has no participant id.
-    """
+def play_merge(mapping: Mapping, event: Event, email: str) -> ledger.Merge | None:
+    """What an event merges into its play; None when the mapping writes no play records or
+    the event has no participant id."""
     participant = _given(event.body.get("participant_id"))
     if mapping.plays is None or participant is None:
-        return False
+        return None
     changes = event_cells(mapping.plays, event)
-    key = play_key(participant)
-    fields = [f"c:{change.name}" for change in changes]
-    learner = {"email": email, **({"user_id": event.user_id} if event.user_id else {})}
+    return ledger.Merge(participant, changes, event.id, email, event.user_id)
 
-    def apply(pipe: Pipeline) -> bool:
-        updates = ledger.merged_cells(changes, pipe.hmget(key, fields))
-        pipe.multi()
-        stored: dict[Any, str] = {**learner, **updates}
-        pipe.hset(key, mapping=stored)
-        if updates:
-            pipe.hincrby(key, "version", 1)
-            pipe.zadd(DIRTY_KEY, {participant: time.time()}, nx=True)
-        return bool(updates)
 
-    return _atomically(conn, key, apply)
+def merge_many(conn: redis.Redis, merges: Sequence[ledger.Merge]) -> list[bool]:
+    """Merge events into their plays at once, as ``ledger.merge_many`` does for contacts."""
+    return ledger.merge_many(conn, merges, PLAYS) if merges else []
+
+
+def merge_event(conn: redis.Redis, mapping: Mapping, event: Event, email: str) -> bool:
+    """Merge one event into its play; True if the play changed (see ``play_merge``)."""
+    found = play_merge(mapping, event, email)
+    return found is not None and merge_many(conn, [found])[0]
 
 
 def minutes_between(start: Value, end: Value) -> int | None:

@@ -54,3 +54,19 @@ def dry_run_batches(path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class CountingConnection(redis.Connection):
+    """A connection that counts what it sends: one count per command or pipeline."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def counting_client(redis_url: str) -> redis.Redis:
+    """A client whose round trips add up in ``CountingConnection.sent``."""
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    return redis.Redis(connection_pool=pool)

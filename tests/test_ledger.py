@@ -19,6 +19,7 @@ from instruqt_crm.mapping import load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from instruqt_crm.runtime import Runtime
 from instruqt_crm.sync import FlushReport, batch_wait, flush, flush_batch
+from tests.engine_helpers import CountingConnection, counting_client
 from tests.history import history
 from tests.signing import SECRET
 
@@ -208,16 +209,6 @@ def test_the_flush_lease_is_renewed_while_a_batch_is_slow(
     assert not redis_conn.exists("instruqt_crm:flush:lock")
 
 
-class CountingConnection(redis.Connection):
-    """A connection that counts what it sends: one count per command or pipeline."""
-
-    sent = 0
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        CountingConnection.sent += 1
-        super().send_packed_command(command, check_health)
-
-
 def round_trips_of_a_batch(redis_url: str, conn: redis.Redis, contacts: int, path: Path) -> int:
     """Round trips of one ``flush_batch`` of ``contacts`` changed and as many unchanged ones."""
     conn.flushdb()
@@ -229,8 +220,7 @@ def round_trips_of_a_batch(redis_url: str, conn: redis.Redis, contacts: int, pat
         later = {**next_day_event("track.completed"), "user_id": f"u{number}"}
         later["params"] = {"email": f"u{number}@example.com"}
         handle_event(conn, run, parse_event(f"later{number}", later))
-    counted = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
-        redis_url, connection_class=CountingConnection))  # fmt: skip
+    counted = counting_client(redis_url)
     adapter = CountingAdapter(counted, MAPPING, path, batch_size=2 * contacts)
     report = FlushReport()
     CountingConnection.sent = 0

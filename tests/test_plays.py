@@ -25,11 +25,12 @@ from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT
 from instruqt_crm.crm.salesforce_routing import field_name
 from instruqt_crm.crm.salesforce_setup import package
 from instruqt_crm.events import format_timestamp, parse_event, parse_timestamp
-from instruqt_crm.handling import handle_event
+from instruqt_crm.handling import handle_batch, handle_event
+from instruqt_crm.inbox import Entry
 from instruqt_crm.mapping import MappingError, load_mapping, parse_mapping
 from instruqt_crm.runtime import Runtime, current_runtime
 from instruqt_crm.sync import flush
-from tests.engine_helpers import drain, enqueue_all
+from tests.engine_helpers import CountingConnection, counting_client, drain, enqueue_all
 from tests.fakes.salesforce import FakeSalesforce
 from tests.history import history
 from tests.signing import SECRET
@@ -118,12 +119,17 @@ def salesforce_fields(record: dict[str, Any]) -> dict[str, Any]:
 EVENTS = play_history(3, seed=31)
 
 
-def merge_all(conn: redis.Redis, order: list[int]) -> dict[str, Any]:
-    """Merge EVENTS in ``order`` into an empty database; every play's cells and unsent fields."""
+def merge_all(conn: redis.Redis, order: list[int], together: bool = False) -> dict[str, Any]:
+    """Merge EVENTS in ``order`` into an empty database, one by one or all in one
+    ``merge_many``; every play's cells and unsent fields."""
     conn.flushdb()
-    for index in order:
-        event = parse_event(f"m{index}", EVENTS[index])
-        plays.merge_event(conn, MAPPING, event, email_of(EVENTS[index]))
+    events = [(parse_event(f"m{index}", EVENTS[index]), email_of(EVENTS[index])) for index in order]
+    if together:
+        found = [plays.play_merge(MAPPING, event, email) for event, email in events]
+        plays.merge_many(conn, [merge for merge in found if merge is not None])
+    else:
+        for event, email in events:
+            plays.merge_event(conn, MAPPING, event, email)
     found = sorted(plays.dirty(conn, 1000))
     return {p: (plays.cells(conn, p), plays.pending(conn, p).change) for p in found}
 
@@ -143,6 +149,7 @@ def test_any_order_and_duplicates_give_the_same_plays(
     for position, index in enumerate(repeats):
         shuffled.insert((position * 7) % (len(shuffled) + 1), index)
     assert merge_all(redis_conn, shuffled) == expected
+    assert merge_all(redis_conn, shuffled, together=True) == expected
     want = expected_plays(EVENTS)
     assert {p: change.properties for p, (_, change) in expected.items()} == want
     assert {p: change.email for p, (_, change) in expected.items()} == {
@@ -568,3 +575,28 @@ def test_plays_are_only_for_salesforce_and_typos_warn() -> None:
         parse_mapping(hubspot)
     warned = parse_mapping(sf_mapping("    stopped: [track.stoped]\n"))
     assert any("did you mean 'track.stopped'" in w for w in warned.warnings)
+
+
+def round_trips_of_handling(redis_url: str, conn: redis.Redis, learners: int) -> int:
+    """Round trips ``handle_batch`` takes for one play event of each of ``learners``."""
+    conn.flushdb()
+    env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
+    run = Runtime(Settings.from_env(env), MAPPING)
+    entries = [
+        Entry(f"{n}-0", f"m{n}", {**play_event("track.started", n), "user_id": f"u{n}",
+              "participant_id": f"p{n}", "params": {"email": f"u{n}@acme.io"}})
+        for n in range(learners)
+    ]  # fmt: skip
+    counted = counting_client(redis_url)
+    CountingConnection.sent = 0
+    assert handle_batch(counted, run, entries) == {"merged": learners}
+    assert plays.dirty_count(conn) == learners
+    return CountingConnection.sent
+
+
+def test_a_batch_merges_its_plays_in_the_same_round_trips_whatever_its_size(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    assert round_trips_of_handling(redis_url, redis_conn, 2) == round_trips_of_handling(
+        redis_url, redis_conn, 40
+    )
