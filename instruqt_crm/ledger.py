@@ -241,10 +241,15 @@ def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | N
 
 
 def queue_settle(
-    pipe: Pipeline, key: str, version: str, sent: dict[str, Value] | None = None
+    pipe: Pipeline,
+    key: str,
+    version: str,
+    sent: dict[str, Value] | None = None,
+    records: Records = CONTACTS,
 ) -> None:
-    """``settle`` as part of a pipeline (sent when the pipeline is)."""
-    _settle_script(pipe, contact_key(key), DIRTY_KEY, key, version, sent)
+    """``settle`` as part of a pipeline: its reply (1: left the dirty set) comes with the
+    pipeline's."""
+    _settle_script(pipe, records.hash_key(key), records.dirty_key, key, version, sent)
 
 
 def settle_record(

@@ -55,6 +55,7 @@ def play_key(participant: str) -> str:
 
 
 PLAYS = ledger.Records(play_key, DIRTY_KEY)  # merged like contacts, without event ids
+Settle = tuple[str, str, dict[str, Value] | None]  # participant, version, fields the CRM took
 
 
 def _given(value: Any) -> str | None:
@@ -145,7 +146,21 @@ def cells(conn: redis.Redis, participant: str) -> dict[str, Any]:
 
 def pending(conn: redis.Redis, participant: str) -> Pending:
     """The play's fields that differ from what the CRM last accepted (None: nothing to send)."""
-    stored = {text(k): text(v) for k, v in conn.hgetall(play_key(participant)).items()}
+    return pending_many(conn, [participant])[0]
+
+
+def pending_many(conn: redis.Redis, participants: Sequence[str]) -> list[Pending]:
+    """``pending`` for several plays, read in one round trip."""
+    with conn.pipeline(transaction=False) as pipe:
+        for participant in participants:
+            pipe.hgetall(play_key(participant))
+        found = pipe.execute()
+    return [_unsent(p, raw) for p, raw in zip(participants, found, strict=True)]
+
+
+def _unsent(participant: str, raw: dict[Any, Any]) -> Pending:
+    """A play's pending change, from its hash."""
+    stored = {text(k): text(v) for k, v in raw.items()}
     merged = {name: json.loads(stored[f"c:{name}"]) for name in CELLS if f"c:{name}" in stored}
     unsent = {
         name: found
@@ -219,20 +234,26 @@ def _send_batch(
     report: FlushReport,
     tally: Counter[str],
 ) -> int:
-    """Send one batch of dirty plays and apply the outcomes; how many stay dirty."""
+    """Send one batch of dirty plays and apply the outcomes; how many stay dirty. The plays
+    and their learners are read in two round trips, the outcomes written in one."""
     from .sync import send  # late: sync imports this module
 
-    kept, batch = 0, {}
-    for participant in participants:
-        found = pending(conn, participant)
-        if found.change is None:
-            kept += not settle(conn, participant, found.version)
-        elif conn.zscore(ledger.DIRTY_KEY, found.change.email) is not None:
+    found = dict(zip(participants, pending_many(conn, participants), strict=True))
+    changed = [(p, f.change, f.version) for p, f in found.items() if f.change is not None]
+    with conn.pipeline(transaction=False) as pipe:
+        for _, change, _ in changed:
+            pipe.zscore(ledger.DIRTY_KEY, change.email)
+        learner_dirty = pipe.execute()
+    kept = _settle_all(conn, [(p, f.version, None) for p, f in found.items() if f.change is None])
+    batch = {}
+    for (participant, change, version), score in zip(changed, learner_dirty, strict=True):
+        if score is not None:  # its Contact or Lead may not exist yet: wait for it
             kept += 1
             tally["waiting"] += 1
         else:
-            batch[participant] = (found.change, found.version)
+            batch[participant] = (change, version)
     outcomes = send(writer, [change for change, _ in batch.values()], report) if batch else []
+    settles: list[Settle] = []
     for outcome in outcomes:
         change, version = batch[outcome.key]
         tally[outcome.status] += 1
@@ -243,8 +264,18 @@ def _send_batch(
         if outcome.status == "rejected":
             _reject(conn, change, outcome.reason, outcome.category)
         sent = change.properties if outcome.status == "synced" else None
-        kept += not settle(conn, change.key, version, sent)
-    return kept
+        settles.append((change.key, version, sent))
+    return kept + _settle_all(conn, settles)
+
+
+def _settle_all(conn: redis.Redis, settles: Sequence[Settle]) -> int:
+    """Settle plays (participant, version, fields sent) in one round trip; how many stay dirty."""
+    if not settles:
+        return 0
+    with conn.pipeline(transaction=False) as pipe:
+        for participant, version, sent in settles:
+            ledger.queue_settle(pipe, participant, version, sent, PLAYS)
+        return sum(not reply for reply in pipe.execute())
 
 
 def _reject(conn: redis.Redis, change: ContactChange, reason: str, category: str) -> None:

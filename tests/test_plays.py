@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ from instruqt_crm.handling import handle_batch, handle_event
 from instruqt_crm.inbox import Entry
 from instruqt_crm.mapping import MappingError, load_mapping, parse_mapping
 from instruqt_crm.runtime import Runtime, current_runtime
-from instruqt_crm.sync import flush
+from instruqt_crm.sync import FlushReport, flush, flush_batch
 from tests.engine_helpers import CountingConnection, counting_client, drain, enqueue_all
 from tests.fakes.salesforce import FakeSalesforce
 from tests.history import history
@@ -600,3 +601,34 @@ def test_a_batch_merges_its_plays_in_the_same_round_trips_whatever_its_size(
     assert round_trips_of_handling(redis_url, redis_conn, 2) == round_trips_of_handling(
         redis_url, redis_conn, 40
     )
+
+
+def round_trips_of_sending_plays(redis_url: str, conn: redis.Redis, learners: int) -> int:
+    """Round trips of the plays part of a flush, for ``learners`` learners with one play each
+    (two of them already sent and unchanged since, and their learners written already)."""
+    conn.flushdb()
+    with FakeSalesforce() as fake:
+        sf = adapter(fake)
+        handle_learners(conn, engine_runtime(redis_url), learners)
+        sent = [f"p{n}" for n in range(2)]
+        plays.flush_plays(conn, sf, FlushReport(), time.monotonic() + 30)  # learners dirty
+        while flush_batch(conn, sf, MAPPING, FlushReport()):  # the learners only
+            pass
+        for participant in sent:  # sent before, unchanged since: settled, not sent again
+            found = plays.pending(conn, participant)
+            assert found.change is not None
+            plays.settle(conn, participant, found.version, found.change.properties)
+            plays.mark_dirty(conn, participant)
+        report, counted = FlushReport(), counting_client(redis_url)
+        CountingConnection.sent = 0
+        plays.flush_plays(counted, sf, report, time.monotonic() + 30)
+        assert report.requests == 1 and plays.dirty_count(conn) == 0
+        assert len(play_records(fake)) == learners - 2  # the two "sent before" were not
+        return CountingConnection.sent
+
+
+def test_a_batch_of_plays_is_sent_in_the_same_round_trips_whatever_its_size(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    small = round_trips_of_sending_plays(redis_url, redis_conn, 3)
+    assert small == round_trips_of_sending_plays(redis_url, redis_conn, 30)
