@@ -172,8 +172,18 @@ def batch_wait(
     wait = dirty[-1][1] + hold - now
     if wait <= 0 or budget is None:
         return 0.0
-    binds = ledger.dirty_count(conn) > budget.remaining() * adapter.batch_size
-    return wait if binds else 0.0
+    waiting, left = ledger.dirty_count(conn), budget.remaining()
+    if waiting <= left * adapter.batch_size:
+        return 0.0
+    log.info(
+        "flush: %d contacts wait and %d requests are left in the budget: holding the next "
+        "batch %.1f s, until its newest contact has waited %g s (FLUSH_HOLD_SECONDS)",
+        waiting,
+        left,
+        wait,
+        hold,
+    )
+    return wait
 
 
 @contextlib.contextmanager

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -279,8 +281,9 @@ def budgeted(conn: redis.Redis, path: Path, left: int) -> BudgetedAdapter:
 
 
 def test_a_full_batch_waits_for_its_contacts_to_settle_while_the_budget_binds(
-    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="instruqt_crm.sync")
     dirty_contacts(redis_conn, runtime(redis_url), 30)  # 3 batches of 10, 2 requests left
     adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=2)
     dirty = ledger.dirty_since(redis_conn, 10)
@@ -288,6 +291,7 @@ def test_a_full_batch_waits_for_its_contacts_to_settle_while_the_budget_binds(
     assert 3.0 < wait <= 4.0  # its newest contact became dirty just now
     report = flush(redis_conn, adapter, MAPPING, window=1.0, hold=4.0)
     assert adapter.calls == [] and report.wait is not None and report.wait > 3.0
+    assert "30 contacts wait and 2 requests are left in the budget: holding" in caplog.text
     assert batch_wait(redis_conn, adapter, dirty, window=0.0, hold=4.0) == 0  # on demand
     settled = [(key, since - 4.0) for key, since in dirty]  # as if 4 s had passed
     assert batch_wait(redis_conn, adapter, settled, window=1.0, hold=4.0) == 0
