@@ -217,21 +217,24 @@ def pending_many(conn: redis.Redis, keys: Sequence[str], mapping: Mapping) -> li
 def _unsent(key: str, raw: dict[Any, Any], mapping: Mapping) -> Pending:
     """A contact's pending change, from its hash."""
     stored = {text(k): text(v) for k, v in raw.items()}
-    values: dict[str, Value] = {}
+    current: dict[str, Value] = {}
     for name, spec in mapping.properties.items():
         cell = stored.get(f"c:{name}")
-        if cell is None:
-            continue
-        value = cell_value(spec.merge, json.loads(cell), spec.type)
-        if value is None:
-            continue
-        sent = stored.get(f"s:{name}")
-        if sent is None or json.loads(sent) != value:
-            values[name] = value
+        value = None if cell is None else cell_value(spec.merge, json.loads(cell), spec.type)
+        if value is not None:
+            current[name] = value
+    values = {
+        name: value
+        for name, value in current.items()
+        if (sent := stored.get(f"s:{name}")) is None or json.loads(sent) != value
+    }
     version = stored.get("version", "0")
-    email = stored.get("email", key)
     if not values:
         return Pending(None, version)
+    upsert_key = mapping.upsert_key  # the CRM finds the record by it: sent with every change
+    if upsert_key != "email" and upsert_key in current:
+        values.setdefault(upsert_key, current[upsert_key])
+    email = stored.get("email", key)
     return Pending(ContactChange(key, email, values, stored.get("user_id")), version)
 
 

@@ -31,7 +31,12 @@ class Runtime:
             from .crm.hubspot import HubSpotAdapter, hubspot_budget
 
             budget = hubspot_budget(conn, self.settings.hubspot_requests_per_10s)
-            return HubSpotAdapter(token.reveal(), self.settings.hubspot_api_base, budget)
+            return HubSpotAdapter(
+                token.reveal(),
+                self.settings.hubspot_api_base,
+                budget,
+                id_property=self.mapping.upsert_key,
+            )
         if self.mapping.crm == "salesforce":  # Salesforce (issue 5)
             from .crm.salesforce import salesforce_adapter
 

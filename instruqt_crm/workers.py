@@ -166,24 +166,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def missing_fields(runtime: Runtime, conn: redis.Redis) -> list[str]:
-    """Mapped properties the CRM does not have (one describe call)."""
-    known = runtime.adapter(conn).describe()
-    return sorted(name for name in runtime.mapping.properties if name not in known)
-
-
 def preflight(runtime: Runtime, conn: redis.Redis) -> None:
-    """Refuse to start when the CRM lacks mapped properties; resume pending work otherwise."""
+    """Refuse to start when the CRM lacks mapped properties (or cannot upsert on the mapping's
+    key); resume pending work otherwise."""
+    mapping = runtime.mapping
     try:
-        missing = missing_fields(runtime, conn)
+        known = runtime.adapter(conn).describe()  # one call
     except SyncError as exc:
         raise StartupError(f"cannot read the CRM's fields: {exc.reason}") from exc
+    missing = [name for name in sorted(mapping.properties) if name not in known]
     if missing:
         raise StartupError(
-            f"the {runtime.mapping.crm} account lacks {len(missing)} mapped propert"
+            f"the {mapping.crm} account lacks {len(missing)} mapped propert"
             f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}. "
-            f"Create them with: instruqt-crm setup {runtime.mapping.crm}"
+            f"Create them with: instruqt-crm setup {mapping.crm}"
         )
+    if mapping.crm == "hubspot":
+        from .crm.hubspot_setup import upsert_key_problem
+
+        if problem := upsert_key_problem(mapping, known):
+            raise StartupError(f"the hubspot account cannot take the mapping: {problem}")
     release_stale_scheduler_locks(conn)
     requeue_orphans(conn)
     if ledger.dirty_count(conn) or plays.dirty_count(conn):  # left by a stopped worker

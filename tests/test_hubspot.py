@@ -161,7 +161,7 @@ def test_provisioning_creates_exactly_the_missing_and_is_idempotent(fake: FakeHu
     again = hubspot_setup.plan(hub, MAPPING)
     assert again.create == [] and not again.create_group
     assert sorted(again.existing) == sorted(MAPPING.properties)
-    assert hubspot_setup.missing_properties(hub, MAPPING) == []
+    assert hubspot_setup.missing_properties(hub.describe(), MAPPING) == []
 
 
 def test_provisioning_reports_a_type_mismatch(fake: FakeHubSpot) -> None:
@@ -195,7 +195,7 @@ def test_a_400_naming_the_bad_email_costs_one_extra_request(
     assert len(fake.contacts) == 60
 
 
-def test_a_207_rejects_the_contacts_it_names_and_writes_the_others(
+def test_upserting_on_a_unique_property_writes_the_email_and_reads_a_207(
     fake: FakeHubSpot, redis_conn: redis.Redis
 ) -> None:
     by_email = HubSpotAdapter(fake.token, fake.url, sleep=lambda s: None)
@@ -204,13 +204,16 @@ def test_a_207_rejects_the_contacts_it_names_and_writes_the_others(
     by_user = HubSpotAdapter(fake.token, fake.url, id_property="instruqt_user_id")
     outcomes = by_user.upsert(
         [
-            ContactChange("k1", "new@x.com", {"email": "new@x.com"}, user_id="u1"),
-            ContactChange("k2", "taken@x.com", {"email": "taken@x.com"}, user_id="u2"),
-            ContactChange("k3", "three@x.com", {"firstname": "Three"}, user_id="u3"),
+            ContactChange("k1", "new@x.com", {"instruqt_user_id": "u1"}),
+            ContactChange("k2", "taken@x.com", {"instruqt_user_id": "u2"}),
+            ContactChange("k3", "three@x.com", {"instruqt_user_id": "u3", "firstname": "3"}),
+            ContactChange("k4", "nokey@x.com", {"firstname": "Four"}),
         ]
     )
     by_key = {o.key: o for o in outcomes}
     assert {key: o.status for key, o in by_key.items()} == {
-        "k1": "synced", "k2": "rejected", "k3": "synced"}  # fmt: skip
+        "k1": "synced", "k2": "rejected", "k3": "synced", "k4": "rejected"}  # fmt: skip
     assert by_key["k2"].reason.startswith("CONFLICT: ") and "Existing ID" in by_key["k2"].reason
-    assert fake.contacts["new@x.com"]["instruqt_user_id"] == "u1"
+    assert by_key["k4"].reason == "no instruqt_user_id value to upsert this contact on"
+    assert fake.contacts["new@x.com"]["instruqt_user_id"] == "u1"  # the email went along
+    assert fake.contacts["three@x.com"]["firstname"] == "3"

@@ -13,12 +13,14 @@ import redis
 from instruqt_crm.config import Settings
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.mapping import load_mapping
 from instruqt_crm.runtime import current_runtime
 from instruqt_crm.web import create_app
 from tests.engine_helpers import drain, engine_env
 from tests.fakes.hubspot import FakeHubSpot
 from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
 from tests.signing import post_signed
+from tests.test_fake_hubspot import create_property
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +71,67 @@ def test_worker_refuses_to_start_without_the_properties(redis_url: str, tmp_path
     assert "instruqt_last_track" in done.stderr
     assert "instruqt-crm setup hubspot" in done.stderr
     assert fake.token not in done.stderr
+
+
+def keyed_mapping(tmp_path: Path) -> Path:
+    """The default mapping, upserting contacts on identity.match_key (instruqt_user_id)."""
+    path = tmp_path / "keyed.yaml"
+    text = (ROOT / "mappings" / "hubspot.yaml").read_text()
+    path.write_text(text + "\nhubspot:\n  upsert_by: match_key\n")
+    return path
+
+
+def test_full_path_upserting_on_the_user_id(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeHubSpot() as fake:
+        env = {
+            **hubspot_env(redis_url, tmp_path, fake),
+            "MAPPING_PATH": str(keyed_mapping(tmp_path)),
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        current_runtime.cache_clear()
+        runtime = current_runtime()
+        adapter = HubSpotAdapter(fake.token, fake.url)
+        hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
+
+        events = history(20, seed=4)
+        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+        assert post_signed(client, deliveries(events, seed=6)).count(202) == len(events)
+        drain(redis_conn)
+        current_runtime.cache_clear()
+
+        assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
+        inputs = [
+            item
+            for r in fake.requests
+            if r.path.endswith("/batch/upsert")
+            for item in r.body["inputs"]
+        ]
+        assert {item["idProperty"] for item in inputs} == {"instruqt_user_id"}
+        assert all(item["properties"]["instruqt_user_id"] == item["id"] for item in inputs)
+
+
+def test_worker_refuses_to_upsert_on_a_property_that_is_not_unique(
+    redis_url: str, tmp_path: Path
+) -> None:
+    with FakeHubSpot() as fake:
+        adapter = HubSpotAdapter(fake.token, fake.url)
+        create_property(adapter.client, "instruqt_user_id")  # made before, without uniqueness
+        mapping = load_mapping(keyed_mapping(tmp_path))
+        steps = hubspot_setup.plan(adapter, mapping)
+        assert steps.mismatched == [hubspot_setup.upsert_key_problem(mapping, adapter.describe())]
+        hubspot_setup.apply(adapter, mapping, steps)
+        env = {**os.environ, **hubspot_env(redis_url, tmp_path, fake)}
+        env["MAPPING_PATH"] = str(keyed_mapping(tmp_path))
+        done = subprocess.run(
+            [sys.executable, "worker.py"],
+            cwd=ROOT,
+            env=env,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 1
+    assert "instruqt_user_id: is not unique, and the mapping upserts contacts on it" in done.stderr

@@ -468,3 +468,21 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "good.yaml: ok (2 properties, 1 rules)" in out
     assert f"{bad}:2: crm: unknown crm 'hubspt'" in err
     assert validate_main([]) == 2
+
+
+def test_hubspot_upsert_by_checks() -> None:
+    keyed = VALID + "hubspot:\n  upsert_by: match_key\n"
+    assert parse_mapping(keyed).upsert_key == "instruqt_user_id"
+    assert parse_mapping(VALID).upsert_key == "email"
+    assert parse_mapping(VALID + "hubspot: {upsert_by: email}\n").upsert_key == "email"
+    with pytest.raises(MappingError, match=r"hubspot\.upsert_by: match_key needs identity"):
+        parse_mapping(_edit("  match_key: instruqt_user_id\n", "", keyed), "h.yaml")
+    numeric = _edit(
+        "    type: string\n    merge: set_once", "    type: number\n    merge: first", keyed
+    )
+    with pytest.raises(MappingError, match="upserts only on unique string properties"):
+        parse_mapping(numeric)
+    with pytest.raises(MappingError, match=r"hubspot: only allowed when crm is hubspot"):
+        parse_mapping(SALESFORCE + "hubspot: {upsert_by: email}\n")
+    with pytest.raises(MappingError, match=r"upsert_by"):
+        parse_mapping(VALID + "hubspot: {upsert_by: phone}\n")

@@ -62,17 +62,21 @@ def check(mapping_path: str, check_crm: bool) -> None:
     from ..crm import hubspot_setup
 
     try:
-        missing = hubspot_setup.missing_properties(hubspot_adapter(token), mapping)
+        known = hubspot_adapter(token).describe()
     except SyncError as exc:
         raise click.ClickException(
             f"HubSpot: cannot read the contact properties: {exc.reason}"
         ) from None
+    missing = hubspot_setup.missing_properties(known, mapping)
     if missing:
         click.echo(
             f"HubSpot: the account lacks {len(missing)} mapped propert"
             f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}"
         )
         click.echo("Create them with: instruqt-crm setup hubspot")
+        raise click.exceptions.Exit(1)
+    if problem := hubspot_setup.upsert_key_problem(mapping, known):
+        click.echo(f"HubSpot: {problem}")
         raise click.exceptions.Exit(1)
     click.echo(f"HubSpot: every mapped property exists ({len(mapping.properties)})")
 

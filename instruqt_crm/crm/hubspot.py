@@ -227,13 +227,22 @@ class HubSpotAdapter:
         return policy(self._call, what, function, *args, raw=raw)
 
     def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
-        """Upsert a batch keyed by email; per-contact outcomes from a 200 or 207."""
-        by_id = {self._id(change): change for change in changes}
+        """Upsert a batch keyed by email (or the mapping's upsert key); per-contact outcomes
+        from a 200 or 207."""
+        by_id: dict[str, ContactChange] = {}
+        unkeyed = []
+        for change in changes:
+            record_id = self._id(change)
+            if record_id is None:
+                reason = f"no {self.id_property} value to upsert this contact on"
+                unkeyed.append(Outcome(change.key, "rejected", reason, "validation"))
+            else:
+                by_id[record_id] = change
+        if not by_id:
+            return unkeyed
         inputs = [
             SimplePublicObjectBatchInputUpsert(
-                id=record_id,
-                id_property=self.id_property,
-                properties={name: format_value(v) for name, v in change.properties.items()},
+                id=record_id, id_property=self.id_property, properties=self._properties(change)
             )
             for record_id, change in by_id.items()
         ]
@@ -250,13 +259,22 @@ class HubSpotAdapter:
                 answer = str(getattr(exc.__cause__, "body", None) or exc.reason)
                 raise BatchRejected(exc.reason, "validation", culprits(answer, by_id)) from exc
             raise
-        return self._outcomes(data, by_id)
+        return self._outcomes(data, by_id) + unkeyed
 
-    def _id(self, change: ContactChange) -> str:
-        """The value of the id property for a change (the email unless configured)."""
+    def _id(self, change: ContactChange) -> str | None:
+        """The value of the id property for a change (the email, unless upserting on another
+        property: the ledger then sends that property's value with every change)."""
         if self.id_property == "email":
             return change.email
-        return str(change.properties.get(self.id_property) or change.user_id or change.email)
+        value = change.properties.get(self.id_property)
+        return format_value(value) if value not in (None, "") else None
+
+    def _properties(self, change: ContactChange) -> dict[str, str]:
+        """The input's properties as HubSpot wants them (with the email when not keyed on it)."""
+        found = {name: format_value(value) for name, value in change.properties.items()}
+        if self.id_property != "email":
+            found.setdefault("email", change.email)
+        return found
 
     def _outcomes(self, data: dict[str, Any], by_id: dict[str, ContactChange]) -> list[Outcome]:
         """200: every contact written; 207: those named in ``errors`` rejected, the rest written."""
@@ -283,7 +301,13 @@ class HubSpotAdapter:
         )
         return {
             p.name: PropertyInfo(
-                p.name, p.type, {"group": p.group_name or "", "field": p.field_type or ""}
+                p.name,
+                p.type,
+                {
+                    "group": p.group_name or "",
+                    "field": p.field_type or "",
+                    "unique": "true" if p.has_unique_value else "false",
+                },
             )
             for p in data.results
         }

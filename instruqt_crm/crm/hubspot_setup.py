@@ -8,6 +8,7 @@ from hubspot.crm.properties import Option, PropertyCreate, PropertyGroupCreate
 
 from ..errors import PermanentError
 from ..mapping import Mapping
+from .base import PropertyInfo
 from .hubspot import HubSpotAdapter
 
 GROUP = "instruqt"
@@ -52,7 +53,21 @@ def plan(adapter: HubSpotAdapter, mapping: Mapping) -> Plan:
             result.mismatched.append(f"{name}: is {known[name].type}, the mapping needs {wanted}")
         else:
             result.existing.append(name)
+    if (problem := upsert_key_problem(mapping, known)) and mapping.upsert_key in known:
+        result.mismatched.append(problem)
     return result
+
+
+def upsert_key_problem(mapping: Mapping, known: dict[str, PropertyInfo]) -> str | None:
+    """Why contacts cannot be upserted on the mapping's upsert key, or None if they can."""
+    key = mapping.upsert_key
+    if key == "email" or key not in known or known[key].extra.get("unique") == "true":
+        return None
+    return (
+        f"{key}: is not unique, and the mapping upserts contacts on it (hubspot.upsert_by). "
+        "HubSpot cannot make an existing property unique: delete the property and run "
+        "instruqt-crm setup hubspot again, or upsert by email"
+    )
 
 
 def property_create(name: str, mapping: Mapping) -> PropertyCreate:
@@ -106,7 +121,6 @@ def apply(adapter: HubSpotAdapter, mapping: Mapping, steps: Plan) -> list[str]:
     return created
 
 
-def missing_properties(adapter: HubSpotAdapter, mapping: Mapping) -> list[str]:
-    """Mapped properties the account lacks (one GET), for the worker's start-up check."""
-    known = adapter.describe()
+def missing_properties(known: dict[str, PropertyInfo], mapping: Mapping) -> list[str]:
+    """Mapped properties missing from ``known`` (the account's, from ``describe``)."""
     return sorted(name for name in mapping.properties if name not in known)

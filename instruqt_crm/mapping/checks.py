@@ -88,6 +88,7 @@ def _header_problems(m: Mapping) -> list[Problem]:
         elif not rule.fullmatch(name) or len(name) > longest:
             message = f"not a {m.crm} property name: {wording}, at most {longest} characters"
             problems.append(Problem(("properties", name), message))
+    problems += _hubspot_problems(m)
     if m.salesforce is not None:
         if m.crm != "salesforce":
             problems.append(Problem(("salesforce",), "only allowed when crm is salesforce"))
@@ -115,6 +116,24 @@ def _property_problems(m: Mapping) -> list[Problem]:
                 Problem(("properties", name, "type"), "merge 'count' needs type number")
             )
     return problems
+
+
+def _hubspot_problems(m: Mapping) -> list[Problem]:
+    """HubSpot options fit: upserting on the match key needs one, declared as a string."""
+    if m.hubspot is None:
+        return []
+    if m.crm != "hubspot":
+        return [Problem(("hubspot",), "only allowed when crm is hubspot")]
+    if m.hubspot.upsert_by != "match_key":
+        return []
+    key = m.identity.match_key
+    if key is None:
+        return [Problem(("hubspot", "upsert_by"), "match_key needs identity.match_key set")]
+    spec = m.properties.get(key)
+    if spec is not None and spec.type != "string":
+        message = f"HubSpot upserts only on unique string properties; {key} is a {spec.type}"
+        return [Problem(("hubspot", "upsert_by"), message)]
+    return []
 
 
 def _identity_problems(m: Mapping) -> list[Problem]:

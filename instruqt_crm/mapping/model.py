@@ -175,6 +175,17 @@ class PlaysOptions(_Model):
     )
 
 
+class HubSpotOptions(_Model):
+    """HubSpot-only settings."""
+
+    upsert_by: Literal["email", "match_key"] = Field(
+        "email",
+        description="What contacts are upserted on: the email (default), or identity.match_key "
+        "(a unique string property; the email is then written as a property, so a learner "
+        "whose email changes keeps one contact).",
+    )
+
+
 class SalesforceOptions(_Model):
     """Salesforce-only settings."""
 
@@ -213,10 +224,18 @@ class Mapping(_Model):
     ignore: Annotated[list[str], _empty_as(list)] = Field(
         default_factory=list, description="types or globs skipped"
     )
+    hubspot: HubSpotOptions | None = None
     salesforce: SalesforceOptions | None = None
 
     _source: str = PrivateAttr("<memory>")
     _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def upsert_key(self) -> str:
+        """The HubSpot property contacts are upserted on (``email`` unless the mapping says)."""
+        if self.hubspot is not None and self.hubspot.upsert_by == "match_key":
+            return self.identity.match_key or "email"
+        return "email"
 
     @model_validator(mode="after")
     def _complete(self, info: ValidationInfo) -> Mapping:
