@@ -31,25 +31,49 @@ def hubspot_env(redis_url: str, tmp_path: Path, fake: FakeHubSpot) -> dict[str, 
     )
 
 
+def sync_through_the_stack(
+    redis_conn: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    events: list[dict],
+    seed: int,
+) -> None:
+    """Provision the fake for the mapping, post the events shuffled and duplicated to the
+    receiver, and run workers until everything is synced."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    current_runtime.cache_clear()
+    runtime = current_runtime()
+    adapter = HubSpotAdapter(env["HUBSPOT_ACCESS_TOKEN"], env["HUBSPOT_API_BASE"])
+    hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
+    client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+    codes = post_signed(client, deliveries(events, seed=seed))
+    assert codes.count(202) == len(events)
+    assert set(codes) == {200, 202}
+    drain(redis_conn)
+    current_runtime.cache_clear()
+
+
+def start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run worker.py with ``env`` added to this environment, until it exits."""
+    return subprocess.run(
+        [sys.executable, "worker.py"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_full_path_produces_the_data_model(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with FakeHubSpot() as fake:
-        for name, value in hubspot_env(redis_url, tmp_path, fake).items():
-            monkeypatch.setenv(name, value)
-        current_runtime.cache_clear()
-        runtime = current_runtime()
-        adapter = HubSpotAdapter(fake.token, fake.url)
-        hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
-
         events = history(40, seed=3)
-        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
-        codes = post_signed(client, deliveries(events, seed=5))
-        assert codes.count(202) == len(events)
-        assert set(codes) == {200, 202}
-        drain(redis_conn)
-        current_runtime.cache_clear()
-
+        sync_through_the_stack(
+            redis_conn, monkeypatch, hubspot_env(redis_url, tmp_path, fake), events, seed=5
+        )
         assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
         upserts = [r for r in fake.requests if r.path.endswith("/batch/upsert")]
         assert len(upserts) <= len(events) / 10, "the CRM must see batches, not one call per event"
@@ -58,15 +82,7 @@ def test_full_path_produces_the_data_model(
 
 def test_worker_refuses_to_start_without_the_properties(redis_url: str, tmp_path: Path) -> None:
     with FakeHubSpot() as fake:
-        env = {**os.environ, **hubspot_env(redis_url, tmp_path, fake)}
-        done = subprocess.run(
-            [sys.executable, "worker.py"],
-            cwd=ROOT,
-            env=env,
-            timeout=60,
-            capture_output=True,
-            text=True,
-        )
+        done = start_worker(hubspot_env(redis_url, tmp_path, fake))
     assert done.returncode == 1
     assert "instruqt_last_track" in done.stderr
     assert "instruqt-crm setup hubspot" in done.stderr
@@ -85,23 +101,10 @@ def test_full_path_upserting_on_the_user_id(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with FakeHubSpot() as fake:
-        env = {
-            **hubspot_env(redis_url, tmp_path, fake),
-            "MAPPING_PATH": str(keyed_mapping(tmp_path)),
-        }
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        current_runtime.cache_clear()
-        runtime = current_runtime()
-        adapter = HubSpotAdapter(fake.token, fake.url)
-        hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
-
+        env = hubspot_env(redis_url, tmp_path, fake)
+        env["MAPPING_PATH"] = str(keyed_mapping(tmp_path))
         events = history(20, seed=4)
-        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
-        assert post_signed(client, deliveries(events, seed=6)).count(202) == len(events)
-        drain(redis_conn)
-        current_runtime.cache_clear()
-
+        sync_through_the_stack(redis_conn, monkeypatch, env, events, seed=6)
         assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
         inputs = [
             item
@@ -123,15 +126,7 @@ def test_worker_refuses_to_upsert_on_a_property_that_is_not_unique(
         steps = hubspot_setup.plan(adapter, mapping)
         assert steps.mismatched == [hubspot_setup.upsert_key_problem(mapping, adapter.describe())]
         hubspot_setup.apply(adapter, mapping, steps)
-        env = {**os.environ, **hubspot_env(redis_url, tmp_path, fake)}
-        env["MAPPING_PATH"] = str(keyed_mapping(tmp_path))
-        done = subprocess.run(
-            [sys.executable, "worker.py"],
-            cwd=ROOT,
-            env=env,
-            timeout=60,
-            capture_output=True,
-            text=True,
-        )
+        env = hubspot_env(redis_url, tmp_path, fake)
+        done = start_worker({**env, "MAPPING_PATH": str(keyed_mapping(tmp_path))})
     assert done.returncode == 1
     assert "instruqt_user_id: is not unique, and the mapping upserts contacts on it" in done.stderr
