@@ -160,8 +160,8 @@ def batch_wait(
     ``window`` s, so changes arriving in a stream go in full batches. While the CRM's request
     budget binds (more contacts are dirty than the requests left in its window can carry),
     a full batch waits until its newest contact has been dirty for ``hold`` s: the few
-    requests left then carry contacts that have stopped changing, not ones that will need
-    sending again a moment later. ``window`` 0 (a flush on demand) sends at once.
+    requests left then carry contacts that had time to gather their learners' next events,
+    not ones that will need sending again a moment later. ``window`` 0 (a flush on demand) sends at once.
     """
     if window <= 0:
         return 0.0
