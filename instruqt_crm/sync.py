@@ -161,7 +161,8 @@ def batch_wait(
     budget binds (more contacts are dirty than the requests left in its window can carry),
     a full batch waits until its newest contact has been dirty for ``hold`` s: the few
     requests left then carry contacts that had time to gather their learners' next events,
-    not ones that will need sending again a moment later. ``window`` 0 (a flush on demand) sends at once.
+    not ones that will need sending again a moment later. ``window`` 0 (a flush on demand)
+    sends at once.
     """
     if window <= 0:
         return 0.0
