@@ -131,13 +131,8 @@ def merge_many(
     for _ in range(MAX_MERGE_ATTEMPTS):
         if not todo:
             return changed
-        with conn.pipeline(transaction=False) as pipe:
-            for key in todo:
-                pipe.hgetall(records.hash_key(key))
-            stored = pipe.execute()
         plan, keys = [], [records.dirty_key]
-        for key, raw in zip(todo, stored, strict=True):
-            current = {text(k): text(v) for k, v in raw.items()}
+        for key, current in zip(todo, read(conn, todo, records), strict=True):
             write, flags = _fold([merges[i] for i in positions[key]], current)
             for index, flag in zip(positions[key], flags, strict=True):
                 changed[index] = flag
@@ -207,16 +202,23 @@ def pending(conn: redis.Redis, key: str, mapping: Mapping) -> Pending:
 
 def pending_many(conn: redis.Redis, keys: Sequence[str], mapping: Mapping) -> list[Pending]:
     """``pending`` for several contacts, read in one round trip."""
-    with conn.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hgetall(contact_key(key))
-        found = pipe.execute()
+    found = read(conn, keys)
     return [_unsent(key, stored, mapping) for key, stored in zip(keys, found, strict=True)]
 
 
-def _unsent(key: str, raw: dict[Any, Any], mapping: Mapping) -> Pending:
+def read(
+    conn: redis.Redis, keys: Sequence[str], records: Records = CONTACTS
+) -> list[dict[str, str]]:
+    """The hashes of several records (empty for one never merged), in one round trip."""
+    with conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(records.hash_key(key))
+        found = pipe.execute()
+    return [{text(k): text(v) for k, v in raw.items()} for raw in found]
+
+
+def _unsent(key: str, stored: dict[str, str], mapping: Mapping) -> Pending:
     """A contact's pending change, from its hash."""
-    stored = {text(k): text(v) for k, v in raw.items()}
     current: dict[str, Value] = {}
     for name, spec in mapping.properties.items():
         cell = stored.get(f"c:{name}")
@@ -238,9 +240,15 @@ def _unsent(key: str, raw: dict[Any, Any], mapping: Mapping) -> Pending:
     return Pending(ContactChange(key, email, values, stored.get("user_id")), version)
 
 
-def settle(conn: redis.Redis, key: str, version: str, sent: dict[str, Value] | None = None) -> bool:
+def settle(
+    conn: redis.Redis,
+    key: str,
+    version: str,
+    sent: dict[str, Value] | None = None,
+    records: Records = CONTACTS,
+) -> bool:
     """Record values the CRM accepted; leave the dirty set if nothing merged meanwhile."""
-    return settle_record(conn, contact_key(key), DIRTY_KEY, key, version, sent)
+    return bool(_settle_script(conn, records, key, version, sent))
 
 
 def queue_settle(
@@ -252,26 +260,13 @@ def queue_settle(
 ) -> None:
     """``settle`` as part of a pipeline: its reply (1: left the dirty set) comes with the
     pipeline's."""
-    _settle_script(pipe, records.hash_key(key), records.dirty_key, key, version, sent)
-
-
-def settle_record(
-    conn: redis.Redis,
-    hash_key: str,
-    dirty_key: str,
-    member: str,
-    version: str,
-    sent: dict[str, Value] | None = None,
-) -> bool:
-    """``settle`` for any versioned record hash and its dirty set (contacts, plays)."""
-    return bool(_settle_script(conn, hash_key, dirty_key, member, version, sent))
+    _settle_script(pipe, records, key, version, sent)
 
 
 def _settle_script(
     client: redis.Redis | Pipeline,
-    hash_key: str,
-    dirty_key: str,
-    member: str,
+    records: Records,
+    key: str,
     version: str,
     sent: dict[str, Value] | None,
 ) -> Any:
@@ -280,7 +275,8 @@ def _settle_script(
     for name, value in (sent or {}).items():
         pairs += [f"s:{name}", encode(value)]
     script = client.register_script(_SETTLE)
-    return script(keys=[hash_key, dirty_key], args=[version, member, time.time(), *pairs])
+    keys = [records.hash_key(key), records.dirty_key]
+    return script(keys=keys, args=[version, key, time.time(), *pairs])
 
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:

@@ -151,16 +151,12 @@ def pending(conn: redis.Redis, participant: str) -> Pending:
 
 def pending_many(conn: redis.Redis, participants: Sequence[str]) -> list[Pending]:
     """``pending`` for several plays, read in one round trip."""
-    with conn.pipeline(transaction=False) as pipe:
-        for participant in participants:
-            pipe.hgetall(play_key(participant))
-        found = pipe.execute()
-    return [_unsent(p, raw) for p, raw in zip(participants, found, strict=True)]
+    found = ledger.read(conn, participants, PLAYS)
+    return [_unsent(p, stored) for p, stored in zip(participants, found, strict=True)]
 
 
-def _unsent(participant: str, raw: dict[Any, Any]) -> Pending:
+def _unsent(participant: str, stored: dict[str, str]) -> Pending:
     """A play's pending change, from its hash."""
-    stored = {text(k): text(v) for k, v in raw.items()}
     merged = {name: json.loads(stored[f"c:{name}"]) for name in CELLS if f"c:{name}" in stored}
     unsent = {
         name: found
@@ -179,7 +175,7 @@ def settle(
     conn: redis.Redis, participant: str, version: str, sent: dict[str, Value] | None = None
 ) -> bool:
     """Record fields the CRM accepted; the play leaves the dirty set unless it changed since."""
-    return ledger.settle_record(conn, play_key(participant), DIRTY_KEY, participant, version, sent)
+    return ledger.settle(conn, participant, version, sent, PLAYS)
 
 
 def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
