@@ -19,6 +19,7 @@ from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 
 from . import identity, inbox, ledger, plays
 from .config import SettingsError
+from .crm.base import missing_properties
 from .errors import SyncError
 from .handling import schedule_flush, wake_flush
 from .logs import configure
@@ -174,7 +175,7 @@ def preflight(runtime: Runtime, conn: redis.Redis) -> None:
         known = runtime.adapter(conn).describe()  # one call
     except SyncError as exc:
         raise StartupError(f"cannot read the CRM's fields: {exc.reason}") from exc
-    missing = [name for name in sorted(mapping.properties) if name not in known]
+    missing = missing_properties(known, mapping.properties)
     if missing:
         raise StartupError(
             f"the {mapping.crm} account lacks {len(missing)} mapped propert"

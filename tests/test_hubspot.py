@@ -11,7 +11,7 @@ import redis
 from hubspot import HubSpot
 
 from instruqt_crm.crm import hubspot_setup
-from instruqt_crm.crm.base import ContactChange
+from instruqt_crm.crm.base import ContactChange, missing_properties
 from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
 from instruqt_crm.errors import PermanentError
 from instruqt_crm.mapping import load_mapping
@@ -161,7 +161,7 @@ def test_provisioning_creates_exactly_the_missing_and_is_idempotent(fake: FakeHu
     again = hubspot_setup.plan(hub, MAPPING)
     assert again.create == [] and not again.create_group
     assert sorted(again.existing) == sorted(MAPPING.properties)
-    assert hubspot_setup.missing_properties(hub.describe(), MAPPING) == []
+    assert missing_properties(hub.describe(), MAPPING.properties) == []
 
 
 def test_provisioning_reports_a_type_mismatch(fake: FakeHubSpot) -> None:

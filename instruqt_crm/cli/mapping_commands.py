@@ -60,6 +60,7 @@ def check(mapping_path: str, check_crm: bool) -> None:
         click.echo("HubSpot: properties not checked (HUBSPOT_ACCESS_TOKEN is not set)")
         return
     from ..crm import hubspot_setup
+    from ..crm.base import missing_properties
 
     try:
         known = hubspot_adapter(token).describe()
@@ -67,7 +68,7 @@ def check(mapping_path: str, check_crm: bool) -> None:
         raise click.ClickException(
             f"HubSpot: cannot read the contact properties: {exc.reason}"
         ) from None
-    missing = hubspot_setup.missing_properties(known, mapping)
+    missing = missing_properties(known, mapping.properties)
     if missing:
         click.echo(
             f"HubSpot: the account lacks {len(missing)} mapped propert"

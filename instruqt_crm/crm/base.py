@@ -9,7 +9,7 @@ until an operator acts (a bad token, a missing scope).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -106,3 +106,8 @@ def request_budget(adapter: object) -> RequestBudget | None:
     """The shared request budget an adapter spends (None for one without: the dry run)."""
     budget = getattr(adapter, "budget", None)
     return budget if isinstance(budget, RequestBudget) else None
+
+
+def missing_properties(known: dict[str, PropertyInfo], names: Iterable[str]) -> list[str]:
+    """The names (mapped properties) that the CRM's ``known`` properties lack, sorted."""
+    return sorted(name for name in names if name not in known)

@@ -53,7 +53,7 @@ def plan(adapter: HubSpotAdapter, mapping: Mapping) -> Plan:
             result.mismatched.append(f"{name}: is {known[name].type}, the mapping needs {wanted}")
         else:
             result.existing.append(name)
-    if (problem := upsert_key_problem(mapping, known)) and mapping.upsert_key in known:
+    if problem := upsert_key_problem(mapping, known):
         result.mismatched.append(problem)
     return result
 
@@ -119,8 +119,3 @@ def apply(adapter: HubSpotAdapter, mapping: Mapping, steps: Plan) -> list[str]:
         )
         created.append(name)
     return created
-
-
-def missing_properties(known: dict[str, PropertyInfo], mapping: Mapping) -> list[str]:
-    """Mapped properties missing from ``known`` (the account's, from ``describe``)."""
-    return sorted(name for name in mapping.properties if name not in known)
