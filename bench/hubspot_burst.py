@@ -231,12 +231,15 @@ def run(scenario: Scenario, events: list[dict[str, Any]], args: argparse.Namespa
         port = free_port()
         start_receiver(processes, env, port)
         start_workers(processes, env, conn, WORKERS, args.worker_command)
+        deliveries = (
+            []
+            if args.direct
+            else [signed(body, msg_id=f"msg_{n:06d}") for n, body in enumerate(events)]
+        )  # signed before the clock starts
+        before = cpu_seconds(roles(processes, conn))
         if args.direct:
-            before = cpu_seconds(roles(processes, conn))
             posted = keep_directly(conn, events, args.direct)
         else:
-            deliveries = [signed(body, msg_id=f"msg_{n:06d}") for n, body in enumerate(events)]
-            before = cpu_seconds(roles(processes, conn))
             posted = post_all(port, deliveries, args.threads)
         posted.cpu = cpu_while(before, cpu_seconds(roles(processes, conn)))
 
