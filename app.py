@@ -1,5 +1,5 @@
 """Web entry for gunicorn (Procfile ``web``)."""
 
-from instruqt_crm.web import create_app
+from instruqt_crm.receiver import create_app
 
 app = create_app()

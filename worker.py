@@ -2,8 +2,8 @@
 
 import sys
 
-import instruqt_crm.jobs  # noqa: F401  preloaded so each forked job starts fast
-from instruqt_crm.workers import run_worker
+import instruqt_crm.engine.jobs  # noqa: F401  preloaded so each forked job starts fast
+from instruqt_crm.engine.worker import run_worker
 
 if __name__ == "__main__":
     sys.exit(run_worker())

@@ -26,8 +26,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from instruqt_crm import queueing
-from tests.history import history, learner_history
+from instruqt_crm.engine import queueing
+from samples.history import history, learner_history
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -269,7 +269,7 @@ def jobs_waiting(conn: redis.Redis) -> tuple[int, int]:
 
 def handled(conn: redis.Redis) -> int:
     """Events the workers handled, whatever the outcome (the engine's own counters)."""
-    stats = {queueing.text(k): int(v) for k, v in conn.hgetall(queueing.STATS_KEY).items()}
+    stats = {queueing.text(k): int(v) for k, v in conn.hgetall(queueing.keys.STATS).items()}
     outcomes = ("merged", "parked", "skipped", "unknown", "failed")
     return sum(stats.get(f"events:{outcome}", 0) for outcome in outcomes)
 

@@ -5,7 +5,7 @@
 
 A: 5,000 events from 500 learners, fake limited to 100 requests / 10 s (50 ms latency),
    budget 90: counts HubSpot requests, 429s, the lag from the last accepted event to the
-   last CRM write, and checks every contact against ``tests.history.expected_records``.
+   last CRM write, and checks every contact against ``samples.history.expected_records``.
 B: 5,000 events from 2,500 learners, fake limited to 10 / 10 s, budget 10: the drain time
    (first accepted event to last CRM write) against the least the limit allows.
 
@@ -50,12 +50,12 @@ from bench.common import (
     wait_for,
 )
 from bench.stack import MAPPING_PATH, FakeHubSpotProcess, start_receiver, start_workers
-from instruqt_crm import identity, inbox, ledger
+from instruqt_crm import keys
 from instruqt_crm.crm.hubspot import format_value
-from instruqt_crm.queueing import DRAIN_JOB, FLUSH_JOB
-from instruqt_crm.sync import LOCK_KEY
-from tests.history import expected_records
-from tests.signing import SECRET, signed
+from instruqt_crm.engine import identity, inbox, ledger
+from instruqt_crm.engine.queueing import DRAIN_JOB, FLUSH_JOB
+from samples.history import expected_records
+from samples.signing import SECRET, signed
 
 TOKEN = "bench-token"
 WORKERS = 2
@@ -167,7 +167,7 @@ def state(conn: redis.Redis) -> dict[str, int]:
         "jobs_running": running,
         "dirty": ledger.dirty_count(conn),
         "parked": identity.parked_count(conn),
-        "flush_locked": int(conn.exists(LOCK_KEY)),
+        "flush_locked": int(conn.exists(keys.FLUSH_LOCK)),
     }
 
 

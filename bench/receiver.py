@@ -153,8 +153,8 @@ def wait_up(port: int, timeout: float = 30) -> None:
 
 def signed_requests(count: int, tag: str = "") -> list[Delivery]:
     """``count`` signed deliveries, each with its own svix-id, valid for the next 5 minutes."""
-    from tests.history import history
-    from tests.signing import signed
+    from samples.history import history
+    from samples.signing import signed
 
     events = history(max(1, count // 6 + 1), seed=5)
     stamp = time.time()
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-command", help="instead of the Procfile's web line (what-ifs)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from samples.signing import SECRET
     from tests.redis_process import RedisProcess
-    from tests.signing import SECRET
 
     count = int(args.max_rps * (args.seconds + args.warmup))
     log_dir = Path(tempfile.mkdtemp(prefix="bench-receiver-"))

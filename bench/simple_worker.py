@@ -2,31 +2,16 @@
 
     python -m bench.simple_worker
 
-Same queues, serializer, preflight and scheduler as ``instruqt_crm.workers.run_worker``; the
-only difference is ``build_worker(conn, simple=True)``.
+Same queues, serializer, preflight and scheduler as ``instruqt_crm.engine.worker.run_worker``;
+the only difference is ``simple=True``.
 """
 
 from __future__ import annotations
 
 import sys
 
-import instruqt_crm.jobs  # noqa: F401  preloaded, as worker.py does
-from instruqt_crm.logs import configure_logging
-from instruqt_crm.queueing import connect
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.workers import build_worker, preflight
-
-
-def main() -> int:
-    """Run a SimpleWorker until stopped."""
-    runtime = current_runtime()
-    configure_logging(runtime.settings.log_level)
-    conn = connect(runtime.settings.redis_url)
-    preflight(runtime, conn)
-    worker = build_worker(conn, simple=True)
-    worker.work(with_scheduler=True, logging_level=runtime.settings.log_level)
-    return 0
-
+import instruqt_crm.engine.jobs  # noqa: F401  preloaded, as worker.py does
+from instruqt_crm.engine.worker import run_worker
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_worker(simple=True))

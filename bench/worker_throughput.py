@@ -36,9 +36,9 @@ from bench.common import (
     wait_for,
 )
 from bench.common import realistic_events as make_events
-from instruqt_crm import inbox
-from instruqt_crm.inbox import enqueue_event
-from instruqt_crm.queueing import DRAIN_JOB, JOB_OPTIONS
+from instruqt_crm.engine import inbox
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.queueing import DRAIN_JOB, JOB_OPTIONS
 from tests.engine_helpers import engine_env
 
 TARGET_RATIO = 0.7

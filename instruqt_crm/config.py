@@ -1,4 +1,10 @@
-"""Settings from the environment: read once, validated, typed, with one-line errors."""
+"""Settings from the environment (pydantic-settings): read once, typed, one-line errors.
+
+Every setting is a field named for its variable; a missing or malformed one stops start-up
+with ``SettingsError``, one line that names the variable and what it expects. Secrets are
+``SecretStr``: they never show in reprs, logs or errors. The webhook secret is needed by
+the web process only (``require_webhook_secrets``).
+"""
 
 from __future__ import annotations
 
@@ -6,54 +12,46 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_INSTRUQT_GRAPHQL_URL = "https://play.instruqt.com/graphql"
 DEFAULT_HUBSPOT_API_BASE = "https://api.hubapi.com"
 DEFAULT_SALESFORCE_LOGIN_URL = "https://login.salesforce.com"
 DEFAULT_SALESFORCE_API_VERSION = "62.0"
+DEFAULT_MAPPING_PATH = Path("mappings/hubspot.yaml")
 MIN_DEDUPE_SECONDS = 99_000  # Svix retries for about 27.5 hours
-T = TypeVar("T")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("settings_environ", default=None)
 
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-class Secret:
-    """A string that never shows itself in logs, reprs or tracebacks."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret text, for the one place that needs it."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-def parse_webhook_secrets(text: str) -> tuple[Secret, ...]:
-    """Split comma-separated ``whsec_`` secrets and check each is base64 (never echoing it)."""
+def parse_webhook_secrets(value: Any) -> tuple[SecretStr, ...]:
+    """Comma-separated ``whsec_`` secrets (or a sequence of them), each checked to be base64."""
+    items = value.split(",") if isinstance(value, str) else list(value)
     secrets = []
-    for position, raw in enumerate((part.strip() for part in text.split(",")), start=1):
+    for position, item in enumerate(items, start=1):
+        raw = (item.get_secret_value() if isinstance(item, SecretStr) else str(item)).strip()
         if not raw:
             continue
         if not raw.startswith("whsec_"):
-            raise SettingsError(
-                f"INSTRUQT_WEBHOOK_SECRET: secret #{position} must start with 'whsec_' "
+            raise ValueError(
+                f"secret #{position} must start with 'whsec_' "
                 "(copy it from the endpoint's Signing Secret in Instruqt)"
             )
         try:
@@ -61,275 +59,237 @@ def parse_webhook_secrets(text: str) -> tuple[Secret, ...]:
         except (binascii.Error, ValueError):
             key = b""
         if not key:
-            raise SettingsError(
-                f"INSTRUQT_WEBHOOK_SECRET: secret #{position} is not valid base64 after 'whsec_'"
-            )
-        secrets.append(Secret(raw))
-    if not secrets:
-        raise SettingsError("INSTRUQT_WEBHOOK_SECRET: expected one or more whsec_... secrets")
+            raise ValueError(f"secret #{position} is not valid base64 after 'whsec_'")
+        secrets.append(SecretStr(raw))
+    if isinstance(value, str) and not secrets:
+        raise ValueError("expected one or more whsec_... secrets")
     return tuple(secrets)
 
 
-def _number(
-    name: str, kind: Callable[[str], T], minimum: float | None = None
-) -> Callable[[str], T]:
-    """A parser for a numeric variable with an optional lower bound."""
+class _Environment(EnvSettingsSource):
+    """The process environment, or the mapping given to ``Settings.from_env``; values are
+    stripped and an empty value counts as unset."""
 
-    def parse(text: str) -> T:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise SettingsError(f"{name}: expected a {kind.__name__}, got {text!r}") from None
-        if minimum is not None and value < minimum:  # type: ignore[operator]
-            raise SettingsError(f"{name}: expected at least {minimum}, got {text!r}")
-        return value
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls, case_sensitive=False)
 
-    return parse
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): v.strip() for name, v in self._environ.items() if v.strip()}
 
 
-def _url(name: str) -> Callable[[str], str]:
-    """A parser for an http(s) URL."""
-
-    def parse(text: str) -> str:
-        if not text.startswith(("http://", "https://")):
-            raise SettingsError(f"{name}: expected an http:// or https:// URL, got {text!r}")
-        return text.rstrip("/")
-
-    return parse
+def _env(name: str, default: Any = None, **checks: Any) -> Any:
+    """A field read from the variable ``name``."""
+    return Field(default, validation_alias=name, **checks)
 
 
-def _redis_url(text: str) -> str:
-    """Check a Redis URL's scheme."""
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(
-            f"REDIS_URL: expected a redis://, rediss:// or unix:// URL, got {text.split('@')[-1]!r}"
-        )
-    return text
-
-
-def _choice(name: str, options: tuple[str, ...]) -> Callable[[str], str]:
-    """A parser for one of a few words."""
-
-    def parse(text: str) -> str:
-        if text.lower() not in options:
-            raise SettingsError(f"{name}: expected one of {', '.join(options)}, got {text!r}")
-        return text.lower()
-
-    return parse
-
-
-def _flag(name: str) -> Callable[[str], bool]:
-    """A parser for a true/false setting."""
-
-    def parse(text: str) -> bool:
-        value = text.lower()
-        if value not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-            raise SettingsError(f"{name}: expected true or false, got {text!r}")
-        return value in {"1", "true", "yes", "on"}
-
-    return parse
-
-
-def _sentry(dsn: Secret | None) -> Secret | None:
-    """Check that sentry-sdk is installed when a DSN is given."""
-    if dsn is None:
-        return None
-    try:
-        import sentry_sdk  # noqa: F401
-    except ImportError:
-        raise SettingsError(
-            "SENTRY_DSN: set, but sentry-sdk is not installed (pip install 'instruqt-crm[sentry]')"
-        ) from None
-    return dsn
-
-
-def _log_level(text: str) -> str:
-    """Check a logging level name."""
-    level = text.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
-    return level
-
-
-# --- Salesforce settings (issue 5) ---------------------------------------------------------
-
-
-def _api_version(text: str) -> str:
-    """Check a Salesforce API version such as 62.0."""
-    version = text.removeprefix("v")
-    if not re.fullmatch(r"\d{2,3}\.0", version):
-        raise SettingsError(f"SALESFORCE_API_VERSION: expected a version like 62.0, got {text!r}")
-    return version
-
-
-def _private_key(raw: str) -> Secret:
-    """A PEM private key given as text (\\n escapes allowed) or as a file path."""
-    text = raw.replace("\\n", "\n")
-    if "-----BEGIN" not in text:
-        path = Path(raw).expanduser()
-        if not path.is_file():
-            raise SettingsError(
-                "SALESFORCE_PRIVATE_KEY: expected PEM text (-----BEGIN ... PRIVATE KEY-----) "
-                "or the path of a PEM file; no such file"
-            )
-        text = path.read_text()
-    if "PRIVATE KEY-----" not in text:
-        raise SettingsError("SALESFORCE_PRIVATE_KEY: expected a PEM private key")
-    return Secret(text)
-
-
-def _salesforce(env: Mapping[str, str]) -> dict[str, object]:
-    """The SALESFORCE_* settings, checked for a complete login flow."""
-
-    def value(name: str) -> str | None:
-        return env.get(name, "").strip() or None
-
-    client_id, secret = value("SALESFORCE_CLIENT_ID"), value("SALESFORCE_CLIENT_SECRET")
-    username, key = value("SALESFORCE_USERNAME"), value("SALESFORCE_PRIVATE_KEY")
-    instance, token = value("SALESFORCE_INSTANCE_URL"), value("SALESFORCE_ACCESS_TOKEN")
-    if (username or key) and not (client_id and username and key):
-        raise SettingsError(
-            "SALESFORCE_PRIVATE_KEY: the JWT flow needs SALESFORCE_CLIENT_ID, SALESFORCE_USERNAME "
-            "and SALESFORCE_PRIVATE_KEY together"
-        )
-    if secret and not client_id:
-        raise SettingsError("SALESFORCE_CLIENT_ID: needed with SALESFORCE_CLIENT_SECRET")
-    if client_id and not (secret or key):
-        raise SettingsError(
-            "SALESFORCE_CLIENT_ID: set SALESFORCE_CLIENT_SECRET (client credentials) or "
-            "SALESFORCE_USERNAME + SALESFORCE_PRIVATE_KEY (JWT bearer) with it"
-        )
-    if bool(token) != bool(instance) and not client_id:
-        raise SettingsError(
-            "SALESFORCE_ACCESS_TOKEN: set both SALESFORCE_INSTANCE_URL and SALESFORCE_ACCESS_TOKEN "
-            "(or a login flow instead)"
-        )
-    login = value("SALESFORCE_LOGIN_URL")
-    return {
-        "salesforce_login_url": _url("SALESFORCE_LOGIN_URL")(login)
-        if login
-        else DEFAULT_SALESFORCE_LOGIN_URL,
-        "salesforce_client_id": client_id,
-        "salesforce_client_secret": Secret(secret) if secret else None,
-        "salesforce_username": username,
-        "salesforce_private_key": _private_key(key) if key else None,
-        "salesforce_instance_url": _url("SALESFORCE_INSTANCE_URL")(instance) if instance else None,
-        "salesforce_access_token": Secret(token) if token else None,
-        "salesforce_api_version": _api_version(v)
-        if (v := value("SALESFORCE_API_VERSION"))
-        else DEFAULT_SALESFORCE_API_VERSION,
-        "salesforce_requests_per_minute": _number("SALESFORCE_REQUESTS_PER_MINUTE", int, 1)(r)
-        if (r := value("SALESFORCE_REQUESTS_PER_MINUTE"))
-        else 120,
-    }
-
-
-# -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Every setting the service reads, typed; build with ``Settings.from_env()``."""
 
-    webhook_secrets: tuple[Secret, ...]
-    redis_url: str | None = None
-    mapping_path: Path = Path("mappings/hubspot.yaml")
-    instruqt_api_key: Secret | None = None
-    instruqt_graphql_url: str = DEFAULT_INSTRUQT_GRAPHQL_URL
-    hubspot_access_token: Secret | None = None
-    hubspot_api_base: str = DEFAULT_HUBSPOT_API_BASE
-    hubspot_requests_per_10s: int = 90
-    flush_window_seconds: float = 1.0
-    flush_hold_seconds: float = 4.0
-    flush_lease_seconds: int = 30
-    identity_wait_days: float = 7.0
-    max_body_bytes: int = 256 * 1024
-    dedupe_ttl_seconds: int = 72 * 3600
-    dry_run_path: Path = Path("var/dry-run.jsonl")
-    dashboard_username: str | None = None
-    dashboard_password: Secret | None = None
-    log_level: str = "INFO"
-    log_format: str = "json"
-    log_emails: bool = False
-    sentry_dsn: Secret | None = None
-    port: int = 8000
-    # Salesforce (see docs/salesforce.md)
-    salesforce_login_url: str = DEFAULT_SALESFORCE_LOGIN_URL
-    salesforce_client_id: str | None = None
-    salesforce_client_secret: Secret | None = None
-    salesforce_username: str | None = None
-    salesforce_private_key: Secret | None = None
-    salesforce_instance_url: str | None = None
-    salesforce_access_token: Secret | None = None
-    salesforce_api_version: str = DEFAULT_SALESFORCE_API_VERSION
-    salesforce_requests_per_minute: int = 120
+    model_config = SettingsConfigDict(frozen=True, validate_by_name=True, extra="forbid")
+
+    webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = _env(
+        "INSTRUQT_WEBHOOK_SECRET", ()
+    )
+    redis_url: str | None = _env("REDIS_URL")
+    mapping_path: Path = _env("MAPPING_PATH", DEFAULT_MAPPING_PATH)
+    instruqt_api_key: SecretStr | None = _env("INSTRUQT_API_KEY")
+    instruqt_graphql_url: str = _env("INSTRUQT_GRAPHQL_URL", DEFAULT_INSTRUQT_GRAPHQL_URL)
+    hubspot_access_token: SecretStr | None = _env("HUBSPOT_ACCESS_TOKEN")
+    hubspot_api_base: str = _env("HUBSPOT_API_BASE", DEFAULT_HUBSPOT_API_BASE)
+    hubspot_requests_per_10s: int = _env("HUBSPOT_REQUESTS_PER_10S", 90, ge=1)
+    flush_window_seconds: float = _env("FLUSH_WINDOW_SECONDS", 1.0, ge=0)
+    flush_hold_seconds: float = _env("FLUSH_HOLD_SECONDS", 4.0, ge=0)
+    flush_lease_seconds: int = _env("FLUSH_LEASE_SECONDS", 30, ge=2)
+    identity_wait_days: float = _env("IDENTITY_WAIT_DAYS", 7.0, ge=0)
+    max_body_bytes: int = _env("MAX_BODY_BYTES", 256 * 1024, ge=1024)
+    dedupe_ttl_seconds: int = _env("DEDUPE_TTL_SECONDS", 72 * 3600, ge=MIN_DEDUPE_SECONDS)
+    dry_run_path: Path = _env("DRY_RUN_PATH", Path("var/dry-run.jsonl"))
+    dashboard_username: str | None = _env("RQ_DASHBOARD_USERNAME")
+    dashboard_password: SecretStr | None = _env("RQ_DASHBOARD_PASSWORD")
+    log_level: str = _env("LOG_LEVEL", "INFO")
+    log_format: Literal["json", "text"] = _env("LOG_FORMAT", "json")
+    log_emails: bool = _env("LOG_EMAILS", False)
+    sentry_dsn: SecretStr | None = _env("SENTRY_DSN")
+    port: int = _env("PORT", 8000, ge=1)
+    salesforce_login_url: str = _env("SALESFORCE_LOGIN_URL", DEFAULT_SALESFORCE_LOGIN_URL)
+    salesforce_client_id: str | None = _env("SALESFORCE_CLIENT_ID")
+    salesforce_client_secret: SecretStr | None = _env("SALESFORCE_CLIENT_SECRET")
+    salesforce_username: str | None = _env("SALESFORCE_USERNAME")
+    salesforce_private_key: SecretStr | None = _env("SALESFORCE_PRIVATE_KEY")
+    salesforce_instance_url: str | None = _env("SALESFORCE_INSTANCE_URL")
+    salesforce_access_token: SecretStr | None = _env("SALESFORCE_ACCESS_TOKEN")
+    salesforce_api_version: str = _env("SALESFORCE_API_VERSION", DEFAULT_SALESFORCE_API_VERSION)
+    salesforce_requests_per_minute: int = _env("SALESFORCE_REQUESTS_PER_MINUTE", 120, ge=1)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate the environment; raise SettingsError naming the first bad variable."""
-        env = os.environ if environ is None else environ
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Values given in code first, then the environment (see ``from_env``)."""
+        environ = _ENVIRON.get()
+        return init_settings, _Environment(settings_cls, os.environ if environ is None else environ)
 
-        def get(name: str, parse: Callable[[str], T], default: T) -> T:
-            raw = env.get(name, "").strip()
-            return parse(raw) if raw else default
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **values: Any) -> Settings:
+        """Read and validate the environment (``environ``, default the process's); ``values``
+        (by field name) take precedence. SettingsError names the first bad variable."""
+        token = _ENVIRON.set(environ)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_one_line(cls, exc.errors()[0])) from None
+        finally:
+            _ENVIRON.reset(token)
 
-        def secret(name: str) -> Secret | None:
-            raw = env.get(name, "").strip()
-            return Secret(raw) if raw else None
-
-        raw_secrets = env.get("INSTRUQT_WEBHOOK_SECRET", "").strip()
-        if not raw_secrets:
+    def require_webhook_secrets(self) -> tuple[SecretStr, ...]:
+        """The webhook secrets, which the receiver cannot run without."""
+        if not self.webhook_secrets:
             raise SettingsError(
                 "INSTRUQT_WEBHOOK_SECRET: missing; expected the endpoint's whsec_... signing "
                 "secret (several, comma-separated, while rotating)"
             )
-        username = env.get("RQ_DASHBOARD_USERNAME", "").strip() or None
-        password = secret("RQ_DASHBOARD_PASSWORD")
-        if bool(username) != bool(password):
-            raise SettingsError(
-                "RQ_DASHBOARD_USERNAME: set both RQ_DASHBOARD_USERNAME and RQ_DASHBOARD_PASSWORD, "
-                "or neither (no credentials = no dashboard)"
+        return self.webhook_secrets
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _secrets(cls, value: Any) -> tuple[SecretStr, ...]:
+        return parse_webhook_secrets(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            where = value.split("@")[-1]  # never the password
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {where!r}")
+        return value
+
+    @field_validator("instruqt_graphql_url", "hubspot_api_base", "salesforce_login_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _http(value)
+
+    @field_validator("salesforce_instance_url")
+    @classmethod
+    def _instance_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        return value.upper()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("sentry_dsn")
+    @classmethod
+    def _sentry(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                import sentry_sdk  # noqa: F401  only its presence is checked here
+            except ImportError:
+                raise ValueError(
+                    "set, but sentry-sdk is not installed (pip install 'instruqt-crm[sentry]')"
+                ) from None
+        return value
+
+    @field_validator("salesforce_api_version")
+    @classmethod
+    def _api_version(cls, value: str) -> str:
+        version = value.removeprefix("v")
+        if not re.fullmatch(r"\d{2,3}\.0", version):
+            raise ValueError(f"expected a version like 62.0, got {value!r}")
+        return version
+
+    @field_validator("salesforce_private_key", mode="before")
+    @classmethod
+    def _private_key(cls, value: Any) -> Any:
+        """PEM text (``\\n`` escapes allowed) or the path of a PEM file."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        text = raw.replace("\\n", "\n")
+        if "-----BEGIN" not in text:
+            path = Path(raw).expanduser()
+            if not path.is_file():
+                raise ValueError(
+                    "expected PEM text (-----BEGIN ... PRIVATE KEY-----) "
+                    "or the path of a PEM file; no such file"
+                )
+            text = path.read_text()
+        if "PRIVATE KEY-----" not in text:
+            raise ValueError("expected a PEM private key")
+        return text
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Settings:
+        """Settings that only work together."""
+        if bool(self.dashboard_username) != bool(self.dashboard_password):
+            raise ValueError(
+                "RQ_DASHBOARD_USERNAME: set both RQ_DASHBOARD_USERNAME and "
+                "RQ_DASHBOARD_PASSWORD, or neither (no credentials = no dashboard)"
             )
-        return cls(
-            webhook_secrets=parse_webhook_secrets(raw_secrets),
-            redis_url=get("REDIS_URL", _redis_url, None),
-            mapping_path=get("MAPPING_PATH", Path, Path("mappings/hubspot.yaml")),
-            instruqt_api_key=secret("INSTRUQT_API_KEY"),
-            instruqt_graphql_url=get(
-                "INSTRUQT_GRAPHQL_URL", _url("INSTRUQT_GRAPHQL_URL"), DEFAULT_INSTRUQT_GRAPHQL_URL
-            ),
-            hubspot_access_token=secret("HUBSPOT_ACCESS_TOKEN"),
-            hubspot_api_base=get(
-                "HUBSPOT_API_BASE", _url("HUBSPOT_API_BASE"), DEFAULT_HUBSPOT_API_BASE
-            ),
-            hubspot_requests_per_10s=get(
-                "HUBSPOT_REQUESTS_PER_10S", _number("HUBSPOT_REQUESTS_PER_10S", int, 1), 90
-            ),
-            flush_window_seconds=get(
-                "FLUSH_WINDOW_SECONDS", _number("FLUSH_WINDOW_SECONDS", float, 0), 1.0
-            ),
-            flush_hold_seconds=get(
-                "FLUSH_HOLD_SECONDS", _number("FLUSH_HOLD_SECONDS", float, 0), 4.0
-            ),
-            flush_lease_seconds=get(
-                "FLUSH_LEASE_SECONDS", _number("FLUSH_LEASE_SECONDS", int, 2), 30
-            ),
-            identity_wait_days=get(
-                "IDENTITY_WAIT_DAYS", _number("IDENTITY_WAIT_DAYS", float, 0), 7.0
-            ),
-            max_body_bytes=get("MAX_BODY_BYTES", _number("MAX_BODY_BYTES", int, 1024), 256 * 1024),
-            dedupe_ttl_seconds=get(
-                "DEDUPE_TTL_SECONDS",
-                _number("DEDUPE_TTL_SECONDS", int, MIN_DEDUPE_SECONDS),
-                72 * 3600,
-            ),
-            dry_run_path=get("DRY_RUN_PATH", Path, Path("var/dry-run.jsonl")),
-            dashboard_username=username,
-            dashboard_password=password,
-            log_level=get("LOG_LEVEL", _log_level, "INFO"),
-            log_format=get("LOG_FORMAT", _choice("LOG_FORMAT", ("json", "text")), "json"),
-            log_emails=get("LOG_EMAILS", _flag("LOG_EMAILS"), False),
-            sentry_dsn=_sentry(secret("SENTRY_DSN")),
-            port=get("PORT", _number("PORT", int, 1), 8000),
-            **_salesforce(env),  # type: ignore[arg-type]
-        )
+        client_id, secret = self.salesforce_client_id, self.salesforce_client_secret
+        username, key = self.salesforce_username, self.salesforce_private_key
+        if (username or key) and not (client_id and username and key):
+            raise ValueError(
+                "SALESFORCE_PRIVATE_KEY: the JWT flow needs SALESFORCE_CLIENT_ID, "
+                "SALESFORCE_USERNAME and SALESFORCE_PRIVATE_KEY together"
+            )
+        if secret and not client_id:
+            raise ValueError("SALESFORCE_CLIENT_ID: needed with SALESFORCE_CLIENT_SECRET")
+        if client_id and not (secret or key):
+            raise ValueError(
+                "SALESFORCE_CLIENT_ID: set SALESFORCE_CLIENT_SECRET (client credentials) or "
+                "SALESFORCE_USERNAME + SALESFORCE_PRIVATE_KEY (JWT bearer) with it"
+            )
+        session = (self.salesforce_access_token, self.salesforce_instance_url)
+        if bool(session[0]) != bool(session[1]) and not client_id:
+            raise ValueError(
+                "SALESFORCE_ACCESS_TOKEN: set both SALESFORCE_INSTANCE_URL and "
+                "SALESFORCE_ACCESS_TOKEN (or a login flow instead)"
+            )
+        return self
+
+
+def _http(value: str) -> str:
+    """An http(s) URL without its trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _one_line(cls: type[Settings], error: ErrorDetails) -> str:
+    """``VARIABLE: what it expects`` for the first validation error."""
+    context = error.get("ctx") or {}
+    if error["type"] == "value_error":
+        message = str(context.get("error", error["msg"]))
+    elif error["type"] in ("greater_than_equal", "greater_than"):
+        bound = context.get("ge", context.get("gt"))
+        message = f"expected at least {bound}, got {error['input']!r}"
+    elif error["type"] == "int_parsing":
+        message = f"expected an integer, got {error['input']!r}"
+    elif error["type"] == "float_parsing":
+        message = f"expected a number, got {error['input']!r}"
+    elif error["type"] == "bool_parsing":
+        message = f"expected true or false, got {error['input']!r}"
+    elif error["type"] == "literal_error":
+        expected = str(context.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        message = f"expected one of {expected}, got {error['input']!r}"
+    else:
+        message = error["msg"]
+    if not error["loc"]:  # a check of several settings: its message names the variable
+        return message
+    field = cls.model_fields.get(str(error["loc"][0]))
+    name = field.validation_alias if field is not None else error["loc"][0]
+    return f"{name}: {message}"

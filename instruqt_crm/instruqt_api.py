@@ -12,18 +12,17 @@ from typing import Any
 
 import requests
 
-from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
+from instruqt_crm.config import DEFAULT_INSTRUQT_GRAPHQL_URL
+from instruqt_crm.errors import Category, PermanentError, RateLimited, RetryableError
 from instruqt_crm.retry import retrying
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "https://play.instruqt.com/graphql"
 USER_QUERY = (
     "query ($userID: String!) { user(userID: $userID) { id profile { email display_name } } }"
 )
 DEFAULT_RATE_LIMIT_WAIT = 5.0  # a 429 without Retry-After
 MAX_RETRY_AFTER = 3600.0
-CATEGORY = "instruqt_api"
 
 _NOT_FOUND = re.compile(r"not[ _-]?found|no such user|does ?n[o']t exist|unknown user", re.I)
 _UNAUTHORISED = re.compile(r"unauthori[sz]ed|unauthenticated|forbidden|permission denied", re.I)
@@ -74,7 +73,7 @@ class InstruqtClient:
     def __init__(
         self,
         api_key: str,
-        url: str = DEFAULT_URL,
+        url: str = DEFAULT_INSTRUQT_GRAPHQL_URL,
         timeout: float = 10.0,
         session: requests.Session | None = None,
         attempts: int = 4,
@@ -126,7 +125,8 @@ class InstruqtClient:
             )
         except _CONFIG_ERRORS as exc:
             raise PermanentError(
-                f"INSTRUQT_GRAPHQL_URL is not usable ({type(exc).__name__})", category="config"
+                f"INSTRUQT_GRAPHQL_URL is not usable ({type(exc).__name__})",
+                category=Category.CONFIG,
             ) from exc
         except requests.exceptions.RequestException as exc:
             raise RetryableError(
@@ -140,7 +140,7 @@ class InstruqtClient:
         if status in (401, 403):
             raise PermanentError(
                 f"Instruqt API answered {status}: INSTRUQT_API_KEY is wrong or not authorised",
-                category="auth",
+                category=Category.AUTH,
             )
         if status == 429:
             wait = parse_retry_after(response.headers.get("Retry-After"))
@@ -154,14 +154,16 @@ class InstruqtClient:
         body = self._json(response)
         if body is None:
             if status >= 400:
-                raise PermanentError(f"Instruqt API answered {status}", category=CATEGORY)
+                raise PermanentError(
+                    f"Instruqt API answered {status}", category=Category.INSTRUQT_API
+                )
             raise RetryableError(f"Instruqt API answered {status} with a non-JSON body")
         errors = body.get("errors")
         if errors:
             self._graphql_errors(user_id, errors)
             return None
         if status >= 400:
-            raise PermanentError(f"Instruqt API answered {status}", category=CATEGORY)
+            raise PermanentError(f"Instruqt API answered {status}", category=Category.INSTRUQT_API)
         return _profile(user_id, body.get("data"))
 
     def _graphql_errors(self, user_id: str, errors: Any) -> None:
@@ -173,11 +175,13 @@ class InstruqtClient:
             return
         if any(_UNAUTHORISED.search(m) for m in messages):
             raise PermanentError(
-                f"Instruqt API refused the INSTRUQT_API_KEY: {text}", category="auth"
+                f"Instruqt API refused the INSTRUQT_API_KEY: {text}", category=Category.AUTH
             )
         if any(_TRANSIENT.search(m) for m in messages):
             raise RetryableError(f"Instruqt API transient error for user {user_id}: {text}")
-        raise PermanentError(f"Instruqt API error for user {user_id}: {text}", category=CATEGORY)
+        raise PermanentError(
+            f"Instruqt API error for user {user_id}: {text}", category=Category.INSTRUQT_API
+        )
 
     def _scrub(self, text: str) -> str:
         """Never let the API key into a message."""

@@ -109,4 +109,4 @@ def configure(settings: Settings) -> None:
     if settings.sentry_dsn is not None:
         import sentry_sdk
 
-        sentry_sdk.init(dsn=settings.sentry_dsn.reveal(), send_default_pii=False)
+        sentry_sdk.init(dsn=settings.sentry_dsn.get_secret_value(), send_default_pii=False)

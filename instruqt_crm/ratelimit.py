@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 
 import redis
 
+from instruqt_crm import keys
 from instruqt_crm.errors import RateLimited
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "instruqt_crm:budget:"
 MIN_WAIT = 1e-6
 PAUSE_STEP = 5.0  # a pause never shrinks, so acquire may sleep on it in longer steps
 
@@ -146,11 +146,6 @@ class _Attempt(NamedTuple):
     policy: str
 
 
-def _text(value: Any) -> str:
-    """A Redis reply as str, whether or not the connection decodes responses."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class RequestBudget:
     """At most ``limit`` requests per ``window_seconds`` for one CRM account, across processes."""
 
@@ -173,8 +168,8 @@ class RequestBudget:
         self.clock = clock
         self._sleep = sleep
         self.max_step = max_step
-        self.key = f"{KEY_PREFIX}{{{name}}}"
-        self.pause_key = f"{self.key}:pause"
+        self.key = keys.budget(name)
+        self.pause_key = keys.budget_pause(name)
         self._acquire = conn.register_script(_ACQUIRE)
         self._remaining = conn.register_script(_REMAINING)
         self._pause = conn.register_script(_PAUSE)
@@ -225,7 +220,7 @@ class RequestBudget:
 
     def paused_until(self) -> float | None:
         """The epoch at which the current pause ends, or None if not paused."""
-        reply = _text(self._paused(keys=[self.pause_key], args=self._args()))
+        reply = keys.text(self._paused(keys=[self.pause_key], args=self._args()))
         return float(reply) if reply else None
 
     def observe_headers(
@@ -259,7 +254,7 @@ class RequestBudget:
         """Run the acquire script once: grant and record n requests, or say how long to wait."""
         args = [*self._args(), n, self.limit, repr(self.window), uuid.uuid4().hex]
         reply = self._acquire(keys=[self.key, self.pause_key], args=args)
-        granted, wait, now, kind, reason, policy = (_text(v) for v in reply)
+        granted, wait, now, kind, reason, policy = (keys.text(v) for v in reply)
         ok = granted == "1"
         return _Attempt(
             ok, 0.0 if ok else max(float(wait), MIN_WAIT), float(now), kind, reason, policy
@@ -267,7 +262,7 @@ class RequestBudget:
 
     def _set_pause(self, args: list[Any], reason: str) -> float | None:
         """Run the pause script and log the outcome."""
-        reply = _text(self._pause(keys=[self.pause_key], args=args))
+        reply = keys.text(self._pause(keys=[self.pause_key], args=args))
         until = float(reply) if reply else None
         if until is not None:
             log.warning("budget=%s paused until %.3f: %s", self.name, until, reason)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from instruqt_crm.runtime import current_runtime
-from tests.engine_helpers import engine_env
+from instruqt_crm.engine.runtime import Runtime
+from tests.engine_helpers import engine_runtime, installed
 
 TEST_DBS = range(9, 16)  # one per concurrent test session; db 0 holds the claims
 
@@ -77,10 +77,14 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def engine(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Engine settings in the environment; yields the dry-run output file."""
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield tmp_path / "dry-run.jsonl"
-    current_runtime.cache_clear()
+def engine_run(redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
+    """The engine tests' runtime (dry-run CRM into tmp_path, no flush delay), handed to the
+    jobs this process runs."""
+    with installed(engine_runtime(redis_url, tmp_path)) as run:
+        yield run
+
+
+@pytest.fixture
+def engine(engine_run: Runtime) -> Path:
+    """An installed engine runtime; its dry-run output file."""
+    return engine_run.settings.dry_run_path

@@ -1,24 +1,27 @@
-"""Fixtures-in-functions for engine tests: settings in the environment, draining the queues."""
+"""Fixtures-in-functions for engine tests: settings and runtime, draining the queues."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from instruqt_crm import inbox
-from instruqt_crm.inbox import enqueue_event
-from instruqt_crm.queueing import QUEUE_NAME, queue
+from instruqt_crm import keys
+from instruqt_crm.config import Settings
+from instruqt_crm.engine import runtime
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.engine.runtime import Runtime
+from samples.signing import SECRET
 
 
 def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
-    """The environment a worker needs for engine tests (dry-run CRM, no flush delay)."""
-    from tests.signing import SECRET
-
+    """The environment a worker process needs for engine tests (dry-run CRM, no flush delay)."""
     return {
         "INSTRUQT_WEBHOOK_SECRET": SECRET,
         "REDIS_URL": redis_url,
@@ -27,6 +30,21 @@ def engine_env(redis_url: str, tmp_path, **extra: str) -> dict[str, str]:
         "DRY_RUN_PATH": str(tmp_path / "dry-run.jsonl"),
         **extra,
     }
+
+
+def engine_runtime(redis_url: str, tmp_path, **extra: str) -> Runtime:
+    """A runtime for in-process engine tests, built from ``engine_env`` (and ``extra``)."""
+    return Runtime.from_settings(Settings.from_env(engine_env(redis_url, tmp_path, **extra)))
+
+
+@contextmanager
+def installed(run: Runtime) -> Iterator[Runtime]:
+    """Hand ``run`` to the jobs this process runs (``drain``), for the ``with`` block."""
+    runtime.install(run)
+    try:
+        yield run
+    finally:
+        runtime.install(None)
 
 
 def drain(conn: redis.Redis) -> None:
@@ -45,7 +63,7 @@ def inbox_events(conn: redis.Redis) -> list[tuple[str, dict[str, Any]]]:
     """(message id, body) of every event kept in the inbox, oldest first."""
     return [
         (fields[b"id"].decode(), json.loads(fields[b"body"]))
-        for _, fields in conn.xrange(inbox.INBOX_KEY)
+        for _, fields in conn.xrange(keys.INBOX)
     ]
 
 

@@ -30,18 +30,20 @@ import redis
 import requests
 from rq.scheduler import RQScheduler
 
-from instruqt_crm import failures, identity, inbox, ledger
+from instruqt_crm import keys
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.engine import identity, inbox, ledger
+from instruqt_crm.engine.queueing import FLUSH_JOB, QUEUE_NAME, queue
+from instruqt_crm.journal import failures
+from instruqt_crm.keys import text
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import FLUSH_JOB, KEY_PREFIX, PENDING, QUEUE_NAME, queue, text
-from instruqt_crm.sync import LOCK_KEY
+from samples.history import crm_records
+from samples.signing import SECRET, signed
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
-from tests.history import crm_records
 from tests.processes import Workers, wait_for
 from tests.redis_process import RedisProcess, free_port
-from tests.signing import SECRET, signed
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING_PATH = "mappings/hubspot.yaml"
@@ -196,7 +198,7 @@ def settled(conn: redis.Redis) -> bool:
         inbox.depth(conn) == 0
         and ledger.dirty_count(conn) == 0
         and identity.parked_count(conn) == 0
-        and not conn.exists(LOCK_KEY)
+        and not conn.exists(keys.FLUSH_LOCK)
     )
 
 
@@ -213,10 +215,10 @@ def state(conn: redis.Redis) -> dict[str, int]:
         "intermediate": int(conn.llen(jobs.intermediate_queue_key)),
         "dirty": ledger.dirty_count(conn),
         "dirty_oldest_age_s": int(time.time() - oldest[0][1]) if oldest else -1,
-        "flush_mark_ttl_ms": int(conn.pttl(f"{PENDING}{FLUSH_JOB}")),
+        "flush_mark_ttl_ms": int(conn.pttl(keys.pending_job(FLUSH_JOB))),
         "scheduler_lock_ttl_ms": int(conn.pttl(RQScheduler.get_locking_key(QUEUE_NAME))),
         "parked": identity.parked_count(conn),
-        "locked": int(conn.exists(LOCK_KEY)),
+        "locked": int(conn.exists(keys.FLUSH_LOCK)),
         "scheduled_jobs": ",".join(jobs.scheduled_job_registry.get_job_ids()),
     }
 
@@ -325,7 +327,7 @@ def accounted_ids(conn: redis.Redis, emails: Iterable[str]) -> set[str]:
         body = failure.body()
         if isinstance(body, dict):
             ids.update(body.get("events") or [])
-    for raw in conn.scan_iter(f"{KEY_PREFIX}parked:*"):
+    for raw in conn.scan_iter(f"{keys.PREFIX}parked:*"):
         key = text(raw)
         if not key.endswith(":meta"):
             ids.update(text(event_id) for event_id in conn.hkeys(key))
@@ -334,9 +336,9 @@ def accounted_ids(conn: redis.Redis, emails: Iterable[str]) -> set[str]:
 
 def inbox_fate(conn: redis.Redis, msg_id: str) -> str:
     """Where a lost event is in the inbox: waiting, held by a consumer, or gone."""
-    for entry_id, fields in conn.xrange(inbox.INBOX_KEY):
+    for entry_id, fields in conn.xrange(keys.INBOX):
         if text(fields.get(b"id", b"")) == msg_id:
-            held = conn.xpending_range(inbox.INBOX_KEY, inbox.GROUP, entry_id, entry_id, 1)
+            held = conn.xpending_range(keys.INBOX, inbox.GROUP, entry_id, entry_id, 1)
             owner = text(held[0]["consumer"]) if held else None
             return f"entry {text(entry_id)} " + (f"held by {owner}" if owner else "waiting")
     return "not in the inbox (handled or never kept)"

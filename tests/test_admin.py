@@ -10,10 +10,9 @@ import redis
 from flask.testing import FlaskClient
 
 from instruqt_crm.config import Settings
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.web import create_app
-from tests.engine_helpers import drain, engine_env
-from tests.signing import SECRET, signed, track_event
+from instruqt_crm.receiver.app import create_app
+from samples.signing import SECRET, signed, track_event
+from tests.engine_helpers import drain
 
 LOGIN = {"RQ_DASHBOARD_USERNAME": "ops", "RQ_DASHBOARD_PASSWORD": "s3cret-pass"}
 
@@ -66,12 +65,7 @@ def metric(text: str, name: str) -> float:
     return 0.0
 
 
-def test_metrics_move_when_events_flow(
-    redis_conn, redis_url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
+def test_metrics_move_when_events_flow(redis_conn, redis_url, engine: Path) -> None:
     client = client_for(redis_conn, redis_url)
     before = client.get("/metrics").get_data(as_text=True)
     assert metric(before, 'instruqt_crm_webhook_requests_total{outcome="queued"}') == 0
@@ -86,7 +80,6 @@ def test_metrics_move_when_events_flow(
     assert metric(queued, "instruqt_crm_inbox_depth") == 3
     assert metric(queued, 'instruqt_crm_queue_depth{queue="instruqt"}') == 1  # one drain job
     drain(redis_conn)
-    current_runtime.cache_clear()
     after = client.get("/metrics").get_data(as_text=True)
     assert metric(after, 'instruqt_crm_webhook_requests_total{outcome="queued"}') == 3
     assert metric(after, 'instruqt_crm_webhook_requests_total{outcome="bad_signature"}') == 1
@@ -104,16 +97,12 @@ def test_metrics_move_when_events_flow(
 
 
 def test_status_page_shows_figures_and_traces_a_learner(
-    redis_conn, redis_url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_conn, redis_url, engine: Path
 ) -> None:
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
     client = client_for(redis_conn, redis_url, **LOGIN)
     body, headers = signed(track_event(user_id="u7", params={"email": "grace@example.com"}))
     client.post("/webhooks/instruqt", data=body, headers=headers)
     drain(redis_conn)
-    current_runtime.cache_clear()
     page = client.get("/status", headers=basic("ops", "s3cret-pass"))
     assert page.status_code == 200
     html = page.get_data(as_text=True)

@@ -8,11 +8,13 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruqt_crm import failures, identity, inbox, ledger
+from instruqt_crm import keys
+from instruqt_crm.engine import identity, inbox, ledger
+from instruqt_crm.engine.handling import Batch, handle_batch, handle_event
 from instruqt_crm.events import parse_event
-from instruqt_crm.handling import Batch, handle, handle_batch, handle_event
-from tests.history import history
-from tests.signing import track_event
+from instruqt_crm.journal import failures
+from samples.history import history
+from samples.signing import track_event
 from tests.test_ledger import EVENTS, runtime, snapshot
 
 MANY = history(12, seed=33)  # ~80 events, several per learner
@@ -100,7 +102,7 @@ def test_a_deterministic_redis_error_fails_the_event_not_the_batch(
     """A type error on one contact's key would fail every retry: that event fails alone."""
     run = runtime(redis_url)
     broken = EVENTS[0]["params"]["email"]
-    redis_conn.set(ledger.contact_key(broken), "not a hash")
+    redis_conn.set(keys.contact(broken), "not a hash")
     statuses = handle_batch(redis_conn, run, entries(EVENTS, list(range(len(EVENTS)))))
     learner_events = sum(1 for body in EVENTS if body["user_id"] == EVENTS[0]["user_id"])
     assert statuses["failed"] == learner_events
@@ -128,8 +130,8 @@ def test_a_learner_parked_by_another_worker_mid_batch_is_released_at_commit(
     reveal = track_event("u-race", challenge_id="c1", params={"email": "race@example.com"})
     hidden = track_event("u-race", challenge_id="c2")
     first = Batch(redis_conn, run, ["u-race"])  # u-race is not waiting when it starts
-    handle(first, parse_event("reveal", reveal))
-    assert handle_event(redis_conn, run, parse_event("hidden", hidden))["status"] == "parked"
+    first.handle(parse_event("reveal", reveal))
+    assert handle_event(redis_conn, run, parse_event("hidden", hidden)).status == "parked"
     first.commit()  # caches the email, then looks for learners parked meanwhile
     assert identity.parked_events(redis_conn, "u-race") == []
     assert ledger.event_ids(redis_conn, "race@example.com") == ["hidden", "reveal"]

@@ -17,20 +17,28 @@ from hubspot.crm.properties import PropertyCreate
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.serving import make_server
 
-from instruqt_crm import failures, identity, ledger
 from instruqt_crm.cli import main
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter
-from instruqt_crm.examples import example_event, example_types
-from instruqt_crm.preview import split_message, stable_id
-from instruqt_crm.queueing import QUEUE_NAME, queue
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.web import create_app
-from tests.engine_helpers import drain, engine_env, enqueue_all, inbox_events
+from instruqt_crm.engine import identity, ledger, runtime
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.journal import failures
+from instruqt_crm.journal.failures import Kind
+from instruqt_crm.ops.examples import example_event, example_types
+from instruqt_crm.ops.preview import split_message, stable_id
+from instruqt_crm.receiver.app import create_app
+from samples.history import deliveries, history
+from samples.signing import SECRET
+from tests.engine_helpers import (
+    drain,
+    engine_env,
+    engine_runtime,
+    enqueue_all,
+    inbox_events,
+    installed,
+)
 from tests.fakes.hubspot import FakeHubSpot
-from tests.history import deliveries, history
-from tests.signing import SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAPPING = ROOT / "mappings" / "hubspot.yaml"
@@ -50,9 +58,8 @@ def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         monkeypatch.delenv(name, raising=False)
     for name, value in engine_env(redis_url, tmp_path).items():
         monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield tmp_path / "dry-run.jsonl"
-    current_runtime.cache_clear()
+    with installed(engine_runtime(redis_url, tmp_path)):  # for the jobs drain() runs
+        yield tmp_path / "dry-run.jsonl"
 
 
 @pytest.fixture
@@ -369,10 +376,10 @@ def broken_mapping(tmp_path: Path) -> Path:
 
 
 def test_failed_list_show_requeue_after_fixing_the_mapping(
-    env: Path, tmp_path: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    env: Path, tmp_path: Path, redis_url: str, redis_conn: redis.Redis
 ) -> None:
-    monkeypatch.setenv("MAPPING_PATH", str(broken_mapping(tmp_path)))
-    current_runtime.cache_clear()
+    broken = broken_mapping(tmp_path)
+    runtime.install(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(broken)))
     enqueue_all(redis_conn, [("msg_review1", review())])
     drain(redis_conn)
     (failure,) = failures.recent(redis_conn)
@@ -396,8 +403,7 @@ def test_failed_list_show_requeue_after_fixing_the_mapping(
     assert run("failed", "requeue").exit_code == 2
     assert run("failed", "requeue", failure.id, "--all").exit_code == 2
 
-    monkeypatch.setenv("MAPPING_PATH", str(DEFAULT_MAPPING))  # the operator fixes the mapping
-    current_runtime.cache_clear()
+    runtime.install(engine_runtime(redis_url, tmp_path))  # the operator fixes the mapping
     requeued = run("failed", "requeue", failure.id)
     assert requeued.exit_code == 0, requeued.output
     assert "(event)" in requeued.output
@@ -412,7 +418,7 @@ def test_requeue_a_rejected_contact_sends_it_again(env: Path, redis_conn: redis.
     drain(redis_conn)
     (failure,) = failures.recent(redis_conn)
     assert failure.category == "validation"
-    assert failures.kind_of(failure) == "contact"
+    assert failure.kind == "contact"
     result = run("failed", "requeue", "--reason", "INVALID EMAIL")
     assert result.exit_code == 0, result.output
     assert "1 requeued, 0 not requeueable" in result.output
@@ -424,8 +430,10 @@ def test_requeue_a_rejected_contact_sends_it_again(env: Path, redis_conn: redis.
 
 
 def test_requeue_all_skips_what_cannot_be_requeued(env: Path, redis_conn: redis.Redis) -> None:
-    failures.record(redis_conn, "invalid_body", "not JSON", "msg_x", b"{oops")
-    failures.record(redis_conn, "identity", "no email", "msg_y", json.dumps(review(email=None)))
+    failures.record(redis_conn, Kind.BODY, "invalid_body", "not JSON", "msg_x", b"{oops")
+    failures.record(
+        redis_conn, Kind.EVENT, "identity", "no email", "msg_y", json.dumps(review(email=None))
+    )
     result = run("failed", "requeue", "--all")
     assert result.exit_code == 0, result.output
     assert "1 requeued, 1 not requeueable" in result.output
@@ -438,8 +446,10 @@ def test_requeue_all_skips_what_cannot_be_requeued(env: Path, redis_conn: redis.
 
 
 def test_failed_purge(env: Path, redis_conn: redis.Redis) -> None:
-    failures.record(redis_conn, "invalid_body", "not JSON", "msg_x", b"{oops")
-    failures.record(redis_conn, "mapping", "bad template", "msg_y", json.dumps(review()))
+    failures.record(redis_conn, Kind.BODY, "invalid_body", "not JSON", "msg_x", b"{oops")
+    failures.record(
+        redis_conn, Kind.EVENT, "mapping", "bad template", "msg_y", json.dumps(review())
+    )
     refused = run("failed", "purge", input="n\n")
     assert refused.exit_code == 1
     assert len(failures.recent(redis_conn)) == 2
@@ -490,7 +500,7 @@ def test_status_json_has_every_figure(env: Path, redis_conn: redis.Redis) -> Non
     enqueue_all(redis_conn, deliveries(history(2, seed=4), seed=1))
     enqueue_all(redis_conn, [("msg_wait", example_event("track.started", user_id="u-nomail"))])
     drain(redis_conn)
-    failures.record(redis_conn, "invalid_body", "not JSON", "msg_x", b"{oops")
+    failures.record(redis_conn, Kind.BODY, "invalid_body", "not JSON", "msg_x", b"{oops")
     enqueue_all(redis_conn, [("msg_later", review())])
 
     result = run("status", "--json")
@@ -516,7 +526,7 @@ def test_status_json_has_every_figure(env: Path, redis_conn: redis.Redis) -> Non
     assert data["counters"]["events"]["parked"] == 1
     assert data["last_flush"]["at"] is not None
     assert data["crm"]["crm"] == "hubspot" and data["crm"]["adapter"] == "dry-run"
-    assert data["crm"]["budget"]["remaining"] == data["crm"]["budget"]["limit"] == 90
+    assert "budget" not in data["crm"]  # the dry run spends no request budget
 
     text = run("status")
     assert text.exit_code == 0

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from instruqt_crm import identity, inbox, ledger
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.engine import identity, inbox, ledger
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import QUEUE_NAME, queue
+from samples.history import crm_records, deliveries, expected_in_crm, expected_records, history
 from tests.engine_helpers import engine_env, enqueue_all
 from tests.fakes.hubspot import FakeHubSpot
-from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
 from tests.processes import Workers, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def state(conn: redis.Redis) -> dict[str, int]:
         "dirty": ledger.dirty_count(conn),
         "parked": identity.parked_count(conn),
         "locked": int(conn.exists("instruqt_crm:flush:lock")),
-        "pending": int(conn.exists("instruqt_crm:pending:instruqt_crm.jobs.flush_contacts")),
+        "pending": int(conn.exists("instruqt_crm:pending:instruqt_crm.engine.jobs.flush_contacts")),
     }
 
 

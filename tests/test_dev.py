@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from samples.signing import SECRET
 from tests.processes import wait_for
 from tests.redis_process import free_port
-from tests.signing import SECRET
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import redis
 
-from instruqt_crm import failures, identity, ledger
+from instruqt_crm import keys
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.queueing import STATS_KEY
-from instruqt_crm.runtime import current_runtime
-from tests.engine_helpers import drain, dry_run_batches, engine_env, enqueue_all
-from tests.history import deliveries, expected_records, history
+from instruqt_crm.engine import identity, ledger
+from instruqt_crm.journal import failures
+from samples.history import deliveries, expected_records, history
+from tests.engine_helpers import drain, dry_run_batches, engine_runtime, enqueue_all, installed
 
 
 def started(user_id: str, email: str | None = None, **extra: object) -> dict[str, object]:
@@ -31,7 +30,7 @@ def started(user_id: str, email: str | None = None, **extra: object) -> dict[str
 
 
 def stats(conn: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in conn.hgetall(STATS_KEY).items()}
+    return {k.decode(): int(v) for k, v in conn.hgetall(keys.STATS).items()}
 
 
 def test_history_shuffled_and_duplicated_gives_the_data_model(
@@ -118,7 +117,7 @@ def test_event_without_user_or_email_fails_with_reason(
 
 
 def test_template_error_fails_that_event_only(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_conn: redis.Redis
+    redis_url: str, tmp_path: Path, redis_conn: redis.Redis
 ) -> None:
     mapping = (
         Path("mappings/hubspot.yaml")
@@ -127,13 +126,10 @@ def test_template_error_fails_that_event_only(
     )
     path = tmp_path / "broken.yaml"
     path.write_text(mapping)
-    for name, value in engine_env(redis_url, tmp_path, MAPPING_PATH=str(path)).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
     review = started("u1", "a@b.co", type="review.created", score=0)
     enqueue_all(redis_conn, [("bad", review), ("good", started("u2", "c@d.co"))])
-    drain(redis_conn)
-    current_runtime.cache_clear()
+    with installed(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(path))):
+        drain(redis_conn)
     [failure] = failures.recent(redis_conn)
     assert failure.category == "mapping" and failure.message_id == "bad"
     assert "instruqt_last_review_score" in failure.reason

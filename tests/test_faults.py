@@ -37,9 +37,13 @@ from typing import Any
 import pytest
 import redis
 
-from instruqt_crm import failures, inbox
+from instruqt_crm import keys
+from instruqt_crm.engine import inbox
 from instruqt_crm.events import parse_timestamp
-from instruqt_crm.queueing import STATS_KEY, text
+from instruqt_crm.journal import failures
+from instruqt_crm.keys import text
+from samples.history import _stamp, deliveries, expected_in_crm, expected_records, history
+from samples.signing import SECRET
 from tests.fakes.instruqt import FakeInstruqt
 from tests.fault_harness import (
     Posted,
@@ -51,9 +55,7 @@ from tests.fault_harness import (
     settled,
     state,
 )
-from tests.history import _stamp, deliveries, expected_in_crm, expected_records, history
 from tests.processes import wait_for
-from tests.signing import SECRET
 
 pytestmark = pytest.mark.slow
 LEARNERS = 120  # about 750 events, 1100 deliveries: each scenario stays near a minute on 2 cores
@@ -283,10 +285,10 @@ def test_instruqt_lookup_down_then_back(tmp_path: Path) -> None:
         posted.add(post_all(stack.url, pairs[half:]))  # after: lookups answer again
         conn = stack.conn()
         wait_for(lambda: drained(conn), 90, "the events to be merged or parked")
-        parked = int(conn.hget(STATS_KEY, "events:parked") or 0)
+        parked = int(conn.hget(keys.STATS, "events:parked") or 0)
         posted.add(post_all(stack.url, claim_pairs))  # the invites reveal the emails
         report = finish("e lookup down", stack, pairs + claim_pairs, posted, expected, started)
-        stats = {text(k): int(v) for k, v in conn.hgetall(STATS_KEY).items()}
+        stats = {text(k): int(v) for k, v in conn.hgetall(keys.STATS).items()}
     print(f"\ne: {parked} events parked during the outage; identity stats {stats}")
     assert parked > 0, "some events waited for the email while the lookup was down"
     assert stats.get("identity:lookup-failed", 0) > 0

@@ -13,10 +13,10 @@ from hubspot import HubSpot
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.base import ContactChange, missing_properties
 from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.engine.send import send
 from instruqt_crm.errors import PermanentError
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.ratelimit import RequestBudget
-from instruqt_crm.sync import FlushReport, send
 from tests.fakes.hubspot import FakeHubSpot
 from tests.test_fake_hubspot import create_property
 
@@ -71,8 +71,7 @@ def test_values_are_formatted_for_hubspot(adapter: HubSpotAdapter, fake: FakeHub
 
 
 def test_unknown_property_is_rejected_naming_it(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
-    report = FlushReport()
-    outcomes = send(adapter, [change(1, instruqt_no_such_thing="x"), change(2)], report)
+    outcomes = send(adapter, [change(1, instruqt_no_such_thing="x"), change(2)]).outcomes
     by_key = {o.key: o for o in outcomes}
     assert by_key["learner2@example.com"].status == "synced"
     rejected = by_key["learner1@example.com"]
@@ -83,13 +82,13 @@ def test_unknown_property_is_rejected_naming_it(adapter: HubSpotAdapter, fake: F
 def test_one_invalid_email_among_100(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:
     batch = [change(n) for n in range(99)]
     batch.insert(42, ContactChange("bad", "not-an-email", {"instruqt_user_id": "x"}))
-    report = FlushReport()
-    outcomes = send(adapter, batch, report)
+    sent = send(adapter, batch)
+    outcomes = sent.outcomes
     assert sum(o.status == "synced" for o in outcomes) == 99
     [bad] = [o for o in outcomes if o.status == "rejected"]
     assert bad.key == "bad" and "not-an-email" in bad.reason
     assert len(fake.contacts) == 99
-    assert report.requests <= 15
+    assert sent.requests <= 15
 
 
 def test_429_waits_and_succeeds_without_going_over(
@@ -188,10 +187,9 @@ def test_a_400_naming_the_bad_email_costs_one_extra_request(
 ) -> None:
     batch = [change(n) for n in range(60)]
     batch.insert(7, ContactChange("bad", "not-an-email", {"instruqt_user_id": "x"}))
-    report = FlushReport()
-    outcomes = send(adapter, batch, report)
-    assert [o.key for o in outcomes if o.status == "rejected"] == ["bad"]
-    assert report.requests == 2
+    sent = send(adapter, batch)
+    assert [o.key for o in sent.outcomes if o.status == "rejected"] == ["bad"]
+    assert sent.requests == 2
     assert len(fake.contacts) == 60
 
 

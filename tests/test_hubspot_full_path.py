@@ -7,19 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import redis
 
 from instruqt_crm.config import Settings
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.engine.runtime import Runtime
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.web import create_app
-from tests.engine_helpers import drain, engine_env
+from instruqt_crm.receiver.app import create_app
+from samples.history import crm_records, deliveries, expected_in_crm, expected_records, history
+from samples.signing import post_signed
+from tests.engine_helpers import drain, engine_env, installed
 from tests.fakes.hubspot import FakeHubSpot
-from tests.history import crm_records, deliveries, expected_in_crm, expected_records, history
-from tests.signing import post_signed
 from tests.test_fake_hubspot import create_property
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,25 +32,21 @@ def hubspot_env(redis_url: str, tmp_path: Path, fake: FakeHubSpot) -> dict[str, 
 
 def sync_through_the_stack(
     redis_conn: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str],
     events: list[dict],
     seed: int,
 ) -> None:
     """Provision the fake for the mapping, post the events shuffled and duplicated to the
     receiver, and run workers until everything is synced."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    runtime = current_runtime()
+    runtime = Runtime.from_settings(Settings.from_env(env))
     adapter = HubSpotAdapter(env["HUBSPOT_ACCESS_TOKEN"], env["HUBSPOT_API_BASE"])
     hubspot_setup.apply(adapter, runtime.mapping, hubspot_setup.plan(adapter, runtime.mapping))
-    client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+    client = create_app(runtime.settings, conn=redis_conn).test_client()
     codes = post_signed(client, deliveries(events, seed=seed))
     assert codes.count(202) == len(events)
     assert set(codes) == {200, 202}
-    drain(redis_conn)
-    current_runtime.cache_clear()
+    with installed(runtime):
+        drain(redis_conn)
 
 
 def start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -67,13 +62,11 @@ def start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_full_path_produces_the_data_model(
-    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     with FakeHubSpot() as fake:
         events = history(40, seed=3)
-        sync_through_the_stack(
-            redis_conn, monkeypatch, hubspot_env(redis_url, tmp_path, fake), events, seed=5
-        )
+        sync_through_the_stack(redis_conn, hubspot_env(redis_url, tmp_path, fake), events, seed=5)
         assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
         upserts = [r for r in fake.requests if r.path.endswith("/batch/upsert")]
         assert len(upserts) <= len(events) / 10, "the CRM must see batches, not one call per event"
@@ -98,13 +91,13 @@ def keyed_mapping(tmp_path: Path) -> Path:
 
 
 def test_full_path_upserting_on_the_user_id(
-    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     with FakeHubSpot() as fake:
         env = hubspot_env(redis_url, tmp_path, fake)
         env["MAPPING_PATH"] = str(keyed_mapping(tmp_path))
         events = history(20, seed=4)
-        sync_through_the_stack(redis_conn, monkeypatch, env, events, seed=6)
+        sync_through_the_stack(redis_conn, env, events, seed=6)
         assert crm_records(fake.contacts) == expected_in_crm(expected_records(events))
         inputs = [
             item

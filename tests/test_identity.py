@@ -8,17 +8,17 @@ import pytest
 import redis
 import responses
 
-from instruqt_crm import failures, identity
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import dry_run_records
+from instruqt_crm.engine import identity
+from instruqt_crm.engine.flush import flush
+from instruqt_crm.engine.handling import Retried, handle_event, retry_waiting
+from instruqt_crm.engine.runtime import Runtime
 from instruqt_crm.events import parse_event
-from instruqt_crm.handling import handle_event
 from instruqt_crm.instruqt_api import InstruqtClient
-from instruqt_crm.jobs import retry_parked_users
+from instruqt_crm.journal import failures
 from instruqt_crm.mapping import Identity, load_mapping
-from instruqt_crm.runtime import Runtime
-from instruqt_crm.sync import flush
-from tests.signing import SECRET
+from samples.signing import SECRET
 
 GRAPHQL = "https://instruqt.test/graphql"
 MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
@@ -105,13 +105,13 @@ def test_parked_event_is_released_by_a_later_lookup(
     redis_conn: redis.Redis, runtime: Runtime
 ) -> None:
     responses.post(GRAPHQL, json=user_reply(None))
-    assert handle_event(redis_conn, runtime, event())["status"] == "parked"
+    assert handle_event(redis_conn, runtime, event()).status == "parked"
     assert identity.parked_count(redis_conn) == 1
     responses.replace(responses.POST, GRAPHQL, json=user_reply("late@example.com"))
     redis_conn.delete("instruqt_crm:identity:u1")  # the negative answer has expired
     start = identity.next_due(redis_conn)
     assert start is not None
-    assert retry_parked_users(redis_conn, runtime, now=start + 1) == {"released": 1, "expired": 0}
+    assert retry_waiting(redis_conn, runtime, now=start + 1) == Retried(1, 0)
     assert identity.parked_count(redis_conn) == 0
     flush(redis_conn, runtime.adapter(redis_conn), MAPPING)
     assert dry_run_records(redis_conn)["late@example.com"]["instruqt_tracks_started"] == "t"
@@ -127,12 +127,12 @@ def test_parked_events_back_off_then_expire_with_a_reason(
     since = identity.parked_since(redis_conn, "u1")
     assert since is not None
     moment = since + 61
-    first = retry_parked_users(redis_conn, runtime, now=moment)
-    assert first == {"released": 0, "expired": 0}
+    first = retry_waiting(redis_conn, runtime, now=moment)
+    assert first == Retried(0, 0)
     assert identity.next_due(redis_conn) == pytest.approx(moment + identity.BACKOFF[1])
     late = since + runtime.settings.identity_wait_days * DAY + 1
     redis_conn.delete("instruqt_crm:identity:u1")
-    assert retry_parked_users(redis_conn, runtime, now=late) == {"released": 0, "expired": 2}
+    assert retry_waiting(redis_conn, runtime, now=late) == Retried(0, 2)
     kept = failures.recent(redis_conn)
     assert {f.category for f in kept} == {"identity"}
     assert all("within 7 days" in f.reason for f in kept)
@@ -144,7 +144,7 @@ def test_a_later_event_whose_lookup_succeeds_releases_the_waiting_ones(
     redis_conn: redis.Redis, runtime: Runtime
 ) -> None:
     responses.post(GRAPHQL, json=user_reply(None))
-    assert handle_event(redis_conn, runtime, event())["status"] == "parked"
+    assert handle_event(redis_conn, runtime, event()).status == "parked"
     redis_conn.delete("instruqt_crm:identity:u1")  # the negative answer has expired
     responses.replace(responses.POST, GRAPHQL, json=user_reply("found@example.com"))
     handle_event(redis_conn, runtime, event(kind="track.completed"))

@@ -10,12 +10,15 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from instruqt_crm import failures, handling, identity, inbox, jobs, ledger
+from instruqt_crm import keys
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.queueing import QUEUE_NAME, STATS_KEY, queue
-from instruqt_crm.workers import build_worker
+from instruqt_crm.engine import handling, identity, inbox, jobs, ledger
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.engine.worker import build_worker
+from instruqt_crm.journal import failures
+from instruqt_crm.ops import requeue
+from samples.signing import track_event
 from tests.engine_helpers import drain, enqueue_all
-from tests.signing import track_event
 
 
 def challenge(number: int, learner: int | None = None) -> tuple[str, dict[str, object]]:
@@ -26,7 +29,7 @@ def challenge(number: int, learner: int | None = None) -> tuple[str, dict[str, o
 
 
 def merged(conn: redis.Redis) -> int:
-    return int(conn.hget(STATS_KEY, "events:merged") or 0)
+    return int(conn.hget(keys.STATS, "events:merged") or 0)
 
 
 def test_a_burst_queues_one_drain_job(redis_conn: redis.Redis) -> None:
@@ -68,7 +71,7 @@ def test_events_held_by_a_dead_worker_are_taken_over(engine: Path, redis_conn: r
     drain(redis_conn)
     assert merged(redis_conn) == 30
     assert inbox.depth(redis_conn) == 0
-    names = [info["name"] for info in redis_conn.xinfo_consumers(inbox.INBOX_KEY, inbox.GROUP)]
+    names = [info["name"] for info in redis_conn.xinfo_consumers(keys.INBOX, inbox.GROUP)]
     assert b"killed-worker" not in names  # the dead consumer is forgotten
 
 
@@ -85,7 +88,7 @@ def test_events_held_too_long_by_a_live_consumer_are_taken_over(
 def test_an_event_that_raises_becomes_a_failure_and_spares_its_batch(
     engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = handling.handle
+    real = handling.Batch.handle
 
     def fragile(batch, event):
         if event.id == "msg_3":
@@ -94,12 +97,12 @@ def test_an_event_that_raises_becomes_a_failure_and_spares_its_batch(
 
     enqueue_all(redis_conn, (challenge(n) for n in range(8)))
     with monkeypatch.context() as patch:
-        patch.setattr(handling, "handle", fragile)
+        patch.setattr(handling.Batch, "handle", fragile)
         drain(redis_conn)
     assert merged(redis_conn) == 7
     [failure] = failures.every(redis_conn)
     assert failure.message_id == "msg_3" and "ValueError: cannot handle this one" in failure.reason
-    assert failures.requeue(redis_conn, failure.id) == "event"
+    assert requeue.requeue(redis_conn, failure.id) == "event"
     drain(redis_conn)
     assert merged(redis_conn) == 8 and not failures.every(redis_conn)
 
@@ -108,7 +111,7 @@ def test_a_redis_error_leaves_the_batch_pending_for_the_next_job(
     engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = handling.handle
+    real = handling.Batch.handle
 
     def flaky(batch, event):
         calls["n"] += 1
@@ -118,7 +121,7 @@ def test_a_redis_error_leaves_the_batch_pending_for_the_next_job(
 
     enqueue_all(redis_conn, (challenge(n) for n in range(10)))
     with monkeypatch.context() as patch:
-        patch.setattr(handling, "handle", flaky)
+        patch.setattr(handling.Batch, "handle", flaky)
         SimpleWorker(
             [queue(QUEUE_NAME, redis_conn)], connection=redis_conn, serializer=JSONSerializer
         ).work(burst=True)
@@ -151,7 +154,7 @@ def test_events_released_by_a_failed_batch_stay_parked_until_merged(
     assert identity.parked_events(redis_conn, "u-late")
     revealing = track_event("u-late", challenge_id="c-reveal", params={"email": "late@x.co"})
     enqueue_all(redis_conn, [("msg_reveal", revealing), challenge(1)])
-    real = handling.handle
+    real = handling.Batch.handle
 
     def dies_after_the_release(batch, event):
         if event.id == "msg_1":
@@ -159,7 +162,7 @@ def test_events_released_by_a_failed_batch_stay_parked_until_merged(
         return real(batch, event)
 
     with monkeypatch.context() as patch:
-        patch.setattr(handling, "handle", dies_after_the_release)
+        patch.setattr(handling.Batch, "handle", dies_after_the_release)
         build_worker(redis_conn, simple=True).work(burst=True)
     assert [i for i, _ in identity.parked_events(redis_conn, "u-late")] == ["msg_waiting"]
     inbox.wake(redis_conn)
@@ -169,7 +172,7 @@ def test_events_released_by_a_failed_batch_stay_parked_until_merged(
 
 
 def test_an_unreadable_inbox_entry_becomes_a_failure(engine: Path, redis_conn: redis.Redis) -> None:
-    redis_conn.xadd(inbox.INBOX_KEY, {"id": "msg_odd", "body": "{not json"})
+    redis_conn.xadd(keys.INBOX, {"id": "msg_odd", "body": "{not json"})
     enqueue_all(redis_conn, [challenge(1)])
     drain(redis_conn)
     assert merged(redis_conn) == 1 and inbox.depth(redis_conn) == 0

@@ -10,9 +10,9 @@ import requests
 import responses
 from responses import matchers
 
+from instruqt_crm.config import DEFAULT_INSTRUQT_GRAPHQL_URL as DEFAULT_URL
 from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
 from instruqt_crm.instruqt_api import (
-    DEFAULT_URL,
     USER_QUERY,
     InstruqtClient,
     Profile,

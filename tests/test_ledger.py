@@ -11,19 +11,20 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruqt_crm import ledger
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.base import ContactChange, Outcome
 from instruqt_crm.crm.dryrun import DryRunAdapter
+from instruqt_crm.engine import ledger
+from instruqt_crm.engine.flush import Reschedule, batch_wait, flush, flush_batch
+from instruqt_crm.engine.handling import handle_event
+from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.engine.send import Tally
 from instruqt_crm.events import parse_event
-from instruqt_crm.handling import handle_event
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.ratelimit import RequestBudget
-from instruqt_crm.runtime import Runtime
-from instruqt_crm.sync import FlushReport, batch_wait, flush, flush_batch
+from samples.history import history
+from samples.signing import SECRET
 from tests.engine_helpers import CountingConnection, counting_client
-from tests.history import history
-from tests.signing import SECRET
 
 MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 EVENTS = history(4, seed=21)
@@ -114,7 +115,7 @@ def test_250_dirty_contacts_with_batch_size_100_is_3_requests(
     adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
     report = flush(redis_conn, adapter, MAPPING)
     assert adapter.calls == [100, 100, 50]
-    assert report.synced == 250 and report.requests == 3
+    assert report.contacts.synced == 250 and report.requests == 3
     assert ledger.dirty_count(redis_conn) == 0
 
 
@@ -129,7 +130,7 @@ def test_no_change_means_no_request(
     dirty_contacts(redis_conn, run, 3)  # the same events again: nothing new
     report = flush(redis_conn, adapter, MAPPING)
     assert adapter.calls == [3]
-    assert report.requests == 0 and report.unchanged == 2
+    assert report.requests == 0 and report.contacts.unchanged == 2
 
 
 def test_only_changed_properties_are_sent(
@@ -207,7 +208,7 @@ def test_the_flush_lease_is_renewed_while_a_batch_is_slow(
             return super().upsert(changes)
 
     report = flush(redis_conn, Slow(redis_conn, MAPPING, tmp_path / "o.jsonl"), MAPPING, lease=2)
-    assert report.synced == 2
+    assert report.contacts.synced == 2
     assert not redis_conn.exists("instruqt_crm:flush:lock")
 
 
@@ -224,10 +225,9 @@ def round_trips_of_a_batch(redis_url: str, conn: redis.Redis, contacts: int, pat
         handle_event(conn, run, parse_event(f"later{number}", later))
     counted = counting_client(redis_url)
     adapter = CountingAdapter(counted, MAPPING, path, batch_size=2 * contacts)
-    report = FlushReport()
     CountingConnection.sent = 0
-    assert flush_batch(counted, adapter, MAPPING, report)
-    assert (report.synced, report.unchanged) == (contacts, contacts)
+    step = flush_batch(counted, adapter, MAPPING)
+    assert isinstance(step, Tally) and (step.synced, step.unchanged) == (contacts, contacts)
     return CountingConnection.sent
 
 
@@ -283,14 +283,15 @@ def budgeted(conn: redis.Redis, path: Path, left: int) -> BudgetedAdapter:
 def test_a_full_batch_waits_for_its_contacts_to_settle_while_the_budget_binds(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="instruqt_crm.sync")
+    caplog.set_level(logging.INFO, logger="instruqt_crm.engine.flush")
     dirty_contacts(redis_conn, runtime(redis_url), 30)  # 3 batches of 10, 2 requests left
     adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=2)
     dirty = ledger.dirty_since(redis_conn, 10)
     wait = batch_wait(redis_conn, adapter, dirty, window=1.0, hold=4.0)
     assert 3.0 < wait <= 4.0  # its newest contact became dirty just now
     report = flush(redis_conn, adapter, MAPPING, window=1.0, hold=4.0)
-    assert adapter.calls == [] and report.wait is not None and report.wait > 3.0
+    assert adapter.calls == [] and isinstance(report.next, Reschedule)
+    assert report.next.after > 3.0
     assert "30 contacts wait and 2 requests are left in the budget: holding" in caplog.text
     assert batch_wait(redis_conn, adapter, dirty, window=0.0, hold=4.0) == 0  # on demand
     settled = [(key, since - 4.0) for key, since in dirty]  # as if 4 s had passed
@@ -303,7 +304,7 @@ def test_a_full_batch_goes_at_once_when_the_budget_can_carry_every_dirty_contact
     dirty_contacts(redis_conn, runtime(redis_url), 30)  # 3 batches, 3 requests left
     adapter = budgeted(redis_conn, tmp_path / "out.jsonl", left=3)
     report = flush(redis_conn, adapter, MAPPING, window=1.0, hold=4.0)
-    assert adapter.calls == [10, 10, 10] and report.wait is None
+    assert adapter.calls == [10, 10, 10] and report.next is None
     unbudgeted = CountingAdapter(redis_conn, MAPPING, tmp_path / "o.jsonl", batch_size=10)
     dirty_contacts(redis_conn, runtime(redis_url), 30)
     ledger.mark_dirty(redis_conn, [f"u{n}@example.com" for n in range(30)])
@@ -324,6 +325,7 @@ def test_a_flush_out_of_time_with_contacts_left_asks_to_go_on_at_once(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
-    assert flush(redis_conn, adapter, MAPPING, time_budget=0).wait is None  # nothing dirty
+    assert flush(redis_conn, adapter, MAPPING, time_budget=0).next is None  # nothing dirty
     dirty_contacts(redis_conn, runtime(redis_url), 3)
-    assert flush(redis_conn, adapter, MAPPING, time_budget=0).wait == 0.0
+    next_step = flush(redis_conn, adapter, MAPPING, time_budget=0).next
+    assert isinstance(next_step, Reschedule) and next_step.after == 0.0

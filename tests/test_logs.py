@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from instruqt_crm.logs import JsonFormatter, configure_logging, mask_emails
-from instruqt_crm.runtime import current_runtime
-from tests.engine_helpers import drain, engine_env, enqueue_all
-from tests.signing import SECRET
+from samples.signing import SECRET
+from tests.engine_helpers import drain, enqueue_all
 
 
 def test_mask_emails() -> None:
@@ -21,15 +20,8 @@ def test_mask_emails() -> None:
 
 
 def test_a_flow_logs_json_lines_without_emails_or_secrets(
-    redis_url: str,
-    redis_conn,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    engine: Path, redis_conn, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
     configure_logging("DEBUG", "json", show_emails=False)
     try:
         events = [
@@ -57,7 +49,6 @@ def test_a_flow_logs_json_lines_without_emails_or_secrets(
         enqueue_all(redis_conn, events)
         drain(redis_conn)
     finally:
-        current_runtime.cache_clear()
         configure_logging("INFO", "text")
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instruqt_crm.errors import PermanentError
+from instruqt_crm.errors import MappingFailure, PermanentError
 from instruqt_crm.events import parse_event
-from instruqt_crm.mapping import MappingFailure, PropertyChange, apply_event, parse_mapping
+from instruqt_crm.mapping import PropertyChange, apply_event, parse_mapping
 from instruqt_crm.mapping.templates import (
     RenderError,
     check_template,
@@ -21,7 +21,7 @@ from instruqt_crm.mapping.templates import (
     truthy,
 )
 from instruqt_crm.mapping.values import coerce
-from tests.signing import track_event
+from samples.signing import track_event
 
 BODY = track_event(
     user_id="gOGhYjyoPJhINJFOugIgiL4pdzu2",

@@ -12,13 +12,16 @@ import pytest
 import redis
 import requests
 
-from instruqt_crm import metrics
-from instruqt_crm.metrics import PREFIX, Tally
-from instruqt_crm.queueing import connect, text
+from instruqt_crm import keys
+from instruqt_crm.engine.queueing import connect
+from instruqt_crm.journal import counters
+from instruqt_crm.journal.counters import Tally
+from instruqt_crm.keys import text
+from instruqt_crm.ops import metrics
+from samples.signing import OTHER_SECRET, SECRET, signed, track_event
 from tests.fault_harness import ROOT, procfile_web
 from tests.processes import wait_for
 from tests.redis_process import free_port
-from tests.signing import OTHER_SECRET, SECRET, signed, track_event
 
 
 class Clock:
@@ -37,12 +40,12 @@ def clock() -> Clock:
 
 
 def counts(conn: redis.Redis, name: str = "webhook_requests") -> dict[str, int]:
-    return {text(k): int(v) for k, v in conn.hgetall(PREFIX + name).items()}
+    return {text(k): int(v) for k, v in conn.hgetall(keys.metric(name)).items()}
 
 
 def test_incr_counts_at_once(redis_conn: redis.Redis) -> None:
-    metrics.incr(redis_conn, "crm_requests", "hubspot", "200")
-    metrics.incr(redis_conn, "crm_requests", "hubspot", "200", amount=2)
+    counters.incr(redis_conn, "crm_requests", "hubspot", "200")
+    counters.incr(redis_conn, "crm_requests", "hubspot", "200", amount=2)
     assert counts(redis_conn, "crm_requests") == {"hubspot\x1f200": 3}
 
 
@@ -72,7 +75,7 @@ def test_render_writes_the_pending_counts_of_its_connection(
     assert counts(redis_conn) == {"queued": 2}
     text = metrics.render(redis_conn).decode()
     assert 'instruqt_crm_webhook_requests_total{outcome="queued"} 3.0' in text
-    metrics.flush_tallies()
+    counters.flush_tallies()
     assert counts(redis_conn) == {"queued": 4}
     other.close()
 
@@ -110,7 +113,7 @@ def test_a_forked_child_forgets_the_parents_pending_counts(
     tally = Tally(redis_conn, clock=clock)
     tally.incr("webhook_requests", "queued")
     tally.incr("webhook_requests", "queued")  # pending: the parent will write it
-    metrics._after_fork_in_child()  # what os.fork runs in the child
+    counters._after_fork_in_child()  # what os.fork runs in the child
     tally.flush()
     assert counts(redis_conn) == {"queued": 1}
 
@@ -154,7 +157,7 @@ def test_a_process_writes_its_pending_counts_when_it_exits(
 ) -> None:
     script = (
         "import sys, redis\n"
-        "from instruqt_crm.metrics import Tally\n"
+        "from instruqt_crm.journal.counters import Tally\n"
         "tally = Tally(redis.Redis.from_url(sys.argv[1]), interval=3600)\n"
         "for _ in range(5): tally.incr('webhook_requests', 'queued')\n"
     )
@@ -178,9 +181,11 @@ def _answers(url: str) -> bool:
 
 
 def test_observe_adds_to_cumulative_buckets_and_the_sum(redis_conn: redis.Redis) -> None:
-    metrics.observe(redis_conn, "flush_latency", [0.2, 0.7, 4.0])
-    metrics.observe(redis_conn, "flush_latency", [4000.0])
-    stored = {text(k): float(v) for k, v in redis_conn.hgetall(PREFIX + "flush_latency").items()}
+    counters.observe(redis_conn, "flush_latency", [0.2, 0.7, 4.0])
+    counters.observe(redis_conn, "flush_latency", [4000.0])
+    stored = {
+        text(k): float(v) for k, v in redis_conn.hgetall(keys.metric("flush_latency")).items()
+    }
     assert stored.pop("sum") == pytest.approx(4004.9)
     assert stored == {"0.5": 1, "1": 2, "2": 2, "5": 3, "10": 3, "30": 3, "60": 3, "300": 3,
                       "900": 3, "3600": 3, "+Inf": 4}  # fmt: skip

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruqt_crm import failures, ledger, plays
 from instruqt_crm.cli import main
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import DryRunAdapter
@@ -25,16 +24,20 @@ from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT
 from instruqt_crm.crm.salesforce_routing import field_name
 from instruqt_crm.crm.salesforce_setup import package
+from instruqt_crm.engine import ledger, plays
+from instruqt_crm.engine.flush import RetryLater, flush, flush_batch
+from instruqt_crm.engine.flush_plays import flush_plays
+from instruqt_crm.engine.handling import handle_batch, handle_event
+from instruqt_crm.engine.inbox import Entry
+from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.engine.send import Tally
 from instruqt_crm.events import format_timestamp, parse_event, parse_timestamp
-from instruqt_crm.handling import handle_batch, handle_event
-from instruqt_crm.inbox import Entry
+from instruqt_crm.journal import failures
 from instruqt_crm.mapping import MappingError, load_mapping, parse_mapping
-from instruqt_crm.runtime import Runtime, current_runtime
-from instruqt_crm.sync import FlushReport, flush, flush_batch
-from tests.engine_helpers import CountingConnection, counting_client, drain, enqueue_all
+from samples.history import history
+from samples.signing import SECRET
+from tests.engine_helpers import CountingConnection, counting_client, drain, enqueue_all, installed
 from tests.fakes.salesforce import FakeSalesforce
-from tests.history import history
-from tests.signing import SECRET
 from tests.test_salesforce import adapter
 from tests.test_salesforce_full_path import salesforce_env
 
@@ -320,7 +323,7 @@ def test_plays_are_linked_to_the_learners_contact_or_lead(
         assert records["p3"]["Lead__c"] == lead and records["p3"]["Track__c"] == "vault"
         assert records["p1"]["Status__c"] == "Completed" and records["p1"]["Minutes_Spent__c"] == 30
         assert records["p1"]["Name"].startswith("INST-")
-        assert report.synced == 2 and plays.dirty_count(redis_conn) == 0
+        assert report.contacts.synced == 2 and plays.dirty_count(redis_conn) == 0
         # the learners were written in this flush: their Ids need no second lookup
         assert len(fake.data_calls("GET", "query")) == 2
         assert len(fake.data_calls("PATCH", f"composite/sobjects/{PLAY_OBJECT}/{PLAY_KEY}")) == 1
@@ -353,7 +356,7 @@ def test_one_bad_play_does_not_fail_its_batch_mates(
         assert failure.message_id == "play:p1" and failure.category == "validation"
         assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in failure.reason
         assert json.loads(failure.payload)["email"] == "u1@acme.io"
-        assert failures.kind_of(failure) == "play"  # requeueing it must not touch contacts
+        assert failure.kind == "play"  # requeueing it must not touch contacts
         # the play's next event sends the whole play again
         stopped = {**learner("p1", "u1@acme.io", "u1")[0], "type": "track.stopped"}
         handle(redis_conn, run, [{**stopped, "timestamp": "2026-11-01T11:00:00Z"}], tag="x")
@@ -370,9 +373,10 @@ def test_locked_plays_are_retried_then_left_for_the_next_flush(
         handle(redis_conn, engine_runtime(redis_url), learner("p1", "u1@acme.io", "u1"))
         fake.record_errors["p1"] = ["UNABLE_TO_LOCK_ROW"] * 3
         report = flush(redis_conn, sf, MAPPING)
-        assert report.retry == 1 and plays.dirty_count(redis_conn) == 1
+        assert report.plays.retry == 1 and plays.dirty_count(redis_conn) == 1
+        assert isinstance(report.next, RetryLater)  # RQ retries the job on its backoff
         assert "p1" not in play_records(fake)
-        assert flush(redis_conn, sf, MAPPING).retry == 0
+        assert flush(redis_conn, sf, MAPPING).next is None
         assert play_records(fake)["p1"]["Status__c"] == "Completed"
         assert plays.dirty_count(redis_conn) == 0
 
@@ -408,7 +412,7 @@ def test_a_refused_play_request_is_split_to_find_the_record(
         handle_learners(redis_conn, run, 4)
         fake.custom_objects[PLAY_OBJECT].pop("Minutes_Spent__c")  # an admin deleted the field
         report = flush(redis_conn, sf, MAPPING)
-        assert report.synced == 4 and play_records(fake) == {}
+        assert report.contacts.synced == 4 and play_records(fake) == {}
         assert {f.message_id for f in failures.every(redis_conn)} == {
             f"play:p{n}" for n in range(4)
         }
@@ -423,7 +427,7 @@ def test_adapters_without_play_records_leave_plays_alone(
     run = engine_runtime(redis_url)
     handle(redis_conn, run, learner("p1", "u1@acme.io", "u1"))
     dry = DryRunAdapter(redis_conn, MAPPING, tmp_path / "dry.jsonl")
-    assert flush(redis_conn, dry, MAPPING).synced == 1
+    assert flush(redis_conn, dry, MAPPING).contacts.synced == 1
     assert plays.dirty_count(redis_conn) == 1  # kept for when Salesforce is configured
     assert ledger.dirty_count(redis_conn) == 0
 
@@ -435,11 +439,12 @@ def test_adapters_without_play_records_leave_plays_alone(
 def salesforce_runtime(
     redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Runtime]:
-    for name, value in salesforce_env(redis_url, tmp_path).items():
+    """The runtime the jobs get, and the same settings in the environment for the CLI."""
+    env = salesforce_env(redis_url, tmp_path)
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield current_runtime()
-    current_runtime.cache_clear()
+    with installed(Runtime.from_settings(Settings.from_env(env))) as run:
+        yield run
 
 
 def test_plays_are_created_then_updated_by_participant_id(
@@ -487,7 +492,7 @@ def test_a_rejected_play_is_requeued_by_the_operator_and_written_once_fixed(
         drain(redis_conn)
         assert "p1" not in play_records(fake) and plays.dirty_count(redis_conn) == 0
         [failure] = failures.every(redis_conn)
-        assert failure.message_id == "play:p1" and failures.kind_of(failure) == "play"
+        assert failure.message_id == "play:p1" and failure.kind == "play"
         cli = CliRunner()
         assert "play:p1" in cli.invoke(main, ["failed", "list"]).output
         shown = cli.invoke(main, ["failed", "show", failure.id])
@@ -611,18 +616,18 @@ def round_trips_of_sending_plays(redis_url: str, conn: redis.Redis, learners: in
         sf = adapter(fake)
         handle_learners(conn, engine_runtime(redis_url), learners)
         sent = [f"p{n}" for n in range(2)]
-        plays.flush_plays(conn, sf, FlushReport(), time.monotonic() + 30)  # learners dirty
-        while flush_batch(conn, sf, MAPPING, FlushReport()):  # the learners only
-            pass
+        flush_plays(conn, sf, time.monotonic() + 30)  # learners dirty: nothing sent
+        while isinstance(step := flush_batch(conn, sf, MAPPING), Tally) and not step.retry:
+            pass  # the learners only
         for participant in sent:  # sent before, unchanged since: settled, not sent again
             found = plays.pending(conn, participant)
             assert found.change is not None
             plays.settle(conn, participant, found.version, found.change.properties)
             plays.mark_dirty(conn, participant)
-        report, counted = FlushReport(), counting_client(redis_url)
+        counted = counting_client(redis_url)
         CountingConnection.sent = 0
-        plays.flush_plays(counted, sf, report, time.monotonic() + 30)
-        assert report.requests == 1 and plays.dirty_count(conn) == 0
+        flushed = flush_plays(counted, sf, time.monotonic() + 30)
+        assert flushed.tally.requests == 1 and plays.dirty_count(conn) == 0
         assert len(play_records(fake)) == learners - 2  # the two "sent before" were not
         return CountingConnection.sent
 

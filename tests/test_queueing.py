@@ -10,13 +10,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from instruqt_crm import inbox
+from instruqt_crm import keys
 from instruqt_crm.config import Settings
-from instruqt_crm.inbox import dedupe_key, enqueue_event
-from instruqt_crm.queueing import QUEUE_NAME, connect, queue
-from instruqt_crm.web import create_app
+from instruqt_crm.engine import inbox
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.queueing import QUEUE_NAME, connect, queue
+from instruqt_crm.receiver.app import create_app
+from samples.signing import SECRET, signed, track_event
 from tests.redis_process import RedisProcess
-from tests.signing import SECRET, signed, track_event
 
 
 @pytest.fixture
@@ -43,20 +44,20 @@ def test_redis_stopped_mid_test_gives_503_then_retry_succeeds(private_redis: Red
 
     private_redis.start()  # not persistent: the restarted server is empty
     conn = redis.Redis.from_url(private_redis.url)
-    assert not conn.exists(dedupe_key("msg_during_outage"))
+    assert not conn.exists(keys.seen("msg_during_outage"))
     body, headers = signed(track_event(user_id="b"), msg_id="msg_during_outage")  # Svix's retry
     response = client.post("/webhooks/instruqt", data=body, headers=headers)
     assert response.status_code == 202
-    assert [fields[b"id"] for _, fields in conn.xrange(inbox.INBOX_KEY)] == [b"msg_during_outage"]
+    assert [fields[b"id"] for _, fields in conn.xrange(keys.INBOX)] == [b"msg_during_outage"]
     assert queue(QUEUE_NAME, conn).count == 1  # its drain job
 
 
 def test_refused_write_leaves_no_dedupe_mark(redis_conn: redis.Redis) -> None:
-    redis_conn.set(inbox.INBOX_KEY, "not a stream")  # Redis refuses the XADD (as under OOM)
+    redis_conn.set(keys.INBOX, "not a stream")  # Redis refuses the XADD (as under OOM)
     with pytest.raises(redis.ResponseError):
         enqueue_event(redis_conn, "msg_x", track_event(), 3600)
-    assert not redis_conn.exists(dedupe_key("msg_x"))
-    redis_conn.delete(inbox.INBOX_KEY)
+    assert not redis_conn.exists(keys.seen("msg_x"))
+    redis_conn.delete(keys.INBOX)
     assert enqueue_event(redis_conn, "msg_x", track_event(), 3600)  # Svix's retry is kept
 
 
@@ -66,7 +67,7 @@ def test_jobs_use_the_json_serializer(redis_conn: redis.Redis) -> None:
     raw = redis_conn.hget(job.key, "data")
     assert raw is not None
     data = json.loads(zlib.decompress(raw))  # RQ compresses the serialized payload
-    assert data[0] == "instruqt_crm.jobs.process_inbox"
+    assert data[0] == "instruqt_crm.engine.jobs.process_inbox"
     assert data[2] == []
 
 

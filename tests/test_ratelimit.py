@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruqt_crm.errors import RateLimited
-from instruqt_crm.ratelimit import KEY_PREFIX, RequestBudget
+from instruqt_crm.ratelimit import RequestBudget
 
 START = 1_700_000_000.0
 
@@ -100,9 +100,12 @@ def test_try_acquire_n_waits_for_enough_slots(budget, clock):
 def test_keys_are_prefixed(budget, redis_conn):
     budget.try_acquire()
     budget.pause_for(5, "test")
-    keys = sorted(k.decode() for k in redis_conn.keys("*"))
-    assert keys == [f"{KEY_PREFIX}{{hubspot-test}}", f"{KEY_PREFIX}{{hubspot-test}}:pause"]
-    assert all(redis_conn.pttl(k) > 0 for k in keys)
+    names = sorted(k.decode() for k in redis_conn.keys("*"))
+    assert names == [
+        "instruqt_crm:budget:{hubspot-test}",
+        "instruqt_crm:budget:{hubspot-test}:pause",
+    ]
+    assert all(redis_conn.pttl(k) > 0 for k in names)
 
 
 def test_acquire_waits_when_full(budget, clock):

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruqt_crm.config import Settings
-from instruqt_crm.queueing import QUEUE_NAME, queue
-from instruqt_crm.web import create_app
-from tests.signing import SECRET, signed
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.receiver.app import create_app
+from samples.signing import SECRET, signed
 
 HEADER_NAMES = [
     "svix-id",

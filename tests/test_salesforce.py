@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import redis
+from pydantic import SecretStr
 
-from instruqt_crm.config import Secret
-from instruqt_crm.crm.base import BatchRejected, ContactChange
+from instruqt_crm.crm.base import ContactChange
 from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_auth import Connection, Credentials
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT, REQUIRED_FIELDS
 from instruqt_crm.crm.salesforce_routing import Target, field_name, format_value, soql_quote
 from instruqt_crm.crm.salesforce_setup import missing_fields, package
-from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
+from instruqt_crm.errors import BatchRejected, PermanentError, RateLimited, RetryableError
 from instruqt_crm.mapping import Mapping, load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from tests.fakes.salesforce import URL, FakeSalesforce
@@ -26,7 +26,7 @@ NO_PLAYS = MAPPING.model_copy(
 
 def adapter(fake: FakeSalesforce, mapping: Mapping = MAPPING, **kwargs) -> SalesforceAdapter:
     fake.deploy(package(mapping))
-    creds = Credentials(instance_url=URL, access_token=Secret(fake.issue_token()))
+    creds = Credentials(instance_url=URL, access_token=SecretStr(fake.issue_token()))
     return SalesforceAdapter(Connection(creds), mapping, sleep=lambda _: None, **kwargs)
 
 

@@ -11,8 +11,9 @@ import requests
 import responses
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import SecretStr
 
-from instruqt_crm.config import Secret, Settings
+from instruqt_crm.config import Settings
 from instruqt_crm.crm.salesforce_auth import (
     TIMEOUT,
     Connection,
@@ -22,8 +23,8 @@ from instruqt_crm.crm.salesforce_auth import (
     jwt_audience,
 )
 from instruqt_crm.errors import PermanentError, RetryableError
+from samples.signing import SECRET
 from tests.fakes.salesforce import URL, FakeSalesforce
-from tests.signing import SECRET
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def pem(key: rsa.RSAPrivateKey) -> str:
 
 
 def client_credentials(secret: str = "s3cret") -> Credentials:
-    return Credentials(login_url=URL, client_id="3MVG.client", client_secret=Secret(secret))
+    return Credentials(login_url=URL, client_id="3MVG.client", client_secret=SecretStr(secret))
 
 
 def query(sf) -> object:
@@ -62,7 +63,7 @@ def test_jwt_bearer_signs_an_rs256_assertion(rsa_key: rsa.RSAPrivateKey) -> None
         login_url=URL,
         client_id="3MVG.client",
         username="integration@acme.com",
-        private_key=Secret(pem(rsa_key)),
+        private_key=SecretStr(pem(rsa_key)),
     )
     with FakeSalesforce() as fake:
         Connection(creds).call("lookup", query)
@@ -89,7 +90,7 @@ def test_jwt_audience_follows_the_login_host() -> None:
 def test_session_flow_uses_the_given_token_without_login() -> None:
     with FakeSalesforce() as fake:
         token = fake.issue_token()
-        creds = Credentials(instance_url=URL, access_token=Secret(token))
+        creds = Credentials(instance_url=URL, access_token=SecretStr(token))
         Connection(creds).call("lookup", query)
         assert fake.grants == []
 
@@ -119,7 +120,7 @@ def test_a_401_after_the_refresh_is_permanent_not_a_loop() -> None:
 
 def test_session_flow_cannot_refresh_and_says_so() -> None:
     with FakeSalesforce():
-        creds = Credentials(instance_url=URL, access_token=Secret("00Dstale!tok"))
+        creds = Credentials(instance_url=URL, access_token=SecretStr("00Dstale!tok"))
         with pytest.raises(PermanentError, match="SALESFORCE_ACCESS_TOKEN expired"):
             Connection(creds).call("lookup", query)
 
@@ -151,7 +152,7 @@ def test_timeouts_are_set_on_every_request() -> None:
 
     with pytest.raises(RetryableError):
         Connection(client_credentials(), session=Spy()).call("lookup", query)
-    creds = Credentials(instance_url=URL, access_token=Secret("tok"))
+    creds = Credentials(instance_url=URL, access_token=SecretStr("tok"))
     with pytest.raises(RetryableError, match="connection problem"):
         Connection(creds, session=Spy()).call("lookup", query)
     assert seen == [TIMEOUT, TIMEOUT]
@@ -179,6 +180,6 @@ def test_settings_pick_the_flow(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> N
     assert settings.salesforce_login_url == "https://test.salesforce.com"
     escaped = pem(rsa_key).replace("\n", "\\n")
     inline = Settings.from_env({**jwt_env, "SALESFORCE_PRIVATE_KEY": escaped})
-    assert inline.salesforce_private_key == Secret(pem(rsa_key))
+    assert inline.salesforce_private_key == SecretStr(pem(rsa_key))
     session = {**base, "SALESFORCE_INSTANCE_URL": URL, "SALESFORCE_ACCESS_TOKEN": "tok"}
     assert credentials_from(Settings.from_env(session)).flow == "session"

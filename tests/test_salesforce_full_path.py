@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 import redis
 
-from instruqt_crm import plays
+from instruqt_crm import keys
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT
 from instruqt_crm.crm.salesforce_routing import field_name, format_value
 from instruqt_crm.crm.salesforce_setup import package
-from instruqt_crm.queueing import QUEUE_NAME, queue
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.web import create_app
-from instruqt_crm.workers import StartupError, preflight
-from tests.engine_helpers import drain, engine_env
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.engine.worker import StartupError, preflight
+from instruqt_crm.receiver.app import create_app
+from samples.history import deliveries, expected_records, history
+from samples.signing import post_signed
+from tests.engine_helpers import drain, engine_env, installed
 from tests.fakes.salesforce import URL, FakeSalesforce
-from tests.history import deliveries, expected_records, history
-from tests.signing import post_signed
 
 
 def salesforce_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
@@ -35,12 +35,10 @@ def salesforce_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def runtime(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name, value in salesforce_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
-    yield current_runtime()
-    current_runtime.cache_clear()
+def runtime(redis_url: str, tmp_path: Path):
+    settings = Settings.from_env(salesforce_env(redis_url, tmp_path))
+    with installed(Runtime.from_settings(settings)) as run:
+        yield run
 
 
 def test_full_path_writes_contacts_and_leads(runtime, redis_conn: redis.Redis) -> None:
@@ -55,7 +53,7 @@ def test_full_path_writes_contacts_and_leads(runtime, redis_conn: redis.Redis) -
         assert isinstance(runtime.adapter(redis_conn), SalesforceAdapter)
         preflight(runtime, redis_conn)
 
-        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+        client = create_app(runtime.settings, conn=redis_conn).test_client()
         codes = post_signed(client, deliveries(events, seed=5))
         assert codes.count(202) == len(events)
         drain(redis_conn)
@@ -84,7 +82,7 @@ def test_full_path_writes_play_records(runtime, redis_conn: redis.Redis) -> None
         known = sorted({f"learner{n:05d}@example.com" for n in range(0, 20, 4)})
         contacts = {email: fake.add("Contact", Email=email, LastName="Known") for email in known}
         preflight(runtime, redis_conn)
-        client = create_app(Settings.from_env(), conn=redis_conn).test_client()
+        client = create_app(runtime.settings, conn=redis_conn).test_client()
         assert post_signed(client, deliveries(events, seed=9)).count(202) == len(events)
         drain(redis_conn)
 
@@ -133,7 +131,7 @@ def test_worker_start_sends_plays_left_dirty(runtime, redis_conn: redis.Redis) -
     """Plays a stopped worker left unsent get a flush at the next start, without new events."""
     with FakeSalesforce() as fake:
         fake.deploy(package(runtime.mapping))
-        redis_conn.zadd(plays.DIRTY_KEY, {"p-left": 1.0})
+        redis_conn.zadd(keys.DIRTY_PLAYS, {"p-left": 1.0})
         preflight(runtime, redis_conn)
         jobs = queue(QUEUE_NAME, redis_conn).jobs
-        assert [job.func_name for job in jobs] == ["instruqt_crm.jobs.flush_contacts"]
+        assert [job.func_name for job in jobs] == ["instruqt_crm.engine.jobs.flush_contacts"]

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceGeneralError
 
 from instruqt_crm.cli import main
-from instruqt_crm.config import Secret
 from instruqt_crm.crm import salesforce_setup
 from instruqt_crm.crm.salesforce_auth import Connection, Credentials
 from instruqt_crm.crm.salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS, STATUSES
 from instruqt_crm.errors import PermanentError
 from instruqt_crm.mapping import load_mapping
+from samples.signing import SECRET
 from tests.fakes.salesforce import URL, FakeSalesforce
-from tests.signing import SECRET
 
 MAPPING = load_mapping("mappings/salesforce.yaml")
 NO_PLAYS = MAPPING.model_copy(
@@ -192,7 +192,7 @@ def test_mdapi_zip_is_a_deployable_package() -> None:
 
 
 def _connection(fake: FakeSalesforce) -> Connection:
-    return Connection(Credentials(instance_url=URL, access_token=Secret(fake.issue_token())))
+    return Connection(Credentials(instance_url=URL, access_token=SecretStr(fake.issue_token())))
 
 
 def test_deploy_polls_until_done(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 import standardwebhooks.webhooks as std
+from pydantic import SecretStr
 
-from instruqt_crm.config import Secret
-from instruqt_crm.signature import SignatureError, verify
-from tests.signing import OTHER_SECRET, SECRET, signed
+from instruqt_crm.receiver.signature import SignatureError, verify
+from samples.signing import OTHER_SECRET, SECRET, signed
 
 VECTOR_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
 VECTOR_TIME = 1614265330
@@ -35,22 +35,23 @@ def vector_headers(signature: str = VECTOR_SIG) -> dict[str, str]:
 
 def test_known_vector_verifies_with_frozen_time(frozen_at_vector: None) -> None:
     assert (
-        verify(VECTOR_BODY, vector_headers(), [Secret(SECRET)], now=VECTOR_TIME + 10) == VECTOR_ID
+        verify(VECTOR_BODY, vector_headers(), [SecretStr(SECRET)], now=VECTOR_TIME + 10)
+        == VECTOR_ID
     )
 
 
 def test_known_vector_is_stale_today() -> None:
     with pytest.raises(SignatureError, match="outside the allowed window"):
-        verify(VECTOR_BODY, vector_headers(), [Secret(SECRET)])
+        verify(VECTOR_BODY, vector_headers(), [SecretStr(SECRET)])
 
 
 def test_known_vector_with_one_byte_changed_fails(frozen_at_vector: None) -> None:
     with pytest.raises(SignatureError, match="does not match"):
-        verify(b'{"test": 2432232315}', vector_headers(), [Secret(SECRET)], now=VECTOR_TIME)
+        verify(b'{"test": 2432232315}', vector_headers(), [SecretStr(SECRET)], now=VECTOR_TIME)
 
 
 def test_rotation_accepts_old_and_new_secret() -> None:
-    secrets = [Secret(SECRET), Secret(OTHER_SECRET)]
+    secrets = [SecretStr(SECRET), SecretStr(OTHER_SECRET)]
     for secret in (SECRET, OTHER_SECRET):
         body, headers = signed({"type": "track.started"}, secret=secret)
         assert verify(body, headers, secrets) == headers["svix-id"]
@@ -61,12 +62,12 @@ def test_signature_header_with_several_entries_matches_any() -> None:
     headers["svix-signature"] = (
         "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= " + headers["svix-signature"]
     )
-    assert verify(body, headers, [Secret(SECRET)])
+    assert verify(body, headers, [SecretStr(SECRET)])
 
 
 def test_webhook_prefixed_headers_are_accepted() -> None:
     body, headers = signed({"type": "track.started"}, prefix="webhook")
-    assert verify(body, headers, [Secret(SECRET)]) == headers["webhook-id"]
+    assert verify(body, headers, [SecretStr(SECRET)]) == headers["webhook-id"]
 
 
 @pytest.mark.parametrize("missing", ["svix-id", "svix-timestamp", "svix-signature"])
@@ -74,7 +75,7 @@ def test_missing_header(missing: str) -> None:
     body, headers = signed({"type": "x"})
     del headers[missing]
     with pytest.raises(SignatureError, match="missing signature headers"):
-        verify(body, headers, [Secret(SECRET)])
+        verify(body, headers, [SecretStr(SECRET)])
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def test_malformed_headers(header: str, value: str, reason: str) -> None:
     body, headers = signed({"type": "x"})
     headers[header] = value
     with pytest.raises(SignatureError, match=reason):
-        verify(body, headers, [Secret(SECRET)])
+        verify(body, headers, [SecretStr(SECRET)])
 
 
 @pytest.mark.parametrize("skew", [-301, 301, -3600])
@@ -103,23 +104,23 @@ def test_timestamp_outside_window(skew: int) -> None:
 
     body, headers = signed({"type": "x"}, timestamp=time.time() + skew)
     with pytest.raises(SignatureError, match="outside the allowed window"):
-        verify(body, headers, [Secret(SECRET)])
+        verify(body, headers, [SecretStr(SECRET)])
 
 
 def test_wrong_secret() -> None:
     body, headers = signed({"type": "x"}, secret=OTHER_SECRET)
     with pytest.raises(SignatureError, match="does not match"):
-        verify(body, headers, [Secret(SECRET)])
+        verify(body, headers, [SecretStr(SECRET)])
 
 
 def test_non_utf8_body() -> None:
     _, headers = signed({"type": "x"})
     with pytest.raises(SignatureError, match="not UTF-8"):
-        verify(b"\xff\xfe{}", headers, [Secret(SECRET)])
+        verify(b"\xff\xfe{}", headers, [SecretStr(SECRET)])
 
 
 def test_reason_never_contains_the_secret() -> None:
     body, headers = signed({"type": "x"}, secret=OTHER_SECRET)
     with pytest.raises(SignatureError) as caught:
-        verify(body, headers, [Secret(SECRET)])
+        verify(body, headers, [SecretStr(SECRET)])
     assert SECRET not in str(caught.value) and SECRET[6:] not in str(caught.value)

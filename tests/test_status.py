@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import redis
+from pydantic import SecretStr
 
-from instruqt_crm import failures, status
-from instruqt_crm.config import Secret, Settings
+from instruqt_crm import keys
+from instruqt_crm.config import Settings
+from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.journal import failures
+from instruqt_crm.journal.failures import Kind
 from instruqt_crm.mapping import load_mapping
-from instruqt_crm.queueing import STATS_KEY
+from instruqt_crm.ops import status
 from instruqt_crm.ratelimit import RequestBudget
-from instruqt_crm.runtime import Runtime
-from instruqt_crm.sync import LAST_FLUSH_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +40,7 @@ def test_empty_redis(redis_conn: redis.Redis) -> None:
 
 def test_counters_failures_flush_and_budget(redis_conn: redis.Redis) -> None:
     redis_conn.hset(
-        STATS_KEY,
+        keys.STATS,
         mapping={
             "events:merged": 3,
             "events:merged:track.started": 2,
@@ -46,13 +48,13 @@ def test_counters_failures_flush_and_budget(redis_conn: redis.Redis) -> None:
             "identity:params": 3,
         },
     )
-    failures.record(redis_conn, "mapping", "bad", "m1", "{}")
-    purged = failures.record(redis_conn, "mapping", "bad", "m2", "{}")
+    failures.record(redis_conn, Kind.EVENT, "mapping", "bad", "m1", "{}")
+    purged = failures.record(redis_conn, Kind.EVENT, "mapping", "bad", "m2", "{}")
     failures.remove(redis_conn, purged.id)
-    redis_conn.set(LAST_FLUSH_KEY, "1000.0")
+    redis_conn.set(keys.LAST_FLUSH, "1000.0")
     RequestBudget(redis_conn, "hubspot", 50, 10).acquire(3)
     runtime = Runtime(
-        settings(hubspot_access_token=Secret("t"), hubspot_requests_per_10s=50),
+        settings(hubspot_access_token=SecretStr("t"), hubspot_requests_per_10s=50),
         load_mapping(ROOT / "mappings" / "hubspot.yaml"),
     )
     figures = status.collect(redis_conn, runtime)

@@ -12,12 +12,14 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from instruqt_crm import failures, inbox, metrics
+from instruqt_crm import keys
 from instruqt_crm.config import Settings
-from instruqt_crm.queueing import QUEUE_NAME, connect, queue
-from instruqt_crm.web import create_app
+from instruqt_crm.engine import inbox
+from instruqt_crm.engine.queueing import QUEUE_NAME, connect, queue
+from instruqt_crm.journal import failures
+from instruqt_crm.receiver.app import create_app
+from samples.signing import OTHER_SECRET, SECRET, signed, track_event
 from tests.engine_helpers import inbox_events
-from tests.signing import OTHER_SECRET, SECRET, signed, track_event
 
 URL = "/webhooks/instruqt"
 
@@ -65,7 +67,7 @@ def test_valid_event_is_queued_once(client: FlaskClient, redis_conn: redis.Redis
     assert response.json["status"] == "queued"
     assert response.json["id"] == headers["svix-id"]
     drain_jobs = queue(QUEUE_NAME, redis_conn).jobs
-    assert [job.func_name for job in drain_jobs] == ["instruqt_crm.jobs.process_inbox"]
+    assert [job.func_name for job in drain_jobs] == ["instruqt_crm.engine.jobs.process_inbox"]
     assert inbox_events(redis_conn) == [(headers["svix-id"], json.loads(body))]
 
 
@@ -217,7 +219,7 @@ def test_outcomes_are_counted_together_and_shown_by_metrics(
     app: Flask, client: FlaskClient, redis_conn: redis.Redis
 ) -> None:
     app.extensions["instruqt_crm"]["tally"].clock = lambda: 1000.0  # all within one second
-    counter = metrics.PREFIX + "webhook_requests"
+    counter = keys.metric("webhook_requests")
     for number in range(3):
         assert post(client, *signed(track_event(), msg_id=f"msg_c{number}")).status_code == 202
     assert post(client, *signed(track_event(), msg_id="msg_c0")).status_code == 200

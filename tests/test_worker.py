@@ -12,32 +12,26 @@ from pathlib import Path
 import redis
 from rq.scheduler import RQScheduler
 
-from instruqt_crm import ledger
-from instruqt_crm.inbox import enqueue_event
-from instruqt_crm.queueing import FLUSH_JOB, QUEUE_NAME, STATS_KEY, queue
-from instruqt_crm.runtime import current_runtime
-from instruqt_crm.workers import build_worker, release_stale_scheduler_locks
-from tests.engine_helpers import engine_env
-from tests.signing import SECRET, track_event
+from instruqt_crm import keys
+from instruqt_crm.engine import runtime
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.queueing import FLUSH_JOB, QUEUE_NAME, queue
+from instruqt_crm.engine.worker import build_worker, release_stale_scheduler_locks
+from samples.signing import SECRET, track_event
+from tests.engine_helpers import engine_env, engine_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_simple_worker_drains_events(
-    redis_url: str, redis_conn: redis.Redis, tmp_path, monkeypatch
-) -> None:
-    for name, value in engine_env(redis_url, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
+def test_simple_worker_drains_events(engine, redis_conn: redis.Redis) -> None:
     for number in range(3):
         body = track_event(user_id=f"u{number}", params={"email": f"u{number}@example.com"})
         enqueue_event(redis_conn, f"msg_{number}", body, 3600)
     enqueue_event(redis_conn, "msg_review", {"type": "review.created", "user_id": "u9"}, 3600)
     build_worker(redis_conn, simple=True).work(burst=True)
     assert queue(QUEUE_NAME, redis_conn).count == 0
-    current_runtime.cache_clear()
-    assert redis_conn.hget(STATS_KEY, "events:merged:track.challenge_attempted") == b"3"
-    assert redis_conn.hget(STATS_KEY, "events:parked:review.created") == b"1"
+    assert redis_conn.hget(keys.STATS, "events:merged:track.challenge_attempted") == b"3"
+    assert redis_conn.hget(keys.STATS, "events:parked:review.created") == b"1"
 
 
 def test_worker_process_runs_jobs_and_stops_on_sigterm(
@@ -54,9 +48,9 @@ def test_worker_process_runs_jobs_and_stops_on_sigterm(
     try:
         enqueue_event(redis_conn, "msg_live", track_event(params={"email": "a@b.co"}), 3600)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not redis_conn.hget(STATS_KEY, "events:merged"):
+        while time.monotonic() < deadline and not redis_conn.hget(keys.STATS, "events:merged"):
             time.sleep(0.1)
-        assert redis_conn.hget(STATS_KEY, "events:merged") == b"1"
+        assert redis_conn.hget(keys.STATS, "events:merged") == b"1"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
@@ -78,18 +72,17 @@ def test_maintenance_frees_a_scheduler_lock_nobody_refreshes(redis_conn: redis.R
 
 
 def test_maintenance_queues_a_flush_for_contacts_left_waiting(
-    redis_url: str, redis_conn: redis.Redis, tmp_path, monkeypatch
+    redis_url: str, redis_conn: redis.Redis, tmp_path
 ) -> None:
-    for name, value in engine_env(redis_url, tmp_path, FLUSH_WINDOW_SECONDS="1").items():
-        monkeypatch.setenv(name, value)
-    current_runtime.cache_clear()
+    installed_run = engine_runtime(redis_url, tmp_path, FLUSH_WINDOW_SECONDS="1")
+    runtime.install(installed_run)
     worker = build_worker(redis_conn, simple=True)
-    redis_conn.zadd(ledger.DIRTY_KEY, {"fresh@example.com": time.time()})
+    redis_conn.zadd(keys.DIRTY_CONTACTS, {"fresh@example.com": time.time()})
     worker.run_maintenance_tasks()
     assert queue(QUEUE_NAME, redis_conn).count == 0  # not late: left to its own flush
-    redis_conn.zadd(ledger.DIRTY_KEY, {"stuck@example.com": time.time() - 40})
+    redis_conn.zadd(keys.DIRTY_CONTACTS, {"stuck@example.com": time.time() - 40})
     worker.run_maintenance_tasks()
     assert [job.func_name for job in queue(QUEUE_NAME, redis_conn).jobs] == [FLUSH_JOB]
     worker.run_maintenance_tasks()
     assert queue(QUEUE_NAME, redis_conn).count == 1  # pending: not queued twice
-    current_runtime.cache_clear()
+    runtime.install(None)

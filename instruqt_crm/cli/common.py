@@ -1,38 +1,43 @@
-"""Shared by the commands: settings, Redis, mapping loading, output options."""
+"""Shared by the commands: settings, Redis, mapping loading, the CRM adapter, output options."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NoReturn
 
 import click
 import redis
 
-from ..config import DEFAULT_HUBSPOT_API_BASE, Settings, SettingsError
-from ..mapping import Mapping, MappingError, load_mapping
-from ..queueing import EmbeddedRedis, connect
-
-if TYPE_CHECKING:
-    from ..crm.hubspot import HubSpotAdapter
+from instruqt_crm.config import DEFAULT_MAPPING_PATH, Settings, SettingsError
+from instruqt_crm.crm.adapters import adapter_name, build_adapter
+from instruqt_crm.crm.base import CrmAdapter
+from instruqt_crm.engine.queueing import EmbeddedRedis, connect
+from instruqt_crm.mapping import Mapping, MappingError, load_mapping
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/instruqt"
-DEFAULT_MAPPING = "mappings/hubspot.yaml"
 LOCAL_REDIS = Path("var/redis")  # the embedded Redis `dev` uses when REDIS_URL is unset
-UNUSED_SECRET = "whsec_" + base64.b64encode(b"not used by this command").decode()
 
 
-def settings_or_exit(need_secret: bool = True) -> Settings:
-    """Settings from the environment (the webhook secret only if needed), or exit 2."""
-    env = dict(os.environ)
-    if not need_secret:
-        env["INSTRUQT_WEBHOOK_SECRET"] = UNUSED_SECRET
+def settings_error(exc: SettingsError) -> NoReturn:
+    """Stop with a setting's one-line error (exit 2, as for wrong usage)."""
+    raise click.UsageError(str(exc)) from None
+
+
+def settings_or_exit() -> Settings:
+    """Settings from the environment, or exit 2 naming the bad variable."""
     try:
-        return Settings.from_env(env)
+        return Settings.from_env()
     except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
+        settings_error(exc)
+
+
+def webhook_secret_or_exit(settings: Settings) -> str:
+    """The first webhook secret (commands that sign), or exit 2 saying it is missing."""
+    try:
+        return settings.require_webhook_secrets()[0].get_secret_value()
+    except SettingsError as exc:
+        settings_error(exc)
 
 
 def redis_for(settings: Settings) -> redis.Redis:
@@ -59,6 +64,14 @@ def load_mapping_or_exit(path: str | Path, err: bool = True) -> Mapping:
         raise click.exceptions.Exit(1) from None
 
 
+def crm_adapter(settings: Settings, mapping: Mapping) -> CrmAdapter | None:
+    """The CRM adapter for one-off checks and setup (no Redis, no shared budget, 3 attempts),
+    or None when the mapping's CRM has no credentials (a dry run has nothing to check)."""
+    if adapter_name(settings, mapping) == "dry-run":
+        return None
+    return build_adapter(settings, mapping, None, attempts=3)
+
+
 def print_json(data: object) -> None:
     """Pretty JSON on stdout."""
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -69,7 +82,7 @@ mapping_option = click.option(
     "mapping_path",
     type=click.Path(exists=True, dir_okay=False),
     envvar="MAPPING_PATH",
-    default=DEFAULT_MAPPING,
+    default=str(DEFAULT_MAPPING_PATH),
     show_default=True,
     show_envvar=True,
     help="The mapping file.",
@@ -77,25 +90,13 @@ mapping_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
-def hubspot_adapter(token: str) -> HubSpotAdapter:
-    """A HubSpot client for provisioning and checks (HUBSPOT_API_BASE read directly)."""
-    from ..crm.hubspot import HubSpotAdapter
-
-    base = os.environ.get("HUBSPOT_API_BASE", "").strip() or DEFAULT_HUBSPOT_API_BASE
-    if not base.startswith(("http://", "https://")):
-        raise click.UsageError(
-            f"HUBSPOT_API_BASE: expected an http:// or https:// URL, got {base!r}"
-        )
-    return HubSpotAdapter(token, base.rstrip("/"), attempts=3)
-
-
-def optional_mapping() -> Mapping | None:
+def optional_mapping(settings: Settings) -> Mapping | None:
     """The mapping at MAPPING_PATH, or None (with a warning) when it cannot be loaded."""
-    path = os.environ.get("MAPPING_PATH", "").strip() or DEFAULT_MAPPING
     try:
-        return load_mapping(path)
+        return load_mapping(settings.mapping_path)
     except MappingError as exc:
         click.echo(
-            f"warning: values shown raw, the mapping is unusable: {exc.problems[0]}", err=True
+            f"warning: values shown raw, the mapping is unusable: {exc.problems[0]}",
+            err=True,
         )
         return None

@@ -7,12 +7,23 @@ import json
 
 import click
 
-from .. import failures, status, trace
+from instruqt_crm.errors import Category
+from instruqt_crm.journal import failures
+from instruqt_crm.journal.trail import when
+from instruqt_crm.ops import requeue, status
+
 from .common import (
     json_option,
     print_json,
     redis_for,
     settings_or_exit,
+)
+
+category_option = click.option(
+    "--category",
+    type=click.Choice([category.value for category in Category]),
+    callback=lambda _ctx, _param, value: Category(value) if value else None,
+    help="Only this category.",
 )
 
 
@@ -23,16 +34,16 @@ def failed_group() -> None:
 
 def _failure_line(failure: failures.Failure) -> str:
     """One failure on one line."""
-    return f"  {failure.id}  {trace.when(failure.at)}  {failure.message_id}  {failure.reason}"
+    return f"  {failure.id}  {when(failure.at)}  {failure.message_id}  {failure.reason}"
 
 
 @failed_group.command("list")
-@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+@category_option
 @click.option("--limit", default=20, show_default=True, help="Failures shown per category.")
 @json_option
-def failed_list(category: str | None, limit: int, as_json: bool) -> None:
+def failed_list(category: Category | None, limit: int, as_json: bool) -> None:
     """List stored failures by category, newest first, with counts."""
-    conn = redis_for(settings_or_exit(need_secret=False))
+    conn = redis_for(settings_or_exit())
     groups = failures.by_category(conn)
     if category:
         groups = {category: groups.get(category, [])}
@@ -59,7 +70,7 @@ def failed_list(category: str | None, limit: int, as_json: bool) -> None:
 @json_option
 def failed_show(failure_id: str, as_json: bool) -> None:
     """Show one failure's reason and payload (exit 1 if there is no such failure)."""
-    conn = redis_for(settings_or_exit(need_secret=False))
+    conn = redis_for(settings_or_exit())
     failure = failures.get(conn, failure_id)
     if failure is None:
         raise click.ClickException(
@@ -68,19 +79,13 @@ def failed_show(failure_id: str, as_json: bool) -> None:
     if as_json:
         print_json({**dataclasses.asdict(failure), "payload": failure.body()})
         return
-    requeue = {
-        "event": "process the event again",
-        "contact": "mark the contact for sending again",
-        "play": "mark the play record for sending again (Salesforce)",
-        "flush": "run a flush again",
-        "none": "nothing (not requeueable)",
-    }[failures.kind_of(failure)]
     click.echo(f"id:        {failure.id}")
     click.echo(f"category:  {failure.category}")
-    click.echo(f"when:      {trace.when(failure.at)}")
+    click.echo(f"when:      {when(failure.at)}")
     click.echo(f"message:   {failure.message_id}")
     click.echo(f"reason:    {failure.reason}")
-    click.echo(f"requeue:   {requeue}")
+    click.echo(f"kind:      {failure.kind}")
+    click.echo(f"requeue:   {requeue.MEANING[failure.kind]}")
     body = failure.body()
     click.echo("payload:")
     click.echo(json.dumps(body, indent=2, sort_keys=True) if not isinstance(body, str) else body)
@@ -90,20 +95,20 @@ def failed_show(failure_id: str, as_json: bool) -> None:
 @click.argument("failure_id", required=False)
 @click.option("--all", "requeue_all", is_flag=True, help="Requeue every failure (of --category).")
 @click.option("--reason", "reason_text", help="Requeue failures whose reason contains TEXT.")
-@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+@category_option
 def failed_requeue(
-    failure_id: str | None, requeue_all: bool, reason_text: str | None, category: str | None
+    failure_id: str | None, requeue_all: bool, reason_text: str | None, category: Category | None
 ) -> None:
     """Requeue failures (FAILURE_ID, --all or --reason) and forget them."""
     if sum((failure_id is not None, requeue_all, reason_text is not None)) != 1:
         raise click.UsageError("give exactly one of FAILURE_ID, --all or --reason TEXT")
-    conn = redis_for(settings_or_exit(need_secret=False))
+    conn = redis_for(settings_or_exit())
     if failure_id is not None:
         try:
-            kind = failures.requeue(conn, failure_id)
+            kind = requeue.requeue(conn, failure_id)
         except KeyError:
             raise click.ClickException(f"no failure with id {failure_id!r}") from None
-        except failures.NotRequeueable as exc:
+        except requeue.NotRequeueable as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"requeued {failure_id} ({kind})")
         return
@@ -113,8 +118,8 @@ def failed_requeue(
     done = skipped = 0
     for failure in chosen:
         try:
-            kind = failures.requeue(conn, failure.id)
-        except (KeyError, failures.NotRequeueable):
+            kind = requeue.requeue(conn, failure.id)
+        except (KeyError, requeue.NotRequeueable):
             skipped += 1
             continue
         done += 1
@@ -123,11 +128,11 @@ def failed_requeue(
 
 
 @failed_group.command("purge")
-@click.option("--category", type=click.Choice(failures.CATEGORIES), help="Only this category.")
+@category_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def failed_purge(category: str | None, yes: bool) -> None:
+def failed_purge(category: Category | None, yes: bool) -> None:
     """Delete stored failures (all, or one category) for good."""
-    conn = redis_for(settings_or_exit(need_secret=False))
+    conn = redis_for(settings_or_exit())
     count = len(failures.every(conn, category))
     if count and not yes:
         click.confirm(f"Delete {count} failure(s) for good?", abort=True)

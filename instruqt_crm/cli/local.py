@@ -17,13 +17,11 @@ import click
 import requests
 from svix.webhooks import Webhook
 
-from ..examples import example_event, example_types
-from ..queueing import EmbeddedRedis
-from .common import (
-    DEFAULT_URL,
-    LOCAL_REDIS,
-    settings_or_exit,
-)
+from instruqt_crm.engine.queueing import EmbeddedRedis
+from instruqt_crm.ops.examples import example_event, example_types
+from instruqt_crm.receiver import create_app
+
+from .common import DEFAULT_URL, LOCAL_REDIS, settings_or_exit, webhook_secret_or_exit
 
 
 @click.command(short_help="Run receiver + worker + embedded Redis locally.")
@@ -42,10 +40,8 @@ def dev(port: int, host: str) -> None:
         env["REDIS_URL"] = embedded.url
     os.environ.update(env)
     settings = settings_or_exit()
-    from ..web import create_app
-
     app = create_app(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "instruqt_crm.workers"], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "instruqt_crm.engine.worker"], env=env)
     click.echo(f"Webhook URL:    http://{host}:{port}/webhooks/instruqt")
     click.echo(f"Signing secret: {env['INSTRUQT_WEBHOOK_SECRET']}  (local test secret)")
     click.echo(f"Redis:          {env['REDIS_URL']}")
@@ -89,7 +85,7 @@ def send_example(
     """Sign a realistic Instruqt event with INSTRUQT_WEBHOOK_SECRET and POST it."""
     if not event_type and not send_all:
         raise click.UsageError("give an EVENT_TYPE or --all")
-    secret = settings_or_exit().webhook_secrets[0].reveal()
+    secret = webhook_secret_or_exit(settings_or_exit())
     failed = 0
     for kind in example_types() if send_all else (event_type or "",):
         body = json.dumps(example_event(kind, user_id=user_id, email=email)).encode()

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from .. import preview
-from ..errors import SyncError
-from ..mapping import Mapping
+from instruqt_crm.config import DEFAULT_MAPPING_PATH
+from instruqt_crm.crm import hubspot_setup, salesforce_setup
+from instruqt_crm.crm.base import missing_properties
+from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.crm.salesforce import SalesforceAdapter
+from instruqt_crm.errors import SyncError
+from instruqt_crm.mapping import Mapping
+from instruqt_crm.ops import preview
+
 from .common import (
-    DEFAULT_MAPPING,
-    hubspot_adapter,
+    crm_adapter,
     json_option,
     load_mapping_or_exit,
     mapping_option,
     print_json,
     settings_or_exit,
 )
-
-if TYPE_CHECKING:
-    from ..crm.salesforce import SalesforceAdapter
 
 
 @click.command(short_help="Validate a mapping and the CRM's properties.")
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     required=False,
     type=click.Path(exists=True, dir_okay=False),
     envvar="MAPPING_PATH",
-    default=DEFAULT_MAPPING,
+    default=str(DEFAULT_MAPPING_PATH),
 )
 @click.option(
     "--crm/--no-crm",
@@ -52,18 +52,15 @@ def check(mapping_path: str, check_crm: bool) -> None:
     )
     if not check_crm:
         return
-    token = os.environ.get("HUBSPOT_ACCESS_TOKEN", "").strip()
+    adapter = crm_adapter(settings_or_exit(), mapping)
     if mapping.crm == "salesforce":
-        check_salesforce(mapping)
+        check_salesforce(mapping, adapter)
         return
-    if not token:
+    if not isinstance(adapter, HubSpotAdapter):
         click.echo("HubSpot: properties not checked (HUBSPOT_ACCESS_TOKEN is not set)")
         return
-    from ..crm import hubspot_setup
-    from ..crm.base import missing_properties
-
     try:
-        known = hubspot_adapter(token).describe()
+        known = adapter.describe()
     except SyncError as exc:
         raise click.ClickException(
             f"HubSpot: cannot read the contact properties: {exc.reason}"
@@ -118,10 +115,8 @@ def setup() -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be created.")
 def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
     """Create the instruqt group and every mapped contact property; exit 1 on type mismatches."""
-    from ..crm import hubspot_setup
-
-    token = os.environ.get("HUBSPOT_ACCESS_TOKEN", "").strip()
-    if not token:
+    settings = settings_or_exit()
+    if settings.hubspot_access_token is None:
         raise click.UsageError(
             "HUBSPOT_ACCESS_TOKEN is not set: export the access token of a HubSpot private app "
             "with the crm.schemas.contacts.read and crm.schemas.contacts.write scopes"
@@ -129,7 +124,8 @@ def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
     mapping = load_mapping_or_exit(mapping_path)
     if mapping.crm != "hubspot":
         raise click.UsageError(f"{mapping_path} is a {mapping.crm} mapping, not a HubSpot one")
-    adapter = hubspot_adapter(token)
+    adapter = crm_adapter(settings, mapping)
+    assert isinstance(adapter, HubSpotAdapter)  # a HubSpot mapping with a token
     try:
         steps = hubspot_setup.plan(adapter, mapping)
         created = [] if dry_run else hubspot_setup.apply(adapter, mapping, steps)
@@ -148,30 +144,19 @@ def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
-# --- Salesforce (issue 5) -------------------------------------------------------------------
-
-
 def salesforce_adapter(mapping: Mapping) -> SalesforceAdapter | None:
     """An adapter from the SALESFORCE_* settings (no Redis), or None without credentials."""
-    from ..crm.salesforce import SalesforceAdapter
-    from ..crm.salesforce_auth import Connection, credentials_from
-
-    creds = credentials_from(settings_or_exit(need_secret=False))
-    if not creds.flow:
-        return None
-    return SalesforceAdapter(Connection(creds), mapping, attempts=3)
+    adapter = crm_adapter(settings_or_exit(), mapping)
+    return adapter if isinstance(adapter, SalesforceAdapter) else None
 
 
-def check_salesforce(mapping: Mapping) -> None:
+def check_salesforce(mapping: Mapping, adapter: object) -> None:
     """The Salesforce branch of `check`: every mapped field on Contact and Lead."""
-    from ..crm.salesforce_setup import missing_fields
-
-    adapter = salesforce_adapter(mapping)
-    if adapter is None:
+    if not isinstance(adapter, SalesforceAdapter):
         click.echo("Salesforce: fields not checked (no SALESFORCE_* credentials are set)")
         return
     try:
-        missing = missing_fields(adapter)
+        missing = salesforce_setup.missing_fields(adapter)
     except SyncError as exc:
         raise click.ClickException(
             f"Salesforce: cannot describe the objects: {exc.reason}"
@@ -202,12 +187,10 @@ def setup_salesforce(
     mapping_path: str, out: Path, dry_run: bool, deploy: bool, sandbox: bool
 ) -> None:
     """Write the custom fields + permission set as an sfdx project; optionally deploy them."""
-    from ..crm import salesforce_setup
-
     mapping = load_mapping_or_exit(mapping_path)
     if mapping.crm != "salesforce":
         raise click.UsageError(f"{mapping_path} is a {mapping.crm} mapping, not a Salesforce one")
-    version = settings_or_exit(need_secret=False).salesforce_api_version
+    version = settings_or_exit().salesforce_api_version
     files = salesforce_setup.package(mapping, version)
     states = (salesforce_setup.changes if dry_run else salesforce_setup.write)(files, out)
     verb = "would write" if dry_run else "wrote"
@@ -223,9 +206,7 @@ def setup_salesforce(
         return
     try:
         if dry_run:
-            from ..crm.salesforce_setup import missing_fields
-
-            missing = missing_fields(adapter)
+            missing = salesforce_setup.missing_fields(adapter)
             click.echo(f"deploy would create ({len(missing)}): {', '.join(missing) or '-'}")
             return
         if deploy:

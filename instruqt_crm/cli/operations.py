@@ -9,11 +9,15 @@ from pathlib import Path
 import click
 import redis
 
-from .. import identity, ledger, preview, status, trace
-from ..events import EventError, parse_event
-from ..inbox import enqueue_event
-from ..mapping import Mapping, cell_value
-from ..queueing import text
+from instruqt_crm import keys
+from instruqt_crm.engine import identity, ledger
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.events import EventError, parse_event
+from instruqt_crm.journal import trail
+from instruqt_crm.keys import text
+from instruqt_crm.mapping import Mapping, cell_value
+from instruqt_crm.ops import preview, status
+
 from .common import (
     json_option,
     optional_mapping,
@@ -33,7 +37,7 @@ from .common import (
 )
 def replay(file: Path, id_field: str | None) -> None:
     """Enqueue exported events (JSON lines) as the receiver does, skipping ids already seen."""
-    settings = settings_or_exit(need_secret=False)
+    settings = settings_or_exit()
     try:
         items = preview.parse_lines(preview.read_text(file).splitlines(), str(file), id_field)
     except preview.EventFileError as exc:
@@ -87,14 +91,15 @@ def _ledger_view(conn: redis.Redis, key: str, mapping: Mapping | None) -> dict[s
 @json_option
 def trace_command(who: str, limit: int, as_json: bool) -> None:
     """Show a learner's trail: events, changes, what was sent, the CRM's answers, values, waits."""
-    conn = redis_for(settings_or_exit(need_secret=False))
-    mapping = optional_mapping()
-    email = trace.resolve(conn, who)
+    settings = settings_or_exit()
+    conn = redis_for(settings)
+    mapping = optional_mapping(settings)
+    email = trail.resolve(conn, who)
     user_id = None if "@" in who else who.strip()
     if email and user_id is None:
-        stored = conn.hget(ledger.contact_key(email), "user_id")
+        stored = conn.hget(keys.contact(email), "user_id")
         user_id = text(stored) if stored else None
-    entries = trace.entries(conn, who, limit)
+    entries = trail.entries(conn, who, limit)
     view = (
         _ledger_view(conn, email, mapping) if email else {"values": {}, "pending": {}, "cells": {}}
     )
@@ -120,7 +125,7 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
     )
     click.echo("Trail, oldest first:" if entries else "Trail: empty")
     for entry in entries:
-        click.echo(trace.describe(entry))
+        click.echo(trail.describe(entry))
     if view["values"] or view["cells"]:
         shown = view["values"] or view["cells"]
         width = max(len(name) for name in shown)
@@ -138,7 +143,7 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
 @json_option
 def status_command(as_json: bool) -> None:
     """Show queues, dirty contacts, waiting learners, failures, counters, CRM budget."""
-    settings = settings_or_exit(need_secret=False)
+    settings = settings_or_exit()
     conn = redis_for(settings)
     figures = status.collect(conn, settings)
     if as_json:

@@ -1,10 +1,10 @@
 """The adapter protocol every CRM speaks, and the change/outcome types that cross it.
 
-Errors live in ``instruqt_crm.errors`` (one module for the whole tree); adapters raise
-``RetryableError``/``RateLimited`` for a whole batch that may succeed later,
-``BatchRejected`` when the CRM refused a whole batch because of some record in it (the
-engine splits the batch to find it), and ``PermanentError`` when nothing will work
-until an operator acts (a bad token, a missing scope).
+Adapters raise the errors of ``instruqt_crm.errors``: ``RetryableError``/``RateLimited`` for
+a whole batch that may succeed later, ``BatchRejected`` when the CRM refused a whole batch
+because of some record in it (the engine splits the batch to find it), and
+``PermanentError`` when nothing will work until an operator acts (a bad token, a missing
+scope).
 """
 
 from __future__ import annotations
@@ -13,35 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from ..errors import PermanentError, RateLimited, RetryableError, SyncError
-from ..ratelimit import RequestBudget
+from instruqt_crm.errors import Category
+from instruqt_crm.ratelimit import RequestBudget
 
 Value = str | int | float | bool | None
 Status = Literal["synced", "rejected", "retry"]
-
-__all__ = [
-    "BatchRejected",
-    "ContactChange",
-    "CrmAdapter",
-    "Outcome",
-    "PermanentError",
-    "PlayRecords",
-    "RateLimited",
-    "RetryableError",
-    "SyncError",
-    "Value",
-]
-
-
-class BatchRejected(PermanentError):
-    """The CRM refused the whole batch because of some records in it (``culprits``: their keys,
-    when the CRM's answer names them; empty when it does not)."""
-
-    def __init__(
-        self, reason: str, category: str = "validation", culprits: frozenset[str] = frozenset()
-    ) -> None:
-        super().__init__(reason, category)
-        self.culprits = culprits
 
 
 @dataclass(frozen=True)
@@ -65,7 +41,7 @@ class Outcome:
     key: str
     status: Status
     reason: str = ""
-    category: str = ""
+    category: Category = Category.VALIDATION  # for a rejection
     record_id: str | None = None
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import redis
 
-from ..mapping import Mapping
-from ..queueing import KEY_PREFIX, text
+from instruqt_crm import keys
+from instruqt_crm.errors import Category
+from instruqt_crm.mapping import Mapping
+
 from .base import ContactChange, Outcome, PropertyInfo
 
-RECORDS_KEY = f"{KEY_PREFIX}dryrun:records"
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -51,7 +52,7 @@ class DryRunAdapter:
         for change in changes:
             problem = self._problem(change, known)
             if problem:
-                outcomes.append(Outcome(change.key, "rejected", problem, "validation"))
+                outcomes.append(Outcome(change.key, "rejected", problem, Category.VALIDATION))
                 continue
             written.append(change)
             outcomes.append(Outcome(change.key, "synced", record_id=change.email))
@@ -85,15 +86,15 @@ class DryRunAdapter:
             handle.write(line + "\n")
         with self.conn.pipeline(transaction=True) as pipe:
             for change in changes:
-                pipe.hget(RECORDS_KEY, change.email)
+                pipe.hget(keys.DRY_RUN_RECORDS, change.email)
             stored = pipe.execute()
             for change, raw in zip(changes, stored, strict=True):
                 record = json.loads(raw) if raw else {"email": change.email}
                 record.update(change.properties)
-                pipe.hset(RECORDS_KEY, change.email, json.dumps(record, sort_keys=True))
+                pipe.hset(keys.DRY_RUN_RECORDS, change.email, json.dumps(record, sort_keys=True))
             pipe.execute()
 
 
 def dry_run_records(conn: redis.Redis) -> dict[str, dict[str, object]]:
     """Every record the dry-run CRM holds, by email."""
-    return {text(k): json.loads(v) for k, v in conn.hgetall(RECORDS_KEY).items()}
+    return {keys.text(k): json.loads(v) for k, v in conn.hgetall(keys.DRY_RUN_RECORDS).items()}

@@ -24,11 +24,18 @@ from hubspot.crm.contacts import (
     SimplePublicObjectBatchInputUpsert,
 )
 
-from .. import metrics
-from ..errors import PermanentError, RateLimited, RetryableError
-from ..ratelimit import RequestBudget
-from ..retry import retrying
-from .base import BatchRejected, ContactChange, Outcome, PropertyInfo, Value
+from instruqt_crm.errors import (
+    BatchRejected,
+    Category,
+    PermanentError,
+    RateLimited,
+    RetryableError,
+)
+from instruqt_crm.journal import counters
+from instruqt_crm.ratelimit import RequestBudget
+from instruqt_crm.retry import retrying
+
+from .base import ContactChange, Outcome, PropertyInfo, Value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,22 +105,22 @@ def convert(exc: Exception, what: str) -> Exception:
             f"HubSpot {what}: 401 {body.get('category', 'INVALID_AUTHENTICATION')}: the token "
             "in HUBSPOT_ACCESS_TOKEN is wrong, expired or revoked (copy the private app's "
             "access token)",
-            "auth",
+            Category.AUTH,
         )
     if status == 403:
         scopes = _scopes(body)
         return PermanentError(
             f"HubSpot {what}: 403 {body.get('category', 'MISSING_SCOPES')}: the private app lacks "
             f"scope(s) {scopes or 'needed for this call'}; add them in the app's settings",
-            "auth",
+            Category.AUTH,
         )
     if status == 409:
-        return PermanentError(f"HubSpot {what}: 409 {message}", "conflict")
+        return PermanentError(f"HubSpot {what}: 409 {message}", Category.CONFLICT)
     if status == 423:
         return RetryableError(f"HubSpot {what}: 423 locked, retrying", wait=2.0)
     if int(status) >= 500:
         return RetryableError(f"HubSpot {what}: {status} server error")
-    return PermanentError(f"HubSpot {what}: {status} {message}", "validation")
+    return PermanentError(f"HubSpot {what}: {status} {message}", Category.VALIDATION)
 
 
 def _plain(answer: urllib3.BaseHTTPResponse) -> tuple[dict[str, Any], int, Any]:
@@ -200,11 +207,11 @@ class HubSpotAdapter:
     def _count(self, status: str) -> None:
         """Count one request in the shared metrics (needs the budget's Redis)."""
         if self.budget is not None:
-            metrics.incr(self.budget.conn, "crm_requests", self.name, status)
+            counters.incr(self.budget.conn, "crm_requests", self.name, status)
 
     def _count_429(self, policy: str) -> None:
         if self.budget is not None:
-            metrics.incr(self.budget.conn, "crm_rate_limited", self.name, policy)
+            counters.incr(self.budget.conn, "crm_rate_limited", self.name, policy)
 
     def _observe(self, headers: Any) -> None:
         """Feed X-HubSpot-RateLimit-* headers to the shared budget."""
@@ -235,7 +242,7 @@ class HubSpotAdapter:
             record_id = self._id(change)
             if record_id is None:
                 reason = f"no {self.id_property} value to upsert this contact on"
-                unkeyed.append(Outcome(change.key, "rejected", reason, "validation"))
+                unkeyed.append(Outcome(change.key, "rejected", reason, Category.VALIDATION))
             else:
                 by_id[record_id] = change
         if not by_id:
@@ -255,9 +262,11 @@ class HubSpotAdapter:
                 raw=True,
             )
         except PermanentError as exc:
-            if exc.category == "validation":
+            if exc.category == Category.VALIDATION:
                 answer = str(getattr(exc.__cause__, "body", None) or exc.reason)
-                raise BatchRejected(exc.reason, "validation", culprits(answer, by_id)) from exc
+                raise BatchRejected(
+                    exc.reason, Category.VALIDATION, culprits(answer, by_id)
+                ) from exc
             raise
         return self._outcomes(data, by_id) + unkeyed
 
@@ -286,7 +295,9 @@ class HubSpotAdapter:
                 for record_id in values or []:
                     change = lowered.get(str(record_id).lower())
                     if change is not None:
-                        rejected[change.key] = Outcome(change.key, "rejected", reason, "validation")
+                        rejected[change.key] = Outcome(
+                            change.key, "rejected", reason, Category.VALIDATION
+                        )
         written = [
             Outcome(change.key, "synced") for change in by_id.values() if change.key not in rejected
         ]

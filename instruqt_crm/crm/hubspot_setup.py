@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from hubspot.crm.properties import Option, PropertyCreate, PropertyGroupCreate
 
-from ..errors import PermanentError
-from ..mapping import Mapping
+from instruqt_crm.errors import Category, PermanentError
+from instruqt_crm.mapping import Mapping
+
 from .base import PropertyInfo
 from .hubspot import HubSpotAdapter
 
@@ -108,7 +109,7 @@ def apply(adapter: HubSpotAdapter, mapping: Mapping, steps: Plan) -> list[str]:
             )
             created.append(f"group {GROUP}")
         except PermanentError as exc:
-            if exc.category != "conflict":  # an existing group is fine
+            if exc.category != Category.CONFLICT:  # an existing group is fine
                 raise
     for name in steps.create:
         adapter.call(

@@ -13,27 +13,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceResourceNotFound
 
-from .. import metrics
-from ..config import Settings
-from ..errors import PermanentError, RateLimited
-from ..mapping import Mapping
-from ..ratelimit import RequestBudget
-from ..retry import retrying
-from .base import BatchRejected, ContactChange, Outcome, PropertyInfo
-from .salesforce_auth import Connection, credentials_from
-from .salesforce_routing import Router, Target, field_name
+from instruqt_crm.errors import BatchRejected, Category, PermanentError, RateLimited
+from instruqt_crm.journal import counters
+from instruqt_crm.mapping import Mapping
+from instruqt_crm.ratelimit import RequestBudget
+from instruqt_crm.retry import retrying
 
-if TYPE_CHECKING:
-    from .salesforce_plays import SalesforcePlays
+from .base import ContactChange, Outcome, PropertyInfo
+from .salesforce_auth import Connection
+from .salesforce_plays import SalesforcePlays
+from .salesforce_routing import BATCH_SIZE, Router, Target, field_name
 
 log = logging.getLogger(__name__)
-BATCH_SIZE = 200
 RETRYABLE_CODES = {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}
 LOCK_RETRIES = 2
 LIMIT_RESERVE = 0.05  # keep this share of the daily API quota for the org's other integrations
@@ -95,7 +92,7 @@ class SalesforceAdapter:
                 exc.wait,
             )
             if self.budget is not None:
-                metrics.incr(self.budget.conn, "crm_rate_limited", self.name, exc.policy)
+                counters.incr(self.budget.conn, "crm_rate_limited", self.name, exc.policy)
                 self.budget.pause_for(exc.wait or 0.0, exc.reason, exc.policy)
             raise
         return result
@@ -202,11 +199,11 @@ class SalesforceAdapter:
         try:
             results = self.call(what, method, path, json=body)
         except PermanentError as exc:
-            if exc.category == "validation":
-                raise BatchRejected(exc.reason, "validation") from exc
+            if exc.category == Category.VALIDATION:
+                raise BatchRejected(exc.reason, Category.VALIDATION) from exc
             raise
         if not isinstance(results, list) or len(results) != len(group):
-            raise BatchRejected(f"Salesforce {what}: unexpected response", "validation")
+            raise BatchRejected(f"Salesforce {what}: unexpected response", Category.VALIDATION)
         return results
 
     def _outcome(self, target: Target, result: dict[str, Any]) -> Outcome:
@@ -221,8 +218,8 @@ class SalesforceAdapter:
         )
         reason = f"{target.sobject} {target.record_id or '(new)'}: {reason}"
         if codes & RETRYABLE_CODES:
-            return Outcome(key, "retry", reason, "retryable")
-        return Outcome(key, "rejected", reason, "validation")
+            return Outcome(key, "retry", reason)
+        return Outcome(key, "rejected", reason, Category.VALIDATION)
 
     # -- describe --------------------------------------------------------------------------
 
@@ -268,8 +265,6 @@ class SalesforceAdapter:
         """Play records (``Instruqt_Play__c``) through this adapter, if the mapping has plays."""
         if self.mapping.plays is None:
             return None
-        from .salesforce_plays import SalesforcePlays  # late: that module builds on this one
-
         return SalesforcePlays(self)
 
     def describe(self) -> dict[str, PropertyInfo]:
@@ -283,17 +278,11 @@ class SalesforceAdapter:
             raise PermanentError(
                 f"the Salesforce org lacks {len(missing)} field(s): {', '.join(missing)}. "
                 "Create them with: instruqt-crm setup salesforce",
-                "validation",
+                Category.VALIDATION,
             )
         return known
 
 
-def salesforce_adapter(
-    settings: Settings, mapping: Mapping, conn: redis.Redis
-) -> SalesforceAdapter | None:
-    """The adapter for the configured org (tokens cached in Redis), or None without credentials."""
-    creds = credentials_from(settings)
-    if not creds.flow:
-        return None
-    budget = RequestBudget(conn, "salesforce", settings.salesforce_requests_per_minute, 60.0)
-    return SalesforceAdapter(Connection(creds, cache=conn), mapping, budget)
+def salesforce_budget(conn: redis.Redis, requests_per_minute: int) -> RequestBudget:
+    """The request budget all workers share for one Salesforce org."""
+    return RequestBudget(conn, "salesforce", requests_per_minute, 60.0)

@@ -20,17 +20,21 @@ from urllib.parse import urlparse
 import jwt
 import redis
 import requests
+from pydantic import SecretStr
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
-from ..config import Secret, Settings
-from ..errors import PermanentError, RateLimited, RetryableError, SyncError
-from ..queueing import KEY_PREFIX
+from instruqt_crm import keys
+from instruqt_crm.config import (
+    DEFAULT_SALESFORCE_API_VERSION,
+    DEFAULT_SALESFORCE_LOGIN_URL,
+    Settings,
+)
+from instruqt_crm.errors import Category, PermanentError, RateLimited, RetryableError, SyncError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT = (5.0, 60.0)  # connect, read (seconds)
-TOKEN_KEY = f"{KEY_PREFIX}salesforce:token"
 TOKEN_TTL = 30 * 60  # a cached token is reused this long (Salesforce sessions last >= 2 h)
 LIMIT_WAIT = 3600.0  # REQUEST_LIMIT_EXCEEDED: the daily quota rolls over 24 h; look again hourly
 
@@ -53,14 +57,14 @@ class TimeoutSession(requests.Session):
 class Credentials:
     """What the settings give for one Salesforce org (secrets stay wrapped)."""
 
-    login_url: str = "https://login.salesforce.com"
-    api_version: str = "62.0"
+    login_url: str = DEFAULT_SALESFORCE_LOGIN_URL
+    api_version: str = DEFAULT_SALESFORCE_API_VERSION
     client_id: str | None = None
-    client_secret: Secret | None = None
+    client_secret: SecretStr | None = None
     username: str | None = None
-    private_key: Secret | None = None
+    private_key: SecretStr | None = None
     instance_url: str | None = None
-    access_token: Secret | None = None
+    access_token: SecretStr | None = None
 
     @property
     def flow(self) -> str:
@@ -108,10 +112,11 @@ def token_request(creds: Credentials) -> dict[str, str]:
             "exp": int(time.time()) + 180,
         }
         try:
-            assertion = jwt.encode(claims, creds.private_key.reveal(), algorithm="RS256")
+            assertion = jwt.encode(claims, creds.private_key.get_secret_value(), algorithm="RS256")
         except (ValueError, TypeError, jwt.PyJWTError) as exc:
             raise PermanentError(
-                "Salesforce: SALESFORCE_PRIVATE_KEY is not a usable RSA private key (PEM)", "auth"
+                "Salesforce: SALESFORCE_PRIVATE_KEY is not a usable RSA private key (PEM)",
+                Category.AUTH,
             ) from exc
         return {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
     if creds.flow == "client_credentials":
@@ -119,9 +124,11 @@ def token_request(creds: Credentials) -> dict[str, str]:
         return {
             "grant_type": "client_credentials",
             "client_id": creds.client_id,
-            "client_secret": creds.client_secret.reveal(),
+            "client_secret": creds.client_secret.get_secret_value(),
         }
-    raise PermanentError("Salesforce: no login flow configured (see docs/salesforce.md)", "auth")
+    raise PermanentError(
+        "Salesforce: no login flow configured (see docs/salesforce.md)", Category.AUTH
+    )
 
 
 def fetch_token(creds: Credentials, session: requests.Session) -> tuple[str, str]:
@@ -145,7 +152,7 @@ def fetch_token(creds: Credentials, session: requests.Session) -> tuple[str, str
         raise PermanentError(
             f"Salesforce token ({creds.flow} at {creds.login_url}): {error}: {detail}".rstrip(": ")
             + "; check the connected app, the SALESFORCE_* settings and the integration user",
-            "auth",
+            Category.AUTH,
         )
     instance = str(body.get("instance_url") or creds.instance_url or creds.login_url)
     log.info("salesforce: new access token (%s flow) for %s", creds.flow, instance)
@@ -169,7 +176,7 @@ def convert(exc: Exception, what: str) -> SyncError:
     if isinstance(exc, requests.RequestException):
         return RetryableError(f"Salesforce {what}: connection problem ({type(exc).__name__})")
     if not isinstance(exc, SalesforceError):
-        return PermanentError(f"Salesforce {what}: {type(exc).__name__}", "internal")
+        return PermanentError(f"Salesforce {what}: {type(exc).__name__}", Category.OTHER)
     code, message = _error_code(exc)
     status = exc.status
     if status == 403 and code == "REQUEST_LIMIT_EXCEEDED":
@@ -178,13 +185,13 @@ def convert(exc: Exception, what: str) -> SyncError:
         return PermanentError(
             f"Salesforce {what}: 401 {code or 'INVALID_SESSION_ID'}: the access token is not "
             "accepted even after a new login; check the SALESFORCE_* settings",
-            "auth",
+            Category.AUTH,
         )
     if status == 403:
-        return PermanentError(f"Salesforce {what}: 403 {code}: {message}", "auth")
+        return PermanentError(f"Salesforce {what}: 403 {code}: {message}", Category.AUTH)
     if status >= 500 or code in ("UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"):
         return RetryableError(f"Salesforce {what}: {status} {code}".rstrip())
-    return PermanentError(f"Salesforce {what}: {status} {code}: {message}", "validation")
+    return PermanentError(f"Salesforce {what}: {status} {code}: {message}", Category.VALIDATION)
 
 
 class Connection:
@@ -225,18 +232,20 @@ class Connection:
                 raise PermanentError(
                     "Salesforce: SALESFORCE_ACCESS_TOKEN expired or was revoked; set a new one "
                     "or configure a login flow (client credentials or JWT)",
-                    "auth",
+                    Category.AUTH,
                 )
-            return self.creds.access_token.reveal(), self.creds.instance_url
+            return self.creds.access_token.get_secret_value(), self.creds.instance_url
         if self.cache is not None and not fresh:
-            cached = self.cache.get(TOKEN_KEY)
+            cached = self.cache.get(keys.SALESFORCE_TOKEN)
             if cached:
                 data = json.loads(cached)
                 return str(data["token"]), str(data["instance"])
         token, instance = fetch_token(self.creds, self.session)
         if self.cache is not None:
             self.cache.set(
-                TOKEN_KEY, json.dumps({"token": token, "instance": instance}), ex=TOKEN_TTL
+                keys.SALESFORCE_TOKEN,
+                json.dumps({"token": token, "instance": instance}),
+                ex=TOKEN_TTL,
             )
         return token, instance
 

@@ -11,12 +11,16 @@ outcomes, lock retries, the same request budget and error mapping.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..mapping import PropertySpec
+from instruqt_crm.errors import Category
+from instruqt_crm.mapping import PropertySpec
+
 from .base import ContactChange, Outcome, PropertyInfo
-from .salesforce import BATCH_SIZE, SalesforceAdapter
-from .salesforce_routing import Target, field_name, format_value
+from .salesforce_routing import BATCH_SIZE, Target, field_name, format_value
+
+if TYPE_CHECKING:
+    from .salesforce import SalesforceAdapter
 
 PLAY_OBJECT = "Instruqt_Play__c"
 PLAY_KEY = "Participant_Id__c"
@@ -72,7 +76,7 @@ class SalesforcePlays:
                     f"{PLAY_OBJECT} {change.key}: no Contact or Lead found for {change.email} "
                     "(its record was not written, or was deleted); sent again with its next event"
                 )
-                outcomes[change.key] = Outcome(change.key, "rejected", reason, "validation")
+                outcomes[change.key] = Outcome(change.key, "rejected", reason, Category.VALIDATION)
             else:
                 fields = self.record(change, *learner)
                 targets.append(Target(change.key, PLAY_OBJECT, None, fields, PLAY_KEY))

@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..mapping import Mapping
+from instruqt_crm.mapping import Mapping
+
 from .base import ContactChange, Value
 
 EXTERNAL_ID = "Instruqt_User_Id__c"
+BATCH_SIZE = 200  # records per sObject Collections request
 MAX_SOQL = 9000  # characters; longer lookups are split in two
 
 

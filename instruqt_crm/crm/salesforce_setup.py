@@ -19,8 +19,10 @@ from typing import Any
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
-from ..errors import PermanentError
-from ..mapping import Mapping
+from instruqt_crm.config import DEFAULT_SALESFORCE_API_VERSION
+from instruqt_crm.errors import Category, PermanentError
+from instruqt_crm.mapping import Mapping
+
 from .salesforce import SalesforceAdapter
 from .salesforce_auth import Connection
 from .salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS
@@ -107,7 +109,9 @@ def permission_set_xml(mapping: Mapping) -> bytes:
     return document("PermissionSet", "".join(parts))
 
 
-def package(mapping: Mapping, api_version: str = "62.0") -> dict[str, bytes]:
+def package(
+    mapping: Mapping, api_version: str = DEFAULT_SALESFORCE_API_VERSION
+) -> dict[str, bytes]:
     """Every file of the sfdx source-format project, by relative path."""
     files: dict[str, bytes] = {}
     for sobject, fields in field_bodies(mapping).items():
@@ -168,7 +172,7 @@ def _manifest(mapping: Mapping, api_version: str) -> bytes:
     return document("Package", body + element("version", api_version))
 
 
-def mdapi_zip(mapping: Mapping, api_version: str = "62.0") -> bytes:
+def mdapi_zip(mapping: Mapping, api_version: str = DEFAULT_SALESFORCE_API_VERSION) -> bytes:
     """The same metadata as a Metadata API deploy zip (package.xml, objects/*.object, ...)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -202,7 +206,9 @@ def deploy(
         except SalesforceError as exc:
             content = str(exc.content)
             if "INSUFFICIENT_ACCESS" in content or "insufficient access" in content.lower():
-                raise PermanentError(f"Salesforce deploy: {MODIFY_METADATA}", "auth") from exc
+                raise PermanentError(
+                    f"Salesforce deploy: {MODIFY_METADATA}", Category.AUTH
+                ) from exc
             raise
 
     started = connection.call("deploy metadata", start)
@@ -223,7 +229,7 @@ def deploy(
             text = "; ".join(problems)
             if "insufficient access" in text.lower():
                 text += f" ({MODIFY_METADATA})"
-            raise PermanentError(f"Salesforce deploy {state.lower()}: {text}", "validation")
+            raise PermanentError(f"Salesforce deploy {state.lower()}: {text}", Category.VALIDATION)
         if waited >= timeout:
             raise PermanentError(
                 f"Salesforce deploy {async_id} still {state} after {timeout:.0f} s"

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from ..mapping import PropertySpec
+from instruqt_crm.mapping import PropertySpec
+
 from .salesforce_plays import LOOKUPS, PLAY_FIELDS, PLAY_KEY, STATUS_FIELD, STATUSES
 from .salesforce_routing import field_name
 

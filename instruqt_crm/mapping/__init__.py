@@ -1,7 +1,7 @@
 """The YAML mapping: load and validate it, turn events into property changes, merge them."""
 
 from .apply import apply_event
-from .errors import MappingError, MappingFailure
+from .errors import MappingError
 from .loader import load_mapping, parse_mapping
 from .merge import POLICIES, canonical_policy, cell_value, fold, merge_cells, to_cell
 from .model import (
@@ -21,7 +21,6 @@ __all__ = [
     "Identity",
     "Mapping",
     "MappingError",
-    "MappingFailure",
     "PlaysOptions",
     "PropertyChange",
     "PropertySpec",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from instruqt_crm.errors import MappingFailure
 from instruqt_crm.events import Event
 
-from .errors import MappingFailure
 from .model import Mapping
 from .templates import RenderError, render, template_context, truthy
 from .values import PropertyChange, coerce

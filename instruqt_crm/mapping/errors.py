@@ -1,11 +1,9 @@
-"""The two mapping errors: a bad mapping file (load time) and an event it cannot map (run time)."""
+"""A bad mapping file (``MappingError``, load time), and the hints its messages give."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
-
-from instruqt_crm.errors import PermanentError
 
 
 class MappingError(ValueError):
@@ -15,13 +13,6 @@ class MappingError(ValueError):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
         self.source = source
-
-
-class MappingFailure(PermanentError):
-    """This one event cannot be mapped (a template failed or a value has the wrong type)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, category="mapping")
 
 
 def suggest(word: object, options: Iterable[str]) -> str:

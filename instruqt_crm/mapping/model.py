@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from .checks import mapping_problems
 from .errors import short_repr, suggest
 from .merge import MERGE_POLICIES, canonical_policy
 from .templates import check_template
@@ -245,8 +246,6 @@ class Mapping(_Model):
                 self.properties[name] = spec.model_copy(update={"label": default_label(name)})
         if info.context and info.context.get(DEFER_CHECKS):
             return self
-        from .checks import mapping_problems
-
         problems = mapping_problems(self)
         if problems:
             raise ValueError(

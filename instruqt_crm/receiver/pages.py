@@ -10,8 +10,9 @@ import hmac
 import redis
 from flask import Flask, Response, current_app, jsonify, render_template_string, request, url_for
 
-from . import metrics
-from .config import Settings
+from instruqt_crm.config import Settings
+from instruqt_crm.journal import trail
+from instruqt_crm.ops import metrics, status
 
 PROTECTED_PREFIXES = ("/rq", "/status")
 
@@ -38,7 +39,7 @@ def credentials_match(settings: Settings, username: str, password: str) -> bool:
         return False
     user_ok = hmac.compare_digest(username.encode(), settings.dashboard_username.encode())
     password_ok = hmac.compare_digest(
-        password.encode(), settings.dashboard_password.reveal().encode()
+        password.encode(), settings.dashboard_password.get_secret_value().encode()
     )
     return user_ok & password_ok
 
@@ -93,18 +94,16 @@ pre{background:#f6f8fa;padding:1rem;overflow-x:auto}input{font:inherit;width:24r
 
 def status_view() -> str:
     """The status figures, and a learner's trail when one is searched for."""
-    from . import status, trace
-
     settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
     conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
     who = (request.args.get("who") or "").strip()[:200]
-    trail = [trace.describe(entry) for entry in trace.entries(conn, who)] if who else []
+    found = [trail.describe(entry) for entry in trail.entries(conn, who)] if who else []
     lines = status.render(status.collect(conn, settings))
     return render_template_string(
         STATUS_PAGE,
         lines=lines,
         who=who,
-        trail=trail,
+        trail=found,
         dashboard=url_for("rq_dashboard.queues_overview"),
     )
 

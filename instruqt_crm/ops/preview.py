@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import EventError, parse_event
-from .identity import email_in
-from .mapping import Mapping, MappingFailure, apply_event, cell_value, merge_cells, to_cell
-from .mapping.merge import Cell
-from .mapping.values import Value
+from instruqt_crm.engine.identity import email_in
+from instruqt_crm.errors import MappingFailure
+from instruqt_crm.events import EventError, parse_event
+from instruqt_crm.mapping import Mapping, apply_event, cell_value, merge_cells, to_cell
+from instruqt_crm.mapping.merge import Cell
+from instruqt_crm.mapping.values import Value
 
 ID_FIELDS = ("svix_id", "svix-id", "msg_id", "message_id")
 WAITING = "unknown — would wait for identity"

@@ -7,9 +7,8 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+from pydantic import SecretStr
 from svix.webhooks import Webhook, WebhookVerificationError
-
-from .config import Secret
 
 TOLERANCE_SECONDS = 5 * 60  # fixed by the svix library as well
 HEADER_PREFIXES = ("svix-", "webhook-")
@@ -69,7 +68,7 @@ def _check_signature_format(text: str) -> None:
 def verify(
     body: bytes,
     headers: Mapping[str, str],
-    secrets: Sequence[Secret],
+    secrets: Sequence[SecretStr],
     now: float | None = None,
 ) -> str:
     """Verify a delivery against the raw body; return its message id or raise SignatureError."""
@@ -83,7 +82,7 @@ def verify(
     svix_headers = {f"svix-{part}": value for part, value in triple.items()}
     for secret in secrets:
         try:
-            Webhook(secret.reveal()).verify(text, svix_headers)
+            Webhook(secret.get_secret_value()).verify(text, svix_headers)
         except (WebhookVerificationError, ValueError, binascii.Error):
             continue
         return triple["id"]

@@ -20,13 +20,13 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from .crm.base import ContactChange, Value
-from .mapping import Mapping, PropertyChange
-from .mapping.merge import cell_value, merge_cells, to_cell
-from .queueing import KEY_PREFIX, text
+from instruqt_crm import keys
+from instruqt_crm.crm.base import ContactChange, Value
+from instruqt_crm.keys import text
+from instruqt_crm.mapping import Mapping, PropertyChange
+from instruqt_crm.mapping.merge import cell_value, merge_cells, to_cell
 
 log = logging.getLogger(__name__)
-DIRTY_KEY = f"{KEY_PREFIX}dirty"
 MAX_MERGE_ATTEMPTS = 50
 
 # Record what the CRM accepted; leave the dirty set only if no merge happened since the
@@ -64,16 +64,6 @@ return conflicts
 """
 
 
-def contact_key(key: str) -> str:
-    """The hash holding one contact's state."""
-    return f"{KEY_PREFIX}contact:{key}"
-
-
-def events_key(key: str) -> str:
-    """The set of event ids merged into one contact."""
-    return f"{KEY_PREFIX}contact:{key}:events"
-
-
 def encode(value: Any) -> str:
     """A cell or sent value as stored: canonical JSON, so equal values compare equal."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -88,7 +78,7 @@ class Records:
     events_key: Callable[[str], str] | None = None  # None: event ids are not kept
 
 
-CONTACTS = Records(contact_key, DIRTY_KEY, events_key)
+CONTACTS = Records(keys.contact, keys.DIRTY_CONTACTS, keys.contact_events)
 
 
 @dataclass(frozen=True)
@@ -131,7 +121,7 @@ def merge_many(
     for _ in range(MAX_MERGE_ATTEMPTS):
         if not todo:
             return changed
-        plan, keys = [], [records.dirty_key]
+        plan, names = [], [records.dirty_key]
         for key, current in zip(todo, read(conn, todo, records), strict=True):
             write, flags = _fold([merges[i] for i in positions[key]], current)
             for index, flag in zip(positions[key], flags, strict=True):
@@ -140,8 +130,8 @@ def merge_many(
             if records.events_key is None:
                 write["events"] = []
             plan.append(write)
-            keys += [hash_key, records.events_key(key) if records.events_key else hash_key]
-        conflicts = script(keys=keys, args=[encode(plan), time.time()])
+            names += [hash_key, records.events_key(key) if records.events_key else hash_key]
+        conflicts = script(keys=names, args=[encode(plan), time.time()])
         todo = [todo[int(position) - 1] for position in conflicts]
     raise redis.WatchError(f"records {', '.join(todo[:5])}: too much contention to merge")
 
@@ -200,18 +190,18 @@ def pending(conn: redis.Redis, key: str, mapping: Mapping) -> Pending:
     return pending_many(conn, [key], mapping)[0]
 
 
-def pending_many(conn: redis.Redis, keys: Sequence[str], mapping: Mapping) -> list[Pending]:
+def pending_many(conn: redis.Redis, contact_keys: Sequence[str], mapping: Mapping) -> list[Pending]:
     """``pending`` for several contacts, read in one round trip."""
-    found = read(conn, keys)
-    return [_unsent(key, stored, mapping) for key, stored in zip(keys, found, strict=True)]
+    found = read(conn, contact_keys)
+    return [_unsent(key, stored, mapping) for key, stored in zip(contact_keys, found, strict=True)]
 
 
 def read(
-    conn: redis.Redis, keys: Sequence[str], records: Records = CONTACTS
+    conn: redis.Redis, record_keys: Sequence[str], records: Records = CONTACTS
 ) -> list[dict[str, str]]:
     """The hashes of several records (empty for one never merged), in one round trip."""
     with conn.pipeline(transaction=False) as pipe:
-        for key in keys:
+        for key in record_keys:
             pipe.hgetall(records.hash_key(key))
         found = pipe.execute()
     return [{text(k): text(v) for k, v in raw.items()} for raw in found]
@@ -275,8 +265,8 @@ def _settle_script(
     for name, value in (sent or {}).items():
         pairs += [f"s:{name}", encode(value)]
     script = client.register_script(_SETTLE)
-    keys = [records.hash_key(key), records.dirty_key]
-    return script(keys=keys, args=[version, key, time.time(), *pairs])
+    names = [records.hash_key(key), records.dirty_key]
+    return script(keys=names, args=[version, key, time.time(), *pairs])
 
 
 def dirty(conn: redis.Redis, limit: int) -> list[str]:
@@ -286,30 +276,30 @@ def dirty(conn: redis.Redis, limit: int) -> list[str]:
 
 def dirty_since(conn: redis.Redis, limit: int) -> list[tuple[str, float]]:
     """Up to ``limit`` dirty contact keys with when each became dirty, oldest first."""
-    entries: Any = conn.zrange(DIRTY_KEY, 0, limit - 1, withscores=True)
+    entries: Any = conn.zrange(keys.DIRTY_CONTACTS, 0, limit - 1, withscores=True)
     return [(text(key), float(score)) for key, score in entries]
 
 
 def dirty_count(conn: redis.Redis) -> int:
     """How many contacts wait to be sent."""
-    return int(conn.zcard(DIRTY_KEY))
+    return int(conn.zcard(keys.DIRTY_CONTACTS))
 
 
-def mark_dirty(conn: redis.Redis, keys: Iterable[str]) -> None:
+def mark_dirty(conn: redis.Redis, contact_keys: Iterable[str]) -> None:
     """Put contacts back in the dirty set (e.g. to requeue them)."""
     now = time.time()
     with conn.pipeline() as pipe:
-        for key in keys:
-            pipe.zadd(DIRTY_KEY, {key: now}, nx=True)
+        for key in contact_keys:
+            pipe.zadd(keys.DIRTY_CONTACTS, {key: now}, nx=True)
         pipe.execute()
 
 
 def event_ids(conn: redis.Redis, key: str) -> list[str]:
     """The ids of the events merged into a contact, sorted."""
-    return sorted(text(member) for member in conn.smembers(events_key(key)))
+    return sorted(text(member) for member in conn.smembers(keys.contact_events(key)))
 
 
 def cells(conn: redis.Redis, key: str) -> dict[str, Any]:
     """A contact's merged cells, by property name (for tests and the trace view)."""
-    stored = conn.hgetall(contact_key(key))
+    stored = conn.hgetall(keys.contact(key))
     return {text(k)[2:]: json.loads(v) for k, v in stored.items() if text(k).startswith("c:")}

@@ -13,7 +13,6 @@ merge is idempotent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -23,13 +22,15 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from .queueing import DRAIN_JOB, KEY_PREFIX, PENDING, enqueue_job, schedule_once, text
+from instruqt_crm import keys
+from instruqt_crm.keys import text
+
+from .queueing import DRAIN_JOB, enqueue_job, schedule_once
 
 log = logging.getLogger(__name__)
 
-INBOX_KEY = f"{KEY_PREFIX}inbox"
 GROUP = "workers"
-DRAIN_MARK = f"{PENDING}{DRAIN_JOB}"  # schedule_once's mark, also set by the accept script
+DRAIN_MARK = keys.pending_job(DRAIN_JOB)  # schedule_once's mark, also set by the accept script
 DRAIN_MARK_MS = 10_000  # at most one queued drain job per 10 s of arrivals
 STALE_MS = 300_000  # a live consumer acknowledges far sooner than this (job timeout)
 
@@ -55,11 +56,6 @@ class Entry:
     body: dict[str, Any]
 
 
-def dedupe_key(message_id: str) -> str:
-    """The Redis key remembering that a message id was accepted."""
-    return f"{KEY_PREFIX}seen:{hashlib.sha256(message_id.encode()).hexdigest()}"
-
-
 def enqueue_event(
     conn: redis.Redis, message_id: str, body: str | bytes | dict[str, Any], dedupe_ttl: int
 ) -> bool:
@@ -69,8 +65,8 @@ def enqueue_event(
         body = json.dumps(body)
     if _accept_script is None:
         _accept_script = conn.register_script(_ACCEPT)
-    keys = [dedupe_key(message_id), INBOX_KEY, DRAIN_MARK]
-    reply = int(_accept_script(keys, [dedupe_ttl, message_id, body, DRAIN_MARK_MS], client=conn))
+    names = [keys.seen(message_id), keys.INBOX, DRAIN_MARK]
+    reply = int(_accept_script(names, [dedupe_ttl, message_id, body, DRAIN_MARK_MS], client=conn))
     if reply == 1:  # no drain job pending: queue one (the mark is already set)
         enqueue_job(conn, DRAIN_JOB)
     return reply >= 0
@@ -83,13 +79,13 @@ def wake(conn: redis.Redis) -> bool:
 
 def add(conn: redis.Redis | Any, message_id: str, body: dict[str, Any]) -> None:
     """Add an event without dedupe (requeues); ``conn`` may be a pipeline."""
-    conn.xadd(INBOX_KEY, {"id": message_id, "body": json.dumps(body)})
+    conn.xadd(keys.INBOX, {"id": message_id, "body": json.dumps(body)})
 
 
 def ensure_group(conn: redis.Redis) -> None:
     """Create the consumer group (and the stream) if missing; reads start at the oldest entry."""
     try:
-        conn.xgroup_create(INBOX_KEY, GROUP, id="0", mkstream=True)
+        conn.xgroup_create(keys.INBOX, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -98,12 +94,12 @@ def ensure_group(conn: redis.Redis) -> None:
 def _read(conn: redis.Redis, consumer: str, start: str, count: int) -> list[Any]:
     """XREADGROUP, creating the group on first use."""
     try:
-        reply = conn.xreadgroup(GROUP, consumer, {INBOX_KEY: start}, count=count)
+        reply = conn.xreadgroup(GROUP, consumer, {keys.INBOX: start}, count=count)
     except redis.ResponseError as exc:
         if "NOGROUP" not in str(exc):
             raise
         ensure_group(conn)
-        reply = conn.xreadgroup(GROUP, consumer, {INBOX_KEY: start}, count=count)
+        reply = conn.xreadgroup(GROUP, consumer, {keys.INBOX: start}, count=count)
     streams: list[Any] = reply or []  # type: ignore[assignment]
     return streams[0][1] if streams else []
 
@@ -133,15 +129,15 @@ def ack(conn: redis.Redis, entry_ids: Iterable[str]) -> None:
     if not ids:
         return
     with conn.pipeline(transaction=True) as pipe:
-        pipe.xack(INBOX_KEY, GROUP, *ids)
-        pipe.xdel(INBOX_KEY, *ids)
+        pipe.xack(keys.INBOX, GROUP, *ids)
+        pipe.xdel(keys.INBOX, *ids)
         pipe.execute()
 
 
 def reclaim(conn: redis.Redis, consumer: str, gone: Callable[[str], bool]) -> int:
     """Take over entries held by consumers that are ``gone`` or silent too long; drop the dead."""
     try:
-        consumers = conn.xinfo_consumers(INBOX_KEY, GROUP)
+        consumers = conn.xinfo_consumers(keys.INBOX, GROUP)
     except redis.ResponseError:  # no stream or group yet
         return 0
     claimed = 0
@@ -153,7 +149,7 @@ def reclaim(conn: redis.Redis, consumer: str, gone: Callable[[str], bool]) -> in
         if info["pending"] and (dead or info["idle"] >= STALE_MS):
             claimed += _claim_all(conn, name, consumer)
         if dead:
-            conn.xgroup_delconsumer(INBOX_KEY, GROUP, name)
+            conn.xgroup_delconsumer(keys.INBOX, GROUP, name)
     if claimed:
         log.warning("took over %d inbox event(s) left by stopped workers", claimed)
     return claimed
@@ -163,14 +159,14 @@ def _claim_all(conn: redis.Redis, holder: str, consumer: str) -> int:
     """Move every pending entry of ``holder`` to ``consumer``."""
     claimed = 0
     while True:
-        held = conn.xpending_range(INBOX_KEY, GROUP, "-", "+", 500, consumername=holder)
+        held = conn.xpending_range(keys.INBOX, GROUP, "-", "+", 500, consumername=holder)
         ids: list[Any] = [item["message_id"] for item in held]
         if not ids:
             return claimed
-        conn.xclaim(INBOX_KEY, GROUP, consumer, 0, ids, justid=True)
+        conn.xclaim(keys.INBOX, GROUP, consumer, 0, ids, justid=True)
         claimed += len(ids)
 
 
 def depth(conn: redis.Redis) -> int:
     """Events accepted and not yet handled (waiting or being handled)."""
-    return int(conn.xlen(INBOX_KEY))
+    return int(conn.xlen(keys.INBOX))

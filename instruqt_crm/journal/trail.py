@@ -13,18 +13,10 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from .queueing import KEY_PREFIX, text
+from instruqt_crm import keys
 
 MAX_ENTRIES = 200
 TTL_SECONDS = 30 * 86400
-
-
-def _key(email: str) -> str:
-    return f"{KEY_PREFIX}trace:{email.lower()}"
-
-
-def _user_key(user_id: str) -> str:
-    return f"{KEY_PREFIX}trace_user:{user_id}"
 
 
 def note(
@@ -40,11 +32,11 @@ def note(
     """
     entry = json.dumps({"at": time.time(), "kind": kind, **details}, sort_keys=True, default=str)
     pipe = conn if isinstance(conn, Pipeline) else conn.pipeline()
-    pipe.lpush(_key(email), entry)
-    pipe.ltrim(_key(email), 0, MAX_ENTRIES - 1)
-    pipe.expire(_key(email), TTL_SECONDS)
+    pipe.lpush(keys.trail(email), entry)
+    pipe.ltrim(keys.trail(email), 0, MAX_ENTRIES - 1)
+    pipe.expire(keys.trail(email), TTL_SECONDS)
     if user_id:
-        pipe.set(_user_key(user_id), email.lower(), ex=TTL_SECONDS)
+        pipe.set(keys.trail_user(user_id), email.lower(), ex=TTL_SECONDS)
     if pipe is not conn:
         pipe.execute()
 
@@ -53,8 +45,8 @@ def resolve(conn: redis.Redis, who: str) -> str | None:
     """The email for an email or an Instruqt user id (None if never seen)."""
     if "@" in who:
         return who.strip().lower()
-    found = conn.get(_user_key(who.strip()))
-    return text(found) if found is not None else None
+    found = conn.get(keys.trail_user(who.strip()))
+    return keys.text(found) if found is not None else None
 
 
 def when(epoch: float | None) -> str:
@@ -86,5 +78,5 @@ def entries(conn: redis.Redis, who: str, limit: int = MAX_ENTRIES) -> list[dict[
     email = resolve(conn, who)
     if email is None:
         return []
-    raw = conn.lrange(_key(email), 0, limit - 1)
+    raw = conn.lrange(keys.trail(email), 0, limit - 1)
     return [json.loads(item) for item in reversed(raw)]

@@ -17,15 +17,18 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 
+from instruqt_crm.config import Settings, SettingsError
+from instruqt_crm.crm.base import missing_properties
+from instruqt_crm.crm.hubspot_setup import upsert_key_problem
+from instruqt_crm.errors import SyncError
+from instruqt_crm.keys import text
+from instruqt_crm.logs import configure
+from instruqt_crm.mapping import MappingError
+
 from . import identity, inbox, ledger, plays
-from .config import SettingsError
-from .crm.base import missing_properties
-from .errors import SyncError
-from .handling import schedule_flush, wake_flush
-from .logs import configure
-from .mapping import MappingError
-from .queueing import QUEUE_NAMES, RETRY_PARKED_JOB, connect, queue, queues, schedule_once, text
-from .runtime import Runtime, current_runtime
+from .flush import schedule_flush, wake_stalled
+from .queueing import QUEUE_NAMES, RETRY_PARKED_JOB, connect, queue, queues, schedule_once
+from .runtime import Runtime, current, install
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class _Maintained:
         super().run_maintenance_tasks()  # type: ignore[misc]
         try:
             inbox.wake(conn)  # events without a drain job
-            wake_flush(conn, current_runtime())  # contacts without a flush
+            wake_stalled(conn, current().settings.flush_window_seconds)  # a flush lost
         except redis.RedisError as exc:  # the worker loop reconnects; try again next time
             log.warning("inbox and flush checks skipped: %s", exc)
 
@@ -182,27 +185,26 @@ def preflight(runtime: Runtime, conn: redis.Redis) -> None:
             f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}. "
             f"Create them with: instruqt-crm setup {mapping.crm}"
         )
-    if mapping.crm == "hubspot":
-        from .crm.hubspot_setup import upsert_key_problem
-
-        if problem := upsert_key_problem(mapping, known):
-            raise StartupError(f"the hubspot account cannot take the mapping: {problem}")
+    if mapping.crm == "hubspot" and (problem := upsert_key_problem(mapping, known)):
+        raise StartupError(f"the hubspot account cannot take the mapping: {problem}")
     release_stale_scheduler_locks(conn)
     requeue_orphans(conn)
     if ledger.dirty_count(conn) or plays.dirty_count(conn):  # left by a stopped worker
-        schedule_flush(conn, runtime, delay=0, force=True)
+        schedule_flush(conn, 0, force=True)
     inbox.wake(conn)  # events accepted while no worker ran, or held by a killed one
     if identity.parked_count(conn):
         schedule_once(conn, RETRY_PARKED_JOB, 1, 60)
 
 
-def run_worker(burst: bool = False) -> int:
-    """Run a worker until stopped (SIGTERM: the current job finishes or is retried later)."""
+def run_worker(burst: bool = False, simple: bool = False) -> int:
+    """Run a worker until stopped (SIGTERM: the current job finishes or is retried later);
+    ``simple``: RQ's SimpleWorker, no fork per job (comparisons only)."""
     try:
-        runtime = current_runtime()
+        runtime = Runtime.from_settings(Settings.from_env())
     except (SettingsError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    install(runtime)  # every job this worker (and its forks) runs is handed this one
     configure(runtime.settings)
     conn = connect(runtime.settings.redis_url)
     try:
@@ -210,7 +212,7 @@ def run_worker(burst: bool = False) -> int:
     except StartupError as exc:
         log.error("worker not started: %s", exc)
         return 1
-    worker = build_worker(conn)
+    worker = build_worker(conn, simple)
     log.info("worker %s listening on %s", worker.name, ", ".join(worker.queue_names()))
     worker.work(burst=burst, with_scheduler=True, logging_level=runtime.settings.log_level)
     return 0

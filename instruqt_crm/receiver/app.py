@@ -10,12 +10,15 @@ from typing import Any
 import redis
 from flask import Flask, Response, current_app, jsonify, request
 
-from . import admin, failures, metrics
-from .config import Settings
-from .events import EventError, check_body
-from .inbox import enqueue_event
-from .logs import configure
-from .queueing import connect
+from instruqt_crm.config import Settings
+from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.queueing import connect
+from instruqt_crm.errors import Category
+from instruqt_crm.events import EventError, check_body
+from instruqt_crm.journal import counters, failures
+from instruqt_crm.logs import configure
+
+from . import pages
 from .signature import SignatureError, verify
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ JSON_TYPES = ("application/json",)
 def create_app(settings: Settings | None = None, conn: redis.Redis | None = None) -> Flask:
     """Build the web app; settings default to the environment, Redis to the settings."""
     settings = settings or Settings.from_env()
+    settings.require_webhook_secrets()
     configure(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -34,12 +38,12 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
         "redis": conn,
         # Per-request counts, written together about once a second (under gunicorn by a
         # background thread too): a HINCRBY per request cost as much as keeping the event.
-        "tally": metrics.Tally(conn, background=served_by_gunicorn()),
+        "tally": counters.Tally(conn, background=served_by_gunicorn()),
     }
     app.add_url_rule("/webhooks/instruqt", view_func=receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
-    admin.init_app(app)
+    pages.init_app(app)
     return app
 
 
@@ -65,7 +69,7 @@ def reply(code: int, **fields: Any) -> tuple[Response, int]:
     outcome = str(fields.get("outcome") or fields.get("status") or code)
     fields.pop("outcome", None)
     if request.endpoint == "receive_webhook" and code != 503:
-        tally: metrics.Tally = current_app.extensions["instruqt_crm"]["tally"]
+        tally: counters.Tally = current_app.extensions["instruqt_crm"]["tally"]
         tally.incr("webhook_requests", outcome)
     return jsonify(fields), code
 
@@ -131,7 +135,9 @@ def _accept(
         event_type = check_body(decoded)
     except (ValueError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, EventError) else "body is not valid JSON"
-        failure = failures.record(conn, "invalid_body", reason, message_id, body)
+        failure = failures.record(
+            conn, failures.Kind.BODY, Category.INVALID_BODY, reason, message_id, body
+        )
         log.warning("event %s kept as failure %s: %s", message_id, failure.id, reason)
         return reply(400, status="invalid", reason=reason, id=message_id)
     if not enqueue_event(conn, message_id, body, settings.dedupe_ttl_seconds):

@@ -5,8 +5,8 @@ A *play* is one learner's play of one track (Instruqt's ``participant_id``). One
 the mapping's merge policies, so the order and repetition of events never matter),
 ``s:<field>`` (the value the CRM last accepted), the learner's ``email`` and ``user_id``, and
 ``version`` (bumped by every merge that changed a cell). Changed plays wait in the
-``plays:dirty`` sorted set; the flush sends them after the learner records, whose Ids their
-lookups need, through the adapter's play writer (``PlayRecords``; only Salesforce has one).
+``plays:dirty`` sorted set; ``flush_plays`` sends them after the learner records, whose Ids
+their lookups need, through the adapter's play writer (``PlayRecords``; only Salesforce has one).
 
 Fields: ``track`` (slug, else id), ``status`` (Completed beats Stopped beats Started),
 ``started_at`` (the play's earliest event), ``completed_at`` (earliest completion),
@@ -17,27 +17,22 @@ to the completion, else to the stop, else to the latest event; rounded to whole 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
-from . import failures, ledger
-from .crm.base import ContactChange, CrmAdapter, PlayRecords, Value
-from .events import Event, format_timestamp, parse_timestamp
+from instruqt_crm import keys
+from instruqt_crm.crm.base import ContactChange, Value
+from instruqt_crm.events import Event, format_timestamp, parse_timestamp
+from instruqt_crm.keys import text
+from instruqt_crm.mapping import Mapping, PlaysOptions, PropertyChange, cell_value
+
+from . import ledger
 from .ledger import Pending
-from .mapping import Mapping, PlaysOptions, PropertyChange, cell_value
-from .queueing import KEY_PREFIX, text
 
-if TYPE_CHECKING:
-    from .sync import FlushReport
-
-log = logging.getLogger(__name__)
-DIRTY_KEY = f"{KEY_PREFIX}plays:dirty"
 CELLS: dict[str, str] = {  # cell -> merge policy
     "track_slug": "min",
     "track_id": "min",
@@ -49,12 +44,7 @@ CELLS: dict[str, str] = {  # cell -> merge policy
 }
 
 
-def play_key(participant: str) -> str:
-    """The hash holding one play's state."""
-    return f"{KEY_PREFIX}play:{participant}"
-
-
-PLAYS = ledger.Records(play_key, DIRTY_KEY)  # merged like contacts, without event ids
+PLAYS = ledger.Records(keys.play, keys.DIRTY_PLAYS)  # merged like contacts, without event ids
 Settle = tuple[str, str, dict[str, Value] | None]  # participant, version, fields the CRM took
 
 
@@ -140,7 +130,7 @@ def play_fields(cells: dict[str, Any]) -> dict[str, Value]:
 
 def cells(conn: redis.Redis, participant: str) -> dict[str, Any]:
     """A play's merged cells by name (for tests and the trace view)."""
-    stored = conn.hgetall(play_key(participant))
+    stored = conn.hgetall(keys.play(participant))
     return {text(k)[2:]: json.loads(v) for k, v in stored.items() if text(k).startswith("c:")}
 
 
@@ -180,91 +170,20 @@ def settle(
 
 def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
     """Up to ``limit`` dirty participant ids from ``offset`` on, oldest first."""
-    return [text(p) for p in conn.zrange(DIRTY_KEY, offset, offset + limit - 1)]
+    return [text(p) for p in conn.zrange(keys.DIRTY_PLAYS, offset, offset + limit - 1)]
 
 
 def mark_dirty(conn: redis.Redis, participant: str) -> None:
     """Put a play back in the dirty set (to requeue it after a rejection)."""
-    conn.zadd(DIRTY_KEY, {participant: time.time()}, nx=True)
+    conn.zadd(keys.DIRTY_PLAYS, {participant: time.time()}, nx=True)
 
 
 def dirty_count(conn: redis.Redis) -> int:
     """How many plays wait to be sent."""
-    return int(conn.zcard(DIRTY_KEY))
+    return int(conn.zcard(keys.DIRTY_PLAYS))
 
 
-def flush_plays(
-    conn: redis.Redis, adapter: CrmAdapter, report: FlushReport, deadline: float
-) -> None:
-    """Send dirty plays in batches until none is left or ``deadline`` (monotonic) passes.
-
-    A play whose learner is still dirty waits for a later flush (its Contact or Lead may not
-    exist yet); plays left when time runs out ask for another flush through ``report.wait``.
-    """
-    writer = adapter.play_adapter() if isinstance(adapter, PlayRecords) else None
-    if writer is None:
-        return
-    offset, tally = 0, Counter[str]()
-    while time.monotonic() < deadline:
-        found = dirty(conn, writer.batch_size, offset)
-        if not found:
-            break
-        offset += _send_batch(conn, writer, found, report, tally)
-    else:  # out of time: unless the job is retried anyway, ask for another flush soon
-        if dirty_count(conn) > offset and report.wait is None and not report.retry:
-            report.wait = 1.0
-    if tally:
-        log.info(
-            "plays: %d synced, %d rejected, %d to retry, %d waiting for their learner",
-            tally["synced"],
-            tally["rejected"],
-            tally["retry"],
-            tally["waiting"],
-        )
-
-
-def _send_batch(
-    conn: redis.Redis,
-    writer: CrmAdapter,
-    participants: list[str],
-    report: FlushReport,
-    tally: Counter[str],
-) -> int:
-    """Send one batch of dirty plays and apply the outcomes; how many stay dirty. The plays
-    and their learners are read in two round trips, the outcomes written in one."""
-    from .sync import send  # late: sync imports this module
-
-    found = dict(zip(participants, pending_many(conn, participants), strict=True))
-    changed = [(p, f.change, f.version) for p, f in found.items() if f.change is not None]
-    with conn.pipeline(transaction=False) as pipe:
-        for _, change, _ in changed:
-            pipe.zscore(ledger.DIRTY_KEY, change.email)
-        learner_dirty = pipe.execute()
-    kept = _settle_all(conn, [(p, f.version, None) for p, f in found.items() if f.change is None])
-    batch = {}
-    for (participant, change, version), score in zip(changed, learner_dirty, strict=True):
-        if score is not None:  # its Contact or Lead may not exist yet: wait for it
-            kept += 1
-            tally["waiting"] += 1
-        else:
-            batch[participant] = (change, version)
-    outcomes = send(writer, [change for change, _ in batch.values()], report) if batch else []
-    settles: list[Settle] = []
-    for outcome in outcomes:
-        change, version = batch[outcome.key]
-        tally[outcome.status] += 1
-        if outcome.status == "retry":
-            report.retry += 1
-            kept += 1
-            continue
-        if outcome.status == "rejected":
-            _reject(conn, change, outcome.reason, outcome.category)
-        sent = change.properties if outcome.status == "synced" else None
-        settles.append((change.key, version, sent))
-    return kept + _settle_all(conn, settles)
-
-
-def _settle_all(conn: redis.Redis, settles: Sequence[Settle]) -> int:
+def settle_many(conn: redis.Redis, settles: Sequence[Settle]) -> int:
     """Settle plays (participant, version, fields sent) in one round trip; how many stay dirty."""
     if not settles:
         return 0
@@ -272,12 +191,3 @@ def _settle_all(conn: redis.Redis, settles: Sequence[Settle]) -> int:
         for participant, version, sent in settles:
             ledger.queue_settle(pipe, participant, version, sent, PLAYS)
         return sum(not reply for reply in pipe.execute())
-
-
-def _reject(conn: redis.Redis, change: ContactChange, reason: str, category: str) -> None:
-    """Keep a rejected play visible and requeueable (``failed requeue``, or its next event)."""
-    payload = {"participant_id": change.key, "email": change.email, "fields": change.properties}
-    failures.record(
-        conn, category or "validation", reason, f"play:{change.key}", ledger.encode(payload)
-    )
-    log.warning("play %s of %s rejected by the CRM: %s", change.key, change.email, reason)

@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from .events import KNOWN_TYPES
+from instruqt_crm.events import KNOWN_TYPES
 
 
 def _stamp(moment: datetime) -> str:
@@ -21,7 +21,7 @@ def example_event(
     track_slug: str = "getting-started-with-kubernetes",
     at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Build one event body shaped like Instruqt's (see REFERENCE.md)."""
+    """Build one event body shaped like Instruqt's."""
     moment = at or datetime.now(UTC)
     params = {"email": email} if email else {}
     body: dict[str, Any] = {

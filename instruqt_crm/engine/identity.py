@@ -15,16 +15,17 @@ from typing import Any, Protocol
 import redis
 from redis.client import Pipeline
 
-from .errors import PermanentError, RetryableError
-from .events import Event
-from .mapping import Identity
-from .queueing import KEY_PREFIX, STATS_KEY, text
+from instruqt_crm import keys
+from instruqt_crm.errors import PermanentError, RetryableError
+from instruqt_crm.events import Event
+from instruqt_crm.journal import counters
+from instruqt_crm.keys import text
+from instruqt_crm.mapping import Identity
 
 log = logging.getLogger(__name__)
 CACHE_TTL = 90 * 24 * 3600
 NEGATIVE_TTL = 15 * 60
 LOOKUP_SECONDS = 20.0  # Instruqt lookups one batch may spend (see IdentityResolver)
-PARKED_USERS = f"{KEY_PREFIX}parked_users"
 BACKOFF = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 _NO_EMAIL = "-"
 
@@ -46,21 +47,17 @@ def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
     return None
 
 
-def _cache_key(user_id: str) -> str:
-    return f"{KEY_PREFIX}identity:{user_id}"
-
-
 def remember(conn: redis.Redis | Pipeline, user_id: str, email: str | None) -> None:
     """Cache an answer: an email for long, "no email" briefly."""
     if email:
-        conn.set(_cache_key(user_id), email, ex=CACHE_TTL)
+        conn.set(keys.identity(user_id), email, ex=CACHE_TTL)
     else:
-        conn.set(_cache_key(user_id), _NO_EMAIL, ex=NEGATIVE_TTL)
+        conn.set(keys.identity(user_id), _NO_EMAIL, ex=NEGATIVE_TTL)
 
 
 def cached_email(conn: redis.Redis, user_id: str) -> str | None:
     """The user's cached email, if one is known."""
-    value = conn.get(_cache_key(user_id))
+    value = conn.get(keys.identity(user_id))
     return None if value is None or text(value) == _NO_EMAIL else text(value)
 
 
@@ -112,7 +109,7 @@ class IdentityResolver:
         """Cache first, then the Instruqt API."""
         if user_id in self.known:
             return self._count(Resolution(self.known[user_id], "cache"))
-        cached = self.conn.get(_cache_key(user_id))
+        cached = self.conn.get(keys.identity(user_id))
         if cached is not None:
             value = text(cached)
             found = (
@@ -138,24 +135,20 @@ class IdentityResolver:
         return self._count(Resolution(email, "lookup"))
 
     def _count(self, found: Resolution) -> Resolution:
-        self.writes.hincrby(STATS_KEY, f"identity:{found.source}", 1)
+        counters.count_identity(self.writes, found.source)
         return found
-
-
-def _parked_key(user_id: str) -> str:
-    return f"{KEY_PREFIX}parked:{user_id}"
 
 
 def park(conn: redis.Redis, event: Event) -> None:
     """Keep an event until its learner's email is known (first retry after a minute)."""
     if not event.user_id:
         raise ValueError("only events with a user id can wait for an email")
-    key = _parked_key(event.user_id)
+    key = keys.parked(event.user_id)
     now = time.time()
     with conn.pipeline(transaction=True) as pipe:
         pipe.hset(key, event.id, json.dumps(event.body))
-        pipe.hsetnx(f"{key}:meta", "since", str(now))
-        pipe.zadd(PARKED_USERS, {event.user_id: now + BACKOFF[0]}, nx=True)
+        pipe.hsetnx(keys.parked_meta(event.user_id), "since", str(now))
+        pipe.zadd(keys.PARKED_USERS, {event.user_id: now + BACKOFF[0]}, nx=True)
         pipe.execute()
     log.info("event %s (%s) waits for the email of user %s", event.id, event.type, event.user_id)
 
@@ -175,14 +168,14 @@ return 1
 def unpark(conn: redis.Redis, user_id: str, event_ids: list[str]) -> None:
     """Forget parked events once they were merged (or failed): read first, forget after."""
     if event_ids:
-        key = _parked_key(user_id)
         script = conn.register_script(_UNPARK)
-        script(keys=[key, f"{key}:meta", PARKED_USERS], args=[user_id, *event_ids])
+        names = [keys.parked(user_id), keys.parked_meta(user_id), keys.PARKED_USERS]
+        script(keys=names, args=[user_id, *event_ids])
 
 
 def parked_events(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:
     """One learner's waiting events (id, body), sorted by id, without releasing them."""
-    stored = conn.hgetall(_parked_key(user_id))
+    stored = conn.hgetall(keys.parked(user_id))
     return sorted((text(event_id), json.loads(body)) for event_id, body in stored.items())
 
 
@@ -190,34 +183,35 @@ def parked_event_count(conn: redis.Redis, user_ids: list[str]) -> int:
     """How many events wait for these learners' emails."""
     with conn.pipeline(transaction=False) as pipe:
         for user_id in user_ids:
-            pipe.hlen(_parked_key(user_id))
+            pipe.hlen(keys.parked(user_id))
         return sum(int(n) for n in pipe.execute())
 
 
 def due(conn: redis.Redis, now: float | None = None, limit: int = 100) -> list[str]:
     """Users whose parked events are due for another lookup."""
     moment = time.time() if now is None else now
-    return [text(u) for u in conn.zrangebyscore(PARKED_USERS, "-inf", moment, start=0, num=limit)]
+    found = conn.zrangebyscore(keys.PARKED_USERS, "-inf", moment, start=0, num=limit)
+    return [text(user_id) for user_id in found]
 
 
 def next_due(conn: redis.Redis) -> float | None:
     """When the next parked user is due, if any are parked."""
-    first = conn.zrange(PARKED_USERS, 0, 0, withscores=True)
+    first = conn.zrange(keys.PARKED_USERS, 0, 0, withscores=True)
     return float(first[0][1]) if first else None
 
 
 def parked_since(conn: redis.Redis, user_id: str) -> float | None:
     """When the user's first event was parked."""
-    since = conn.hget(f"{_parked_key(user_id)}:meta", "since")
+    since = conn.hget(keys.parked_meta(user_id), "since")
     return float(since) if since is not None else None
 
 
 def postpone(conn: redis.Redis, user_id: str, now: float | None = None) -> float:
     """Schedule the user's next lookup on the backoff; returns when."""
     moment = time.time() if now is None else now
-    attempt = int(conn.hincrby(f"{_parked_key(user_id)}:meta", "attempts", 1))
+    attempt = int(conn.hincrby(keys.parked_meta(user_id), "attempts", 1))
     when = moment + BACKOFF[min(attempt, len(BACKOFF) - 1)]
-    conn.zadd(PARKED_USERS, {user_id: when})
+    conn.zadd(keys.PARKED_USERS, {user_id: when})
     return when
 
 
@@ -228,11 +222,11 @@ def waiting_among(conn: redis.Redis, user_ids: set[str]) -> set[str]:
         return set()
     with conn.pipeline(transaction=False) as pipe:
         for user_id in ordered:
-            pipe.zscore(PARKED_USERS, user_id)
+            pipe.zscore(keys.PARKED_USERS, user_id)
         scores = pipe.execute()
     return {user_id for user_id, score in zip(ordered, scores, strict=True) if score is not None}
 
 
 def parked_count(conn: redis.Redis) -> int:
     """How many learners have events waiting for an email."""
-    return int(conn.zcard(PARKED_USERS))
+    return int(conn.zcard(keys.PARKED_USERS))

@@ -1,10 +1,12 @@
-"""Prometheus metrics kept in Redis, so every web and worker process (and dyno) adds to one set.
+"""Counters kept in Redis, so every web and worker process (and dyno) adds to one set.
 
-Processes count with ``incr``/``observe`` (HINCRBY calls), the web receiver through a
-``Tally`` (counts added up in memory and written together about once a second: a round trip
-per request cost as much as keeping the event). ``/metrics`` renders them, plus gauges read
-at scrape time (inbox and queue depths, dirty contacts, parked learners), through a custom
-collector. Counting never breaks the caller: Redis errors are swallowed.
+Two kinds: the event and identity statistics (one hash, ``stats``: events by outcome and
+type, identity resolutions by source), written with the batch that handles the events; and
+the Prometheus counters and histograms (``metrics:<name>``), written with ``incr`` and
+``observe`` or, by the web receiver, through a ``Tally`` (counts added up in memory and
+written together about once a second: a round trip per request cost as much as keeping the
+event). ``ops.metrics`` renders both for ``/metrics``. Counting never breaks the caller:
+Redis errors are swallowed.
 """
 
 from __future__ import annotations
@@ -17,24 +19,15 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from redis.client import Pipeline
 
-from . import inbox, plays
-from .identity import PARKED_USERS
-from .ledger import DIRTY_KEY
-from .queueing import KEY_PREFIX, QUEUE_NAMES, STATS_KEY, queue, text
+from instruqt_crm import keys
 
 log = logging.getLogger(__name__)
-PREFIX = f"{KEY_PREFIX}metrics:"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 LABEL_SEPARATOR = "\x1f"  # between a counter's label values in its hash field
 TALLY_SECONDS = 1.0  # the web receiver writes its counts about this often (see Tally)
@@ -50,7 +43,7 @@ COUNTERS = {
 
 def counter_field(name: str, labels: Sequence[str]) -> tuple[str, str]:
     """The Redis hash and field holding one counter's value for these labels."""
-    return PREFIX + name, LABEL_SEPARATOR.join(labels)
+    return keys.metric(name), LABEL_SEPARATOR.join(labels)
 
 
 def incr(conn: redis.Redis, name: str, *labels: str, amount: int = 1) -> None:
@@ -182,86 +175,35 @@ def observe(conn: redis.Redis, name: str, seconds: Sequence[float]) -> None:
     counts = Counter(str(bound) for value in seconds for bound in LATENCY_BUCKETS if value <= bound)
     counts["+Inf"] = len(seconds)
     with contextlib.suppress(redis.RedisError), conn.pipeline(transaction=False) as pipe:
-        key = PREFIX + name
+        key = keys.metric(name)
         for bucket, count in counts.items():
             pipe.hincrby(key, bucket, count)
         pipe.hincrbyfloat(key, "sum", sum(seconds))
         pipe.execute()
 
 
-class RedisCollector:
-    """Builds metric families from Redis at scrape time."""
-
-    def __init__(self, conn: redis.Redis) -> None:
-        self.conn = conn
-
-    def collect(self) -> Iterator[Metric]:
-        """Every metric, read fresh."""
-        for name, (doc, label_names) in COUNTERS.items():
-            family = CounterMetricFamily(f"instruqt_crm_{name}", doc, labels=label_names)
-            for field, value in self.conn.hgetall(PREFIX + name).items():
-                family.add_metric(text(field).split(LABEL_SEPARATOR), int(value))
-            yield family
-        yield from self._events()
-        yield self._latency()
-        yield from self._gauges()
-
-    def _events(self) -> Iterator[Metric]:
-        """Events by type and outcome, from the workers' counters."""
-        family = CounterMetricFamily(
-            "instruqt_crm_events",
-            "Events processed, by type and outcome.",
-            labels=("type", "outcome"),
-        )
-        for field, value in self.conn.hgetall(STATS_KEY).items():
-            parts = text(field).split(":", 2)
-            if parts[0] == "events" and len(parts) == 3:
-                family.add_metric([parts[2], parts[1]], int(value))
-        yield family
-
-    def _latency(self) -> Metric:
-        """Seconds from a contact's first unsent change to the CRM accepting it."""
-        raw = {text(k): float(v) for k, v in self.conn.hgetall(PREFIX + "flush_latency").items()}
-        buckets = [(str(b), raw.get(str(b), 0.0)) for b in LATENCY_BUCKETS]
-        buckets.append(("+Inf", raw.get("+Inf", 0.0)))
-        return HistogramMetricFamily(
-            "instruqt_crm_flush_latency_seconds",
-            "Time from a contact's first unsent change to the CRM accepting it.",
-            buckets=buckets,
-            sum_value=raw.get("sum", 0.0),
-        )
-
-    def _gauges(self) -> Iterator[Metric]:
-        """Current depths: inbox, queues, dirty contacts, learners waiting for an email."""
-        yield GaugeMetricFamily(
-            "instruqt_crm_inbox_depth",
-            "Events accepted and not yet handled by a worker.",
-            value=inbox.depth(self.conn),
-        )
-        depth = GaugeMetricFamily("instruqt_crm_queue_depth", "Jobs waiting.", labels=("queue",))
-        for name in QUEUE_NAMES:
-            depth.add_metric([name], queue(name, self.conn).count)
-        yield depth
-        yield GaugeMetricFamily(
-            "instruqt_crm_dirty_contacts",
-            "Contacts with changes not yet sent.",
-            value=int(self.conn.zcard(DIRTY_KEY)),
-        )
-        yield GaugeMetricFamily(
-            "instruqt_crm_dirty_plays",
-            "Play records (Salesforce) with changes not yet sent.",
-            value=plays.dirty_count(self.conn),
-        )
-        yield GaugeMetricFamily(
-            "instruqt_crm_parked_learners",
-            "Learners whose events wait for an email.",
-            value=int(self.conn.zcard(PARKED_USERS)),
-        )
+def count_event(writes: redis.Redis | Pipeline, outcome: str, event_type: str) -> None:
+    """Count an event's outcome, overall and by type (``writes`` may be a pipeline)."""
+    writes.hincrby(keys.STATS, f"events:{outcome}", 1)
+    writes.hincrby(keys.STATS, f"events:{outcome}:{event_type}", 1)
 
 
-def render(conn: redis.Redis) -> bytes:
-    """The Prometheus text exposition of every metric."""
-    flush_tallies(conn)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(conn))
-    return generate_latest(registry)
+def count_identity(writes: redis.Redis | Pipeline, source: str) -> None:
+    """Count where a learner's email was found (or why not)."""
+    writes.hincrby(keys.STATS, f"identity:{source}", 1)
+
+
+def stats(conn: redis.Redis) -> dict[str, Any]:
+    """The statistics: events by outcome, events by type and outcome, identity by source."""
+    events: dict[str, int] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    lookups: dict[str, int] = {}
+    for field, raw in conn.hgetall(keys.STATS).items():
+        parts, value = keys.text(field).split(":", 2), int(raw)
+        if parts[0] == "events" and len(parts) == 2:
+            events[parts[1]] = value
+        elif parts[0] == "events" and len(parts) == 3:
+            by_type.setdefault(parts[2], {})[parts[1]] = value
+        elif parts[0] == "identity" and len(parts) >= 2:
+            lookups[":".join(parts[1:])] = value
+    return {"events": events, "events_by_type": by_type, "identity": lookups}

@@ -8,14 +8,17 @@ from typing import Any
 import redis
 from rq import Worker
 
-from . import failures, identity, inbox, ledger, plays
-from .config import Settings
-from .crm.hubspot import WINDOW_SECONDS, hubspot_budget
-from .mapping import Mapping, MappingError, load_mapping
-from .queueing import QUEUE_NAME, STATS_KEY, queue, text
-from .runtime import Runtime
-from .sync import LAST_FLUSH_KEY
-from .trace import when
+from instruqt_crm import keys
+from instruqt_crm.config import Settings
+from instruqt_crm.crm.adapters import adapter_name, build_adapter
+from instruqt_crm.crm.base import request_budget
+from instruqt_crm.engine import identity, inbox, ledger, plays
+from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.journal import counters, failures
+from instruqt_crm.journal.trail import when
+from instruqt_crm.keys import text
+from instruqt_crm.mapping import Mapping, MappingError, load_mapping
 
 QUEUES = {"jobs": QUEUE_NAME}  # events and flushes share one queue
 MAX_PARKED_SCAN = 1000
@@ -35,31 +38,15 @@ def queue_figures(conn: redis.Redis) -> dict[str, dict[str, int]]:
     return figures
 
 
-def counters(conn: redis.Redis) -> dict[str, Any]:
-    """The workers' counters: events by outcome (overall and by type), identity lookups."""
-    events: dict[str, int] = {}
-    by_type: dict[str, dict[str, int]] = {}
-    lookups: dict[str, int] = {}
-    for field, raw in conn.hgetall(STATS_KEY).items():
-        parts, value = text(field).split(":", 2), int(raw)
-        if parts[0] == "events" and len(parts) == 2:
-            events[parts[1]] = value
-        elif parts[0] == "events" and len(parts) == 3:
-            by_type.setdefault(parts[2], {})[parts[1]] = value
-        elif parts[0] == "identity" and len(parts) >= 2:
-            lookups[":".join(parts[1:])] = value
-    return {"events": events, "events_by_type": by_type, "identity": lookups}
-
-
 def parked_event_count(conn: redis.Redis, limit: int = MAX_PARKED_SCAN) -> int:
     """How many events wait for an email (counted over at most ``limit`` learners)."""
-    users = [text(u) for u in conn.zrange(identity.PARKED_USERS, 0, limit - 1)]
+    users = [text(u) for u in conn.zrange(keys.PARKED_USERS, 0, limit - 1)]
     return identity.parked_event_count(conn, users)
 
 
 def last_flush(conn: redis.Redis, now: float) -> dict[str, float | None]:
     """When a flush last wrote something to the CRM, and how long ago."""
-    raw = conn.get(LAST_FLUSH_KEY)
+    raw = conn.get(keys.LAST_FLUSH)
     at = float(text(raw)) if raw is not None else None
     return {"at": at, "age_seconds": None if at is None else max(0.0, now - at)}
 
@@ -76,19 +63,16 @@ def _parts(source: Runtime | Settings) -> tuple[Settings, Mapping | None, str | 
 
 def crm_figures(conn: redis.Redis, settings: Settings, mapping: Mapping | None) -> dict[str, Any]:
     """Which CRM the mapping targets, which adapter runs, and the request budget left."""
-    crm = mapping.crm if mapping is not None else None
-    has_token = settings.hubspot_access_token is not None
-    figures: dict[str, Any] = {
-        "crm": crm,
-        "adapter": "hubspot" if crm == "hubspot" and has_token else "dry-run",
-    }
-    if crm == "hubspot":
-        limit = settings.hubspot_requests_per_10s
-        budget = hubspot_budget(conn, limit)
+    if mapping is None:
+        return {"crm": None, "adapter": "dry-run"}
+    name = adapter_name(settings, mapping)
+    figures: dict[str, Any] = {"crm": mapping.crm, "adapter": name}
+    budget = request_budget(build_adapter(settings, mapping, conn)) if name != "dry-run" else None
+    if budget is not None:
         figures["budget"] = {
             "remaining": budget.remaining(),
-            "limit": limit,
-            "window_seconds": WINDOW_SECONDS,
+            "limit": budget.limit,
+            "window_seconds": budget.window,
             "paused_until": budget.paused_until(),
         }
     return figures
@@ -115,7 +99,7 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
             "waiting_events": parked_event_count(conn),
         },
         "failures": {"open": failures.open_counts(conn), "recorded": failures.counts(conn)},
-        "counters": counters(conn),
+        "counters": counters.stats(conn),
         "last_flush": last_flush(conn, now),
         "crm": crm_figures(conn, settings, mapping),
     }
@@ -157,7 +141,10 @@ def render(figures: dict[str, Any]) -> list[str]:
     budget = crm.get("budget")
     line = f"CRM           {crm['crm'] or 'unknown'} via {crm['adapter']}"
     if budget:
-        line += f"; {budget['remaining']} of {budget['limit']} requests left per 10 s"
+        line += (
+            f"; {budget['remaining']} of {budget['limit']} requests left "
+            f"per {budget['window_seconds']:g} s"
+        )
         if budget["paused_until"]:
             line += f" (paused until {when(budget['paused_until'])})"
     lines.append(line)

@@ -1,4 +1,4 @@
-"""Redis connection, RQ queues, and enqueue-with-dedupe: the one place that builds them."""
+"""Redis connection, the RQ queue, and scheduling our jobs: the one place that builds them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from rq import Queue
 from rq import Retry as JobRetry
 from rq.serializers import JSONSerializer
 
+from instruqt_crm import keys
+
 log = logging.getLogger(__name__)
 
 # Events and flushes share ONE queue (flushes go to its front): a worker on a single queue
@@ -22,8 +24,6 @@ log = logging.getLogger(__name__)
 # job cannot lose it (with several queues RQ uses BLPOP, and the job would vanish).
 QUEUE_NAME = "instruqt"
 QUEUE_NAMES = (QUEUE_NAME,)
-KEY_PREFIX = "instruqt_crm:"
-STATS_KEY = f"{KEY_PREFIX}stats"  # event and identity counters (hash)
 
 
 class EmbeddedRedis:
@@ -45,11 +45,6 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut the embedded server down."""
         self.server.shutdown()
-
-
-def text(value: object) -> str:
-    """A Redis reply (bytes or str) as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def connect(url: str | None) -> redis.Redis:
@@ -81,10 +76,9 @@ JOB_OPTIONS: dict[str, Any] = {
     "failure_ttl": 30 * 86400,
     "job_timeout": 120,
 }
-PENDING = f"{KEY_PREFIX}pending:"  # + a job's name: one of it is queued or scheduled
-DRAIN_JOB = "instruqt_crm.jobs.process_inbox"
-FLUSH_JOB = "instruqt_crm.jobs.flush_contacts"
-RETRY_PARKED_JOB = "instruqt_crm.jobs.retry_parked"
+DRAIN_JOB = "instruqt_crm.engine.jobs.process_inbox"
+FLUSH_JOB = "instruqt_crm.engine.jobs.flush_contacts"
+RETRY_PARKED_JOB = "instruqt_crm.engine.jobs.retry_parked"
 
 
 def enqueue_job(conn: redis.Redis, func: str, delay: float = 0) -> None:
@@ -100,8 +94,13 @@ def schedule_once(
     conn: redis.Redis, func: str, delay: float, hold: float, force: bool = False
 ) -> bool:
     """Enqueue ``func`` in ``delay`` s unless one is already pending (the mark lasts ``hold`` s)."""
-    marked = conn.set(f"{PENDING}{func}", "1", nx=True, px=max(1, int(hold * 1000)))
+    marked = conn.set(keys.pending_job(func), "1", nx=True, px=max(1, int(hold * 1000)))
     if not marked and not force:
         return False
     enqueue_job(conn, func, delay)
     return True
+
+
+def job_started(conn: redis.Redis, func: str) -> None:
+    """A job of ``func`` started: the next request for one queues another."""
+    conn.delete(keys.pending_job(func))

@@ -1,0 +1,377 @@
+"""Handling accepted events: find the learner, apply the mapping, merge, or wait for an email.
+
+Events are handled in batches (``Batch``): writes nothing in the batch reads back (counters,
+trails, the identity cache) share one pipeline, who waits for an email is read once, the
+ledger merges are folded per contact and written by one script, and one flush is asked
+for. A batch of 100 costs ~5 round trips where one event alone cost ~11. Each event ends
+with a frozen ``Handled`` outcome once the batch is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from redis.client import Pipeline
+
+from instruqt_crm.errors import Category, MappingFailure
+from instruqt_crm.events import Event, parse_event
+from instruqt_crm.journal import counters, failures, trail
+from instruqt_crm.logs import CURRENT_EVENT
+from instruqt_crm.mapping import PropertyChange, apply_event
+
+from . import identity, ledger, plays
+from .flush import schedule_flush
+from .inbox import Entry
+from .queueing import RETRY_PARKED_JOB, schedule_once
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+# Redis errors that pass: the batch stays unacknowledged and is taken again. Others (a
+# script or type error) would fail the same way every time, so they fail the event instead.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+Status = Literal["merged", "parked", "failed", "ignored", "unknown"]
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What became of one event: merged (``changed``: did a value change?), parked to wait
+    for the learner's email, failed (``reason``), or skipped by the mapping."""
+
+    event_id: str
+    status: Status
+    reason: str = ""
+    changed: bool = False
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What a retry of waiting learners did: events released (merged) and expired (failed)."""
+
+    released: int
+    expired: int
+
+
+@dataclass
+class _Merge:
+    """An event staged for the batch's ledger merge."""
+
+    event: Event
+    email: str
+    changes: list[PropertyChange]
+    play: ledger.Merge | None  # what the event merges into its play, if it has one
+
+    def contact(self) -> ledger.Merge:
+        """What the event merges into its learner's contact."""
+        return ledger.Merge(self.email, self.changes, self.event.id, self.email, self.event.user_id)
+
+
+class Batch:
+    """One batch of events: handles them, stages merges and writes, commits them together."""
+
+    def __init__(
+        self, conn: redis.Redis, runtime: Runtime, user_ids: Iterable[str | None] = ()
+    ) -> None:
+        self.conn = conn
+        self.runtime = runtime
+        self.writes: Pipeline = conn.pipeline(transaction=False)
+        self.resolver = identity.IdentityResolver(
+            conn, runtime.mapping.identity, runtime.lookup, writes=self.writes
+        )
+        self._waiting = identity.waiting_among(conn, {u for u in user_ids if u})
+        self._merges: list[_Merge] = []
+        self._outcomes: list[Handled] = []  # of the events given to handle or fail, in order
+        self._unpark: list[tuple[str, list[str]]] = []  # released events, forgotten once merged
+        self._changed = self._parked = False
+
+    # -- handling ------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        """Resolve, map and stage one event (its outcome is final at ``commit``)."""
+        mapping = self.runtime.mapping
+        direct = identity.email_in(event.params, mapping.identity.email_params)
+        if direct and event.user_id:  # any event naming the email frees the learner's waiting ones
+            self.resolver.learn(event.user_id, direct)
+            self.release(event.user_id, direct)
+        kind = mapping.classify(event.type)
+        if kind != "mapped":
+            self._count("skipped" if kind == "ignored" else "unknown", event.type)
+            log.info(
+                "event %s (%s) %s by the mapping",
+                event.id,
+                event.type,
+                "ignored" if kind == "ignored" else "not mapped",
+            )
+            self._outcomes.append(Handled(event.id, kind))
+            return
+        found = self.resolver.resolve(event)
+        if found.email is None:
+            self._outcomes.append(self._park(event))
+            return
+        if found.source == "lookup" and event.user_id:  # earlier events may wait for this answer
+            self.release(event.user_id, found.email)
+        self._outcomes.append(self._stage(event, found.email))
+
+    def fail(self, event_id: str, body: dict[str, Any], exc: Exception) -> None:
+        """Keep an event that could not be handled as a failure an operator can requeue."""
+        self._outcomes.append(self._failed(event_id, body, exc))
+
+    def release(self, user_id: str, email: str) -> int:
+        """Stage every event that was waiting for this learner's email; how many.
+
+        The events stay parked until the batch is merged (``commit`` forgets them), so a
+        batch that fails midway loses none. Skipped for learners not waiting when the batch
+        began (nor parked by it); ``commit`` looks again for those parked meanwhile.
+        """
+        if user_id not in self._waiting:
+            return 0
+        self._waiting.discard(user_id)
+        waiting = identity.parked_events(self.conn, user_id)
+        for event_id, body in waiting:
+            self._stage(parse_event(event_id, body), email)
+        self._unpark.append((user_id, [event_id for event_id, _ in waiting]))
+        if waiting:
+            log.info("released %d waiting event(s) of user %s", len(waiting), user_id)
+        return len(waiting)
+
+    def expire(self, user_id: str, reason: str) -> int:
+        """Give up on a learner's waiting events: each becomes a counted, visible failure."""
+        events = identity.parked_events(self.conn, user_id)
+        for event_id, body in events:
+            failures.record(
+                self.conn,
+                failures.Kind.EVENT,
+                Category.IDENTITY,
+                reason,
+                event_id,
+                json.dumps(body),
+            )
+            self._count("expired", str(body.get("type")))
+        self._unpark.append((user_id, [event_id for event_id, _ in events]))
+        log.warning("%d event(s) of user %s expired: %s", len(events), user_id, reason)
+        return len(events)
+
+    def _count(self, outcome: str, event_type: str) -> None:
+        counters.count_event(self.writes, outcome, event_type)
+
+    def _stage(self, event: Event, email: str) -> Handled:
+        """Apply the mapping and stage the merge into the learner's ledger."""
+        mapping = self.runtime.mapping
+        try:
+            changes = apply_event(mapping, event, email)
+        except MappingFailure as exc:
+            failures.record(
+                self.conn,
+                failures.Kind.EVENT,
+                Category.MAPPING,
+                exc.reason,
+                event.id,
+                json.dumps(event.body),
+            )
+            trail.note(
+                self.writes,
+                email,
+                "failed",
+                event.user_id,
+                event_id=event.id,
+                type=event.type,
+                reason=exc.reason,
+            )
+            self._count("failed", event.type)
+            log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
+            return Handled(event.id, "failed", exc.reason)
+        self._merges.append(_Merge(event, email, changes, plays.play_merge(mapping, event, email)))
+        return Handled(event.id, "merged")  # whether it changed anything is known at commit
+
+    def _park(self, event: Event) -> Handled:
+        """Park an event whose learner has no email yet (or fail it if it never can have one)."""
+        if not event.user_id:
+            reason = "event has no user_id and no email parameter: the learner cannot be identified"
+            failures.record(
+                self.conn,
+                failures.Kind.EVENT,
+                Category.IDENTITY,
+                reason,
+                event.id,
+                json.dumps(event.body),
+            )
+            self._count("failed", event.type)
+            return Handled(event.id, "failed", reason)
+        identity.park(self.conn, event)
+        self._waiting.add(event.user_id)
+        self._parked = True
+        self._count("parked", event.type)
+        email = identity.cached_email(self.conn, event.user_id)  # cached meanwhile elsewhere?
+        if email:
+            self.release(event.user_id, email)
+        return Handled(event.id, "parked")
+
+    def _failed(self, event_id: str, body: dict[str, Any], exc: Exception) -> Handled:
+        """Record an event whose handling raised."""
+        reason = f"{type(exc).__name__}: {exc}"
+        log.exception("event %s failed: %s", event_id, reason)
+        failures.record(
+            self.conn, failures.Kind.EVENT, Category.OTHER, reason, event_id, json.dumps(body)
+        )
+        self._count("failed", str(body.get("type")))
+        return Handled(event_id, "failed", reason)
+
+    # -- commit --------------------------------------------------------------------------
+
+    def commit(self) -> list[Handled]:
+        """Merge into the ledger, send the deferred writes, ask for the flush and retries;
+        the outcome of each event given to ``handle`` or ``fail``, in order."""
+        merged = self._merge_all()
+        for user_id, event_ids in self._unpark:
+            identity.unpark(self.conn, user_id, event_ids)
+        for reply in self.writes.execute(raise_on_error=False):  # counters, trails, cache
+            if isinstance(reply, redis.ResponseError):
+                log.warning("a counter or trail write failed: %s", reply)
+        self._release_late()
+        if self._changed:
+            schedule_flush(self.conn, self.runtime.settings.flush_window_seconds)
+        if self._parked:
+            first = identity.BACKOFF[0]
+            schedule_once(self.conn, RETRY_PARKED_JOB, first, first)
+        return [
+            merged.get(found.event_id, found) if found.status == "merged" else found
+            for found in self._outcomes
+        ]
+
+    def _release_late(self) -> None:
+        """Release learners another worker parked while this batch learnt their email.
+
+        This batch cached the emails before looking; a worker parking an event looks at the
+        cache after parking it: whichever comes second sees the other, so none waits.
+        """
+        learnt = dict(self.resolver.known)
+        late = identity.waiting_among(self.conn, set(learnt))
+        if late:
+            extra = Batch(self.conn, self.runtime, late)
+            for user_id in sorted(late):
+                extra.release(user_id, learnt[user_id])
+            extra.commit()
+
+    def _merge_all(self) -> dict[str, Handled]:
+        """Every staged merge at once (one by one if that raises, to isolate the cause);
+        the final outcome of each merged event, by id."""
+        try:
+            flags: list[bool | Handled] = list(self._merge_together(self._merges))
+        except TRANSIENT:
+            raise
+        except Exception:  # a bug or an odd value: find the event, spare the others
+            log.exception("merging %d events at once failed; merging one by one", len(self._merges))
+            flags = [self._merge_alone(merge) for merge in self._merges]
+        final = {}
+        for merge, flag in zip(self._merges, flags, strict=True):
+            if isinstance(flag, Handled):
+                final[merge.event.id] = flag
+                continue
+            marker = CURRENT_EVENT.set(merge.event.id)
+            self._merged(merge, flag)
+            CURRENT_EVENT.reset(marker)
+            final[merge.event.id] = Handled(merge.event.id, "merged", changed=flag)
+        return final
+
+    def _merge_together(self, merges: list[_Merge]) -> list[bool]:
+        """Merge events into their contacts and plays (two scripts); per event: changed?"""
+        flags = ledger.merge_many(self.conn, [merge.contact() for merge in merges])
+        with_play = [(index, merge.play) for index, merge in enumerate(merges) if merge.play]
+        played = plays.merge_many(self.conn, [play for _, play in with_play])
+        for (index, _), changed in zip(with_play, played, strict=True):
+            flags[index] = flags[index] or changed
+        return flags
+
+    def _merge_alone(self, merge: _Merge) -> bool | Handled:
+        """Merge one event: changed? If it raises, the event becomes a visible failure."""
+        try:
+            return self._merge_together([merge])[0]
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            return self._failed(merge.event.id, merge.event.body, exc)
+
+    def _merged(self, merge: _Merge, changed: bool) -> None:
+        """Trail, count and log a merged event."""
+        event = merge.event
+        trail.note(
+            self.writes,
+            merge.email,
+            "event",
+            event.user_id,
+            event_id=event.id,
+            type=event.type,
+            timestamp=event.body.get("timestamp"),
+            changed=changed,
+            changes={change.name: change.value for change in merge.changes},
+        )
+        self._changed = self._changed or changed
+        self._count("merged", event.type)
+        log.info(
+            "event %s (%s) merged for user %s: %d properties, %s",
+            event.id,
+            event.type,
+            event.user_id,
+            len(merge.changes),
+            "changed" if changed else "no change",
+        )
+
+
+def handle_batch(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> Counter[str]:
+    """Handle taken events; an event that raises becomes a visible failure, the rest go on.
+    How many events ended in each status."""
+    batch = Batch(conn, runtime, (_user_id(entry.body) for entry in entries))
+    for entry in entries:
+        marker = CURRENT_EVENT.set(entry.message_id)
+        try:
+            batch.handle(parse_event(entry.message_id, entry.body))
+        except TRANSIENT:
+            raise  # nothing is acknowledged: the batch is taken again
+        except Exception as exc:  # one broken event must not hold up the others
+            batch.fail(entry.message_id, entry.body, exc)
+        finally:
+            CURRENT_EVENT.reset(marker)
+    return Counter(outcome.status for outcome in batch.commit())
+
+
+def handle_event(conn: redis.Redis, runtime: Runtime, event: Event) -> Handled:
+    """Handle one event on its own (a batch of one)."""
+    batch = Batch(conn, runtime, [event.user_id])
+    batch.handle(event)
+    return batch.commit()[0]
+
+
+def retry_waiting(conn: redis.Redis, runtime: Runtime, now: float | None = None) -> Retried:
+    """Release waiting learners whose email can now be found; expire those past the wait;
+    schedule the next retry."""
+    moment = time.time() if now is None else now
+    due = identity.due(conn, moment)
+    batch = Batch(conn, runtime, due)
+    days = runtime.settings.identity_wait_days
+    released = expired = 0
+    for user_id in due:
+        found = batch.resolver.resolve_user(user_id)
+        if found.email:
+            released += batch.release(user_id, found.email)
+        elif moment - (identity.parked_since(conn, user_id) or moment) >= days * 86400:
+            reason = f"no email found for user {user_id} within {days:g} days"
+            expired += batch.expire(user_id, reason)
+        else:
+            identity.postpone(conn, user_id, moment)
+    batch.commit()
+    upcoming = identity.next_due(conn)
+    if upcoming is not None:
+        delay = max(1.0, upcoming - moment)
+        schedule_once(conn, RETRY_PARKED_JOB, delay, delay)
+    return Retried(released, expired)
+
+
+def _user_id(body: dict[str, Any]) -> str | None:
+    value = body.get("user_id")
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,1 @@
+"""What operators use: status figures, requeueing failures, learner traces, metrics, previews."""
