@@ -27,6 +27,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from instruqt_crm.engine import queueing
+from instruqt_crm.journal import counters
 from samples.history import history, learner_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,10 +256,8 @@ def burst_events(learners: int, per_learner: int, seed: int = 7) -> list[dict[st
 
 
 def events_queue(conn: redis.Redis) -> Queue:
-    """The queue the receiver puts event jobs on: its own, or the one queue shared with flushes
-    (``queueing.QUEUE_NAMES`` lists it last either way)."""
-    name = getattr(queueing, "EVENTS_QUEUE", None) or queueing.QUEUE_NAMES[-1]
-    return queueing.queue(name, conn)
+    """The one queue drain and flush jobs share."""
+    return queueing.queue(queueing.QUEUE_NAME, conn)
 
 
 def jobs_waiting(conn: redis.Redis) -> tuple[int, int]:
@@ -269,9 +268,9 @@ def jobs_waiting(conn: redis.Redis) -> tuple[int, int]:
 
 def handled(conn: redis.Redis) -> int:
     """Events the workers handled, whatever the outcome (the engine's own counters)."""
-    stats = {queueing.text(k): int(v) for k, v in conn.hgetall(queueing.keys.STATS).items()}
+    events = counters.stats(conn)["events"]
     outcomes = ("merged", "parked", "skipped", "unknown", "failed")
-    return sum(stats.get(f"events:{outcome}", 0) for outcome in outcomes)
+    return sum(events.get(outcome, 0) for outcome in outcomes)
 
 
 def ended_job_ids(conn: redis.Redis) -> list[str]:

@@ -5,7 +5,7 @@
 Scenario B: 2,500 learners with 2 events each, uniform over a burst of a few seconds (how
 long the receiver took to accept them: 9 s on a fast 2-core machine, 13-15 s on a slow
 one); 10 requests per rolling 10 s (2 spent on start-up checks just before); batches of
-100; the first flush 1 s after the first event. The flush's rule (``sync.batch_wait``): the
+100; the first flush 1 s after the first event. The flush's rule (``engine.flush.batch_wait``): the
 oldest dirty contacts go first; a partial batch waits until its oldest has been dirty for
 the 1 s window; a full batch goes at once, unless the budget binds (more contacts dirty
 than the free requests can carry), when it waits until its newest contact has been dirty

@@ -78,7 +78,7 @@ class Event:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The play's custom parameters (Instruqt's key name is unconfirmed: try each)."""
+        """The play's custom parameters: the first object under one of PARAM_KEYS."""
         for key in PARAM_KEYS:
             value = self.body.get(key)
             if isinstance(value, dict):

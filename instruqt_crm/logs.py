@@ -12,10 +12,10 @@ import logging
 import re
 import time
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .config import Settings
+from rq import get_current_job
+
+from .config import Settings
 
 _ADDRESS_CHAR = r"[^\s@'\"<>(),;:\[\]]"
 EMAIL = re.compile(rf"({_ADDRESS_CHAR}){_ADDRESS_CHAR}*@({_ADDRESS_CHAR}+)")
@@ -81,8 +81,6 @@ class JobIdFilter(logging.Filter):
     """Adds the ids of the RQ job and of the event being handled (if any) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from rq import get_current_job
-
         job = get_current_job()
         record.job_id = job.id if job is not None else None
         record.event_id = CURRENT_EVENT.get()

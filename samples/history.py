@@ -80,7 +80,8 @@ def _moment(event: dict) -> str:
 
 
 def expected_records(events: list[dict]) -> dict[str, dict[str, Any]]:
-    """DESIGN.md's default data model, computed directly from the events (not by the engine)."""
+    """The default data model (see the README), computed directly from the events, not by
+    the engine."""
     by_user: dict[str, list[dict]] = {}
     for event in events:
         by_user.setdefault(event["user_id"], []).append(event)

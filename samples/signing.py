@@ -51,7 +51,7 @@ def post_signed(client: Any, pairs: Iterable[tuple[str, dict[str, Any]]]) -> lis
 
 
 def track_event(user_id: str = "user-1", **extra: Any) -> dict[str, Any]:
-    """A realistic track.challenge_attempted body (REFERENCE.md's confirmed example)."""
+    """A track.challenge_attempted body as Instruqt's webhook documentation shows it."""
     body: dict[str, Any] = {
         "challenge_id": "dxhrbpuvvia9",
         "completed": True,

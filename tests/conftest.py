@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from rq.worker import BaseWorker
 
 from instruqt_crm.engine.runtime import Runtime
 from tests.engine_helpers import engine_runtime, installed
@@ -88,3 +89,15 @@ def engine_run(redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
 def engine(engine_run: Runtime) -> Path:
     """An installed engine runtime; its dry-run output file."""
     return engine_run.settings.dry_run_path
+
+
+@pytest.fixture(autouse=True)
+def no_worker_command_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process RQ workers skip their pubsub command channel (no test sends them commands).
+
+    RQ polls that channel from a thread with a 60 s timeout, and redis-py 8's
+    PubSubWorkerThread.stop() joins the thread with no timeout: when the thread had already
+    read the unsubscribe reply at teardown, the test sat 60 s waiting for a subscription.
+    Worker processes the tests start are not affected.
+    """
+    monkeypatch.setattr(BaseWorker, "subscribe", lambda self: None)

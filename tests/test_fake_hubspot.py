@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +82,30 @@ def create_property(
 # ------------------------------------------------------------------ batch upsert
 
 
-def test_upsert_creates_then_updates(fake: FakeHubSpot, client: HubSpot) -> None:
-    first = upsert(client, ("Ada@Example.com", {"firstname": "Ada", "company": "Analytical"}))
-    assert first.status == "COMPLETE"
-    created = first.results[0]
-    assert created.new is True
-    assert created.properties["email"] == "ada@example.com"
-    assert created.properties["hs_object_id"] == created.id
+def test_upsert_creates_then_updates() -> None:
+    """An update keeps the record (and its createdate) and stamps lastmodifieddate anew."""
+    created_at = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+    now = [created_at]
+    with FakeHubSpot(wall_clock=lambda: now[0]) as fake:
+        client = HubSpot(access_token=fake.token, host=fake.url)
+        first = upsert(client, ("Ada@Example.com", {"firstname": "Ada", "company": "Analytical"}))
+        assert first.status == "COMPLETE"
+        created = first.results[0]
+        assert created.new is True
+        assert created.properties["email"] == "ada@example.com"
+        assert created.properties["hs_object_id"] == created.id
+        assert created.created_at == created.updated_at == created_at
 
-    time.sleep(0.002)
-    second = upsert(client, ("ada@example.com", {"lastname": "Lovelace", "company": ""}))
-    updated = second.results[0]
-    assert (updated.new, updated.id) == (False, created.id)
-    assert updated.updated_at > updated.created_at
-    stored = fake.contacts["ada@example.com"]
-    assert stored["firstname"] == "Ada" and stored["lastname"] == "Lovelace"
-    assert "company" not in stored  # "" clears
-    assert len(fake.contacts) == 1
+        now[0] += timedelta(milliseconds=1)
+        second = upsert(client, ("ada@example.com", {"lastname": "Lovelace", "company": ""}))
+        updated = second.results[0]
+        assert (updated.new, updated.id) == (False, created.id)
+        assert (updated.created_at, updated.updated_at) == (created_at, now[0])
+        stored = fake.contacts["ada@example.com"]
+        assert stored["firstname"] == "Ada" and stored["lastname"] == "Lovelace"
+        assert stored["lastmodifieddate"] == "2026-01-02T03:04:05.679Z"
+        assert "company" not in stored  # "" clears
+        assert len(fake.contacts) == 1
 
 
 def test_values_are_validated_and_stored_as_hubspot_does(
@@ -248,7 +255,8 @@ def test_missing_scope_is_403(fake: FakeHubSpot) -> None:
 
 
 def test_rolling_window_limit_answers_429_then_recovers() -> None:
-    with FakeHubSpot(requests_per_window=3, window_seconds=0.5) as fake:
+    now = [0.0]
+    with FakeHubSpot(requests_per_window=3, window_seconds=0.5, clock=lambda: now[0]) as fake:
         client = HubSpot(access_token=fake.token, host=fake.url)
         remaining = []
         for i in range(3):
@@ -276,7 +284,7 @@ def test_rolling_window_limit_answers_429_then_recovers() -> None:
         assert exc.headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "500"
         assert fake.count_429 == 1 and "r9@x.com" not in fake.contacts
 
-        time.sleep(0.55)
+        now[0] = 0.5  # a window later: the three admitted requests have aged out
         assert upsert(client, ("r9@x.com", {})).results[0].new is True
         summary = fake.summary()
         assert summary["count_429"] == 1 and summary["by_status"] == {"200": 4, "429": 1}
@@ -326,11 +334,16 @@ def test_error_rate(fake: FakeHubSpot, client: HubSpot) -> None:
     assert client.crm.properties.core_api.get_all("contacts").results
 
 
-def test_latency_delays_every_answer(fake: FakeHubSpot, client: HubSpot) -> None:
-    fake.set_latency(0.2)
-    started = time.monotonic()
-    upsert(client, ("a@x.com", {}))
-    assert time.monotonic() - started >= 0.2
+def test_latency_delays_every_answer() -> None:
+    slept: list[float] = []
+    with FakeHubSpot(sleep=slept.append) as fake:
+        client = HubSpot(access_token=fake.token, host=fake.url)
+        upsert(client, ("a@x.com", {}))
+        assert slept == []  # no latency set: no delay
+        fake.set_latency(0.2)
+        upsert(client, ("a@x.com", {}))
+        client.crm.properties.core_api.get_all("contacts")
+    assert slept == [0.2, 0.2]
 
 
 def test_concurrent_upserts_are_consistent(fake: FakeHubSpot) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,28 +12,43 @@ from hubspot import HubSpot
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.base import ContactChange, missing_properties
 from instruqt_crm.crm.hubspot import HubSpotAdapter, format_value
+from instruqt_crm.engine import ledger
+from instruqt_crm.engine.flush import flush
 from instruqt_crm.engine.send import send
 from instruqt_crm.errors import PermanentError
 from instruqt_crm.mapping import load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from tests.fakes.hubspot import FakeHubSpot
 from tests.test_fake_hubspot import create_property
+from tests.test_ledger import dirty_contacts, runtime
+from tests.test_ratelimit import FakeClock
 
 MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeHubSpot]:
-    with FakeHubSpot(requests_per_window=100, window_seconds=1.0) as server:
-        yield server
+def clock() -> FakeClock:
+    """One clock for the fake's rolling window, the budget and the adapter's waits."""
+    return FakeClock()
 
 
 @pytest.fixture
-def adapter(fake: FakeHubSpot, redis_conn: redis.Redis) -> HubSpotAdapter:
-    budget = RequestBudget(redis_conn, "hubspot-test", 100, 1.0)
-    hub = HubSpotAdapter(fake.token, fake.url, budget, sleep=lambda s: None)
+def fake(clock: FakeClock) -> Iterator[FakeHubSpot]:
+    with FakeHubSpot(requests_per_window=100, window_seconds=1.0, clock=clock) as server:
+        yield server
+
+
+def budgeted(fake: FakeHubSpot, clock: FakeClock, budget: RequestBudget) -> HubSpotAdapter:
+    """An adapter spending ``budget``, waiting on ``clock``; the mapping's properties created."""
+    hub = HubSpotAdapter(fake.token, fake.url, budget, sleep=clock.sleep)
     hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
     return hub
+
+
+@pytest.fixture
+def adapter(fake: FakeHubSpot, clock: FakeClock, redis_conn: redis.Redis) -> HubSpotAdapter:
+    budget = RequestBudget(redis_conn, "hubspot-test", 100, 1.0, clock=clock, sleep=clock.sleep)
+    return budgeted(fake, clock, budget)
 
 
 def change(number: int, **properties) -> ContactChange:
@@ -92,20 +106,23 @@ def test_one_invalid_email_among_100(adapter: HubSpotAdapter, fake: FakeHubSpot)
 
 
 def test_429_waits_and_succeeds_without_going_over(
-    fake: FakeHubSpot, redis_conn: redis.Redis
+    fake: FakeHubSpot, clock: FakeClock, redis_conn: redis.Redis
 ) -> None:
-    budget = RequestBudget(redis_conn, "hubspot-shared", 5, 1.2)  # with a margin, as in production
-    hub = HubSpotAdapter(fake.token, fake.url, budget)
-    hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
+    """A 429 caused by another integration pauses the budget for HubSpot's interval: the
+    retry goes out a whole window later, and then the budget keeps us under the limit."""
+    budget = RequestBudget(redis_conn, "hubspot-shared", 5, 1.2, clock=clock, sleep=clock.sleep)
+    hub = budgeted(fake, clock, budget)  # 1.2 s: with a margin, as in production
     fake.set_rate_limit(5, window_seconds=1.0)
-    time.sleep(1.1)  # let the set-up requests age out of the window
+    clock.sleep(2.0)  # the set-up requests age out of both windows
     other = HubSpot(access_token=fake.token, host=fake.url)  # another integration, same quota
     for _ in range(5):
         other.crm.properties.core_api.get_all("contacts")
-    started = time.monotonic()
     assert hub.upsert([change(1)])[0].status == "synced"
     assert fake.count_429 == 1, fake.summary()
-    assert time.monotonic() - started >= 0.3, "it must wait for the window, not hammer"
+    [limited] = fake.rate_limited_requests
+    retried = fake.requests[-1]
+    assert retried.status == 200 and retried.path.endswith("/batch/upsert")
+    assert retried.time - limited.time >= 1.0, "it must wait for the window, not hammer"
     assert fake.summary()["max_admitted_in_window"] <= 5
     for number in range(2, 12):
         assert hub.upsert([change(number)])[0].status == "synced"
@@ -113,15 +130,33 @@ def test_429_waits_and_succeeds_without_going_over(
     assert len(fake.contacts) == 11
 
 
-def test_budget_at_the_limit_gets_no_429(fake: FakeHubSpot, redis_conn: redis.Redis) -> None:
+def test_budget_at_the_limit_gets_no_429(
+    fake: FakeHubSpot, clock: FakeClock, redis_conn: redis.Redis
+) -> None:
     fake.set_rate_limit(5, window_seconds=1.0)
-    budget = RequestBudget(redis_conn, "hubspot-right", 5, 1.2)  # with a margin, as in production
-    hub = HubSpotAdapter(fake.token, fake.url, budget)
-    hubspot_setup.apply(hub, MAPPING, hubspot_setup.plan(hub, MAPPING))
+    budget = RequestBudget(redis_conn, "hubspot-right", 5, 1.2, clock=clock, sleep=clock.sleep)
+    hub = budgeted(fake, clock, budget)  # 1.2 s: with a margin, as in production
     for number in range(8):
         hub.upsert([change(number)])
     assert fake.count_429 == 0
     assert len(fake.contacts) == 8
+    assert fake.summary()["max_in_window"] == 5  # it did use the whole limit
+
+
+def test_a_flush_of_250_contacts_sends_no_batch_over_100(
+    adapter: HubSpotAdapter, fake: FakeHubSpot, redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """HubSpot answers 400 to a batch of more than 100 inputs (so does the fake)."""
+    dirty_contacts(redis_conn, runtime(redis_url), 250)
+    before = len(fake.requests)
+    report = flush(redis_conn, adapter, MAPPING)
+    sent = fake.requests[before:]
+    upserts = [r for r in sent if r.path.endswith("/batch/upsert")]
+    assert upserts and max(r.inputs for r in upserts) <= 100
+    assert 400 not in {r.status for r in sent}
+    assert sum(r.inputs for r in upserts) == 250 == report.contacts.synced
+    assert len(fake.contacts) == 250
+    assert ledger.dirty_count(redis_conn) == 0
 
 
 def test_5xx_twice_then_success(adapter: HubSpotAdapter, fake: FakeHubSpot) -> None:

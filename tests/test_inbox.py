@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,20 @@ def merged(conn: redis.Redis) -> int:
     return int(conn.hget(keys.STATS, "events:merged") or 0)
 
 
+def test_the_dedupe_mark_lasts_dedupe_ttl(redis_conn: redis.Redis) -> None:
+    """The seen mark expires dedupe_ttl after the event was kept; until then a redelivery is
+    refused."""
+    message_id, body = challenge(1)
+    dedupe_ttl = 86_400
+    started = time.monotonic()
+    assert inbox.enqueue_event(redis_conn, message_id, body, dedupe_ttl) is True
+    left_ms = redis_conn.pttl(keys.seen(message_id))
+    spent_ms = (time.monotonic() - started) * 1000
+    assert dedupe_ttl * 1000 - spent_ms - 1 <= left_ms <= dedupe_ttl * 1000
+    assert inbox.enqueue_event(redis_conn, message_id, body, dedupe_ttl) is False
+    assert inbox.depth(redis_conn) == 1
+
+
 def test_a_burst_queues_one_drain_job(redis_conn: redis.Redis) -> None:
     assert enqueue_all(redis_conn, (challenge(n) for n in range(250))) == 250
     assert enqueue_all(redis_conn, (challenge(n) for n in range(5))) == 0  # redeliveries
@@ -54,7 +69,10 @@ def test_drain_handles_every_event_in_batches_and_empties_the_inbox(
 def test_a_drain_job_yields_and_queues_the_next(
     engine: Path, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "DRAIN_SECONDS", 0.0)  # one batch per job
+    """One batch per job. It (like any test that runs an RQ worker in-process) sometimes waited
+    60 s at a worker's teardown for RQ's pubsub thread: see conftest's
+    no_worker_command_channel."""
+    monkeypatch.setattr(jobs, "DRAIN_SECONDS", 0.0)
     enqueue_all(redis_conn, (challenge(n) for n in range(250)))
     drain(redis_conn)
     assert merged(redis_conn) == 250

@@ -1,4 +1,4 @@
-"""The shipped mappings: they load, match the schema, and produce DESIGN.md's data model."""
+"""The shipped mappings: they load, match the schema, and produce the README's data model."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ SALESFORCE_NAMES = {
     "instruqt_last_review_score": "Instruqt_Last_Review_Score__c",
     "instruqt_last_review_track": "Instruqt_Last_Review_Track__c",
 }
-DATA_MODEL = {  # name: (type, merge), from DESIGN.md
+DATA_MODEL = {  # name: (type, merge), as the README's data model lists them
     "instruqt_user_id": ("string", "first"),
     "instruqt_first_activity_at": ("datetime", "min"),
     "instruqt_last_activity_at": ("datetime", "max"),

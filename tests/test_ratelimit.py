@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 import uuid
 
 import pytest
@@ -12,8 +11,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from instruqt_crm import keys
 from instruqt_crm.errors import RateLimited
-from instruqt_crm.ratelimit import RequestBudget
+from instruqt_crm.ratelimit import PAUSE_STEP, RequestBudget
 
 START = 1_700_000_000.0
 
@@ -208,17 +208,51 @@ def test_observe_headers_without_remaining_changes_nothing(budget, caplog):
     assert "exceeds the CRM's reported max 3" in caplog.text
 
 
+def server_time(conn: redis.Redis) -> float:
+    """The Redis server's TIME as epoch seconds."""
+    seconds, micros = conn.time()
+    return seconds + micros / 1e6
+
+
+def never_sleep(seconds: float) -> None:
+    raise AssertionError(f"slept {seconds} s")
+
+
 def test_server_time_is_the_default(redis_conn):
-    budget = RequestBudget(redis_conn, "server-time", 2, 0.2)
+    """Without a clock, grants and pauses are stamped with Redis TIME (bracketed by reading it)."""
+    budget = RequestBudget(redis_conn, "server-time", 2, 3600.0, sleep=never_sleep)
+    before = server_time(redis_conn)
+    assert budget.try_acquire() == 0.0 and budget.try_acquire() == 0.0
+    wait = budget.try_acquire()
+    after = server_time(redis_conn)
+    assert 3600.0 - (after - before) - 1e-5 <= wait <= 3600.0 + 1e-5
+    with pytest.raises(RateLimited):
+        budget.acquire(timeout=1.0)  # it knew the wait without sleeping on it
+
+    before = server_time(redis_conn)
+    until = budget.pause_for(30, "test")
+    after = server_time(redis_conn)
+    assert until is not None and before + 30 - 1e-5 <= until <= after + 30 + 1e-5
+    assert budget.paused_until() == until
+
+
+def test_acquire_without_a_clock_sleeps_in_steps(redis_conn):
+    """Without a clock, acquire sleeps (injected) in max_step steps on a full window and in
+    PAUSE_STEP steps on a pause, asking Redis again after each."""
+    slept: list[float] = []
+
+    def time_passes(seconds: float) -> None:
+        slept.append(seconds)
+        redis_conn.delete(budget.key, budget.pause_key)  # as if the window or pause ended
+
+    budget = RequestBudget(redis_conn, "server-steps", 1, 3600.0, sleep=time_passes)
     assert budget.acquire() == 0.0
-    assert budget.acquire() == 0.0
-    waited = budget.acquire(timeout=1.0)
-    assert 0.1 < waited < 0.5
-    until = budget.pause_for(0.3, "test")
-    assert until is not None
-    seconds, micros = redis_conn.time()
-    assert until == pytest.approx(seconds + micros / 1e6 + 0.3, abs=0.1)
-    assert 0.2 < budget.acquire(timeout=2.0) < 0.8
+    budget.acquire()
+    assert slept == [budget.max_step]
+    budget.pause_for(30, "test")
+    budget.acquire()
+    assert slept == [budget.max_step, PAUSE_STEP]
+    assert budget.remaining() == 0  # the last grant was recorded
 
 
 def test_decoded_connections_work(redis_url, clock):
@@ -230,7 +264,8 @@ def test_decoded_connections_work(redis_url, clock):
     conn.close()
 
 
-LIMIT, WINDOW, RUN = 10, 0.3, 1.5
+LIMIT, WINDOW = 10, 0.2
+TRIES = 15  # try_acquire calls per worker on a budget whose window never ends
 SENTINEL = "instruqt_crm:test:sentinel"
 
 
@@ -245,58 +280,76 @@ def undisturbed(redis_conn):
     return check
 
 
-def test_never_more_than_limit_across_threads(redis_url, undisturbed):
-    grants: list[float] = []
-    start = threading.Barrier(8)
-
-    def hammer() -> None:
-        conn = redis.Redis.from_url(redis_url)
-        budget = RecordingBudget(conn, "threads", LIMIT, WINDOW)
-        start.wait()
-        deadline = time.monotonic() + RUN
-        while time.monotonic() < deadline:
-            budget.acquire(timeout=5)
-        grants.extend(budget.grants)
+def hammer(url: str, name: str, grants: int) -> tuple[int, list[float]]:
+    """One worker: TRIES try_acquire calls on budget ``name``-fixed (3600 s window), then
+    ``grants`` blocking acquires on ``name``-rolling; (tries granted, Redis times of grants)."""
+    conn = redis.Redis.from_url(url)
+    try:
+        fixed = RequestBudget(conn, f"{name}-fixed", LIMIT, 3600.0)
+        tried = sum(fixed.try_acquire() == 0.0 for _ in range(TRIES))
+        rolling = RecordingBudget(conn, f"{name}-rolling", LIMIT, WINDOW)
+        for _ in range(grants):
+            rolling.acquire(timeout=60)
+        return tried, rolling.grants
+    finally:
         conn.close()
 
-    threads = [threading.Thread(target=hammer) for _ in range(8)]
+
+def check_hammered(conn, name: str, results: list[tuple[int, list[float]]], grants: int) -> None:
+    """Exactly LIMIT tries were granted of all; every blocking acquire was granted, never more
+    than LIMIT in any window (by Redis TIME, so no bound on how long it all took)."""
+    assert sum(tried for tried, _ in results) == LIMIT
+    assert conn.zcard(keys.budget(f"{name}-fixed")) == LIMIT
+    times = [t for _, granted in results for t in granted]
+    assert len(times) == len(results) * grants
+    assert busiest_window(times, WINDOW) <= LIMIT
+
+
+def test_never_more_than_limit_across_threads(redis_url, redis_conn, undisturbed):
+    workers, grants = 8, 4
+    results: list[tuple[int, list[float]]] = []
+    start = threading.Barrier(workers)
+
+    def work() -> None:
+        start.wait()
+        results.append(hammer(redis_url, "threads", grants))
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=120)
     undisturbed()
-    assert busiest_window(grants, WINDOW) == LIMIT
-    assert len(grants) >= LIMIT * int(RUN / WINDOW)
+    assert len(results) == workers  # a thread that raised reports nothing
+    check_hammered(redis_conn, "threads", results, grants)
 
 
-def _hammer_process(url: str, ready, go, out) -> None:
-    """One worker process: acquire as fast as the budget allows, then report grant times."""
-    conn = redis.Redis.from_url(url)
-    budget = RecordingBudget(conn, "processes", LIMIT, WINDOW)
+def _hammer_process(url: str, grants: int, ready, go, out) -> None:
+    """One worker process: hammer once the test says go, then report."""
     ready.put(True)
     go.wait()
-    deadline = time.monotonic() + RUN
-    while time.monotonic() < deadline:
-        budget.acquire(timeout=5)
-    out.put(budget.grants)
+    out.put(hammer(url, "processes", grants))
 
 
-def test_never_more_than_limit_across_processes(redis_url, undisturbed):
+def test_never_more_than_limit_across_processes(redis_url, redis_conn, undisturbed):
+    workers, grants = 3, 8
     ctx = multiprocessing.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_hammer_process, args=(redis_url, ready, go, out)) for _ in "abc"]
+    procs = [
+        ctx.Process(target=_hammer_process, args=(redis_url, grants, ready, go, out))
+        for _ in range(workers)
+    ]
     for proc in procs:
         proc.start()
     for _ in procs:
         ready.get(timeout=60)
     go.set()
-    grants = [t for _ in procs for t in out.get(timeout=60)]
+    results = [out.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(timeout=10)
         assert proc.exitcode == 0
     undisturbed()
-    assert busiest_window(grants, WINDOW) == LIMIT
-    assert len(grants) >= LIMIT * int(RUN / WINDOW)
+    check_hammered(redis_conn, "processes", results, grants)
 
 
 operation = st.one_of(

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def settings(**extra: object) -> Settings:
     base: dict = {"webhook_secrets": (), "mapping_path": ROOT / "mappings" / "hubspot.yaml"}
-    return Settings(**{**base, **extra})
+    return Settings.from_env({}, **{**base, **extra})
 
 
 def test_empty_redis(redis_conn: redis.Redis) -> None:
@@ -76,3 +76,23 @@ def test_unloadable_mapping_is_reported_not_raised(redis_conn: redis.Redis, tmp_
     assert "cannot read the mapping" in figures["mapping"]["error"]
     assert figures["crm"] == {"crm": None, "adapter": "dry-run"}
     assert "not loadable" in status.render(figures)[0]
+
+
+def test_a_salesforce_mapping_with_credentials_shows_the_salesforce_adapter(
+    redis_conn: redis.Redis,
+) -> None:
+    """The adapter shown is the one the workers run (crm.adapters decides for both)."""
+    run = Runtime.from_settings(
+        settings(
+            mapping_path=ROOT / "mappings" / "salesforce.yaml",
+            salesforce_instance_url="https://example.my.salesforce.com",
+            salesforce_access_token="00D!token",
+            salesforce_requests_per_minute=60,
+        )
+    )
+    figures = status.collect(redis_conn, run)
+    assert figures["crm"]["adapter"] == run.adapter(redis_conn).name == "salesforce"
+    assert figures["crm"]["budget"]["limit"] == 60
+    assert figures["crm"]["budget"]["window_seconds"] == 60
+    assert "60 of 60 requests left per 60 s" in "\n".join(status.render(figures))
+    assert status.collect(redis_conn, run.settings)["crm"]["adapter"] == "salesforce"

@@ -13,7 +13,7 @@ Or as its own process (first stdout line is the URL; control endpoints under /_f
 
     python -m tests.fakes.hubspot --port 0 --rate 100 --window 10 --latency 0.05 --token T
 
-What it enforces, in this order, on every API request (REFERENCE.md, HubSpot section):
+What it enforces, in this order, on every API request (as HubSpot's CRM API docs describe):
 
 1. Bearer token: missing/unknown -> 401 INVALID_AUTHENTICATION (not rate counted).
 2. Injected faults (`inject_errors`, `set_error_rate`): 5xx / 423 / anything, HubSpot-style
@@ -37,8 +37,10 @@ admitted requests age out. `count_429_in_window=True` (CLI `--count-429-in-windo
 
 For deterministic limiter tests, pass `clock=` (a monotonic-seconds callable) and call
 `fake.handle(method, path, "Bearer <token>", body_bytes)` directly, without a server.
+`wall_clock=` (a UTC-datetime callable) stamps contacts' createdate / lastmodifieddate, and
+`sleep=` is what the server calls to add latency: tests can fake both.
 
-Other assumptions (unconfirmed details of HubSpot, chosen to be strict):
+Other choices (details HubSpot's docs leave open, chosen to be strict):
 - A batch with any input keyed by email fails whole (400, or 409 if a unique value is held
   by another contact); batches keyed by a hasUniqueValue property or hs_object_id return
   207 with `errors` for the failed inputs and write the others.
@@ -64,6 +66,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -80,6 +83,7 @@ from tests.fakes.hubspot_model import (
     now_iso,
     standard_groups,
     standard_properties,
+    utc_now,
     validation_error,
 )
 
@@ -145,9 +149,13 @@ class FakeHubSpot:
         scopes: Iterable[str] = DEFAULT_SCOPES,
         count_429_in_window: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utc_now,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.token = token
         self.clock = clock  # monotonic seconds; tests may swap in a fake clock
+        self.wall_clock = wall_clock  # UTC datetimes for contact stamps
+        self.sleep = sleep  # adds the latency to each answer
         self.count_429_in_window = count_429_in_window
         self._initial = (requests_per_window, window_seconds, latency, daily_limit)
         self._tokens: dict[str, frozenset[str]] = {token: frozenset(scopes)}
@@ -202,7 +210,7 @@ class FakeHubSpot:
         with self._lock:
             self.properties: dict[str, dict[str, Any]] = standard_properties()
             self.groups: dict[str, dict[str, Any]] = standard_groups()
-            self.store = ContactStore(self.properties)
+            self.store = ContactStore(self.properties, self.wall_clock)
             self.requests: list[RequestRecord] = []
             self.requests_per_window, self.window_seconds = rate, window
             self.latency, self.daily_limit = latency, daily
@@ -647,7 +655,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.command, self.path, self.headers.get("Authorization"), raw
         )
         if delay > 0:
-            time.sleep(delay)
+            fake.sleep(delay)
         self._send(status, payload, headers)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve

@@ -5,7 +5,9 @@ Not thread-safe on its own: `FakeHubSpot` calls it under its lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tests.fakes.hubspot_model import (
@@ -15,8 +17,9 @@ from tests.fakes.hubspot_model import (
     error_body,
     invalid_values_error,
     is_email,
+    iso_ms,
     normalize_value,
-    now_iso,
+    utc_now,
     validation_error,
 )
 
@@ -50,11 +53,18 @@ class _NotFound(Exception):
 class ContactStore:
     """Contacts keyed by record id, with an email index."""
 
-    def __init__(self, properties: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, properties: dict[str, dict[str, Any]], wall_clock: Callable[[], datetime] = utc_now
+    ) -> None:
         self.properties = properties
+        self.wall_clock = wall_clock  # stamps createdate / lastmodifieddate; tests may fake it
         self.records: dict[str, dict[str, str]] = {}
         self._by_email: dict[str, str] = {}
         self._next_id = 1001
+
+    def now_iso(self) -> str:
+        """The wall clock's time as HubSpot writes it."""
+        return iso_ms(self.wall_clock())
 
     # ------------------------------------------------------------ lookups
 
@@ -79,7 +89,7 @@ class ContactStore:
 
     def batch_upsert(self, body: Any) -> tuple[int, dict[str, Any]]:
         """`POST /crm/v3/objects/contacts/batch/upsert` (raises ApiError for whole-batch errors)."""
-        started = now_iso()
+        started = self.now_iso()
         inputs = batch_inputs(body)
         for item in inputs:
             if not isinstance(item.get("id"), str) or not item["id"]:
@@ -92,7 +102,7 @@ class ContactStore:
         if failures and email_mode:
             raise _whole_batch_error([f for _, f in failures])
         results = [self._apply(plan) for plan in plans]
-        response = _complete(results, started)
+        response = _complete(results, started, self.now_iso())
         if not failures:
             return 200, response
         response["numErrors"] = len(failures)
@@ -207,7 +217,7 @@ class ContactStore:
 
     def _apply(self, plan: _Plan) -> dict[str, Any]:
         """Write one planned upsert and return its `SimplePublicUpsertObject`."""
-        stamp = now_iso()
+        stamp = self.now_iso()
         new = plan.record_id is None
         if plan.record_id is None:
             record_id = str(self._next_id)
@@ -256,7 +266,7 @@ class ContactStore:
 
     def batch_read(self, body: Any) -> tuple[int, dict[str, Any]]:
         """`POST /crm/v3/objects/contacts/batch/read`: 207 lists ids that were not found."""
-        started = now_iso()
+        started = self.now_iso()
         inputs = batch_inputs(body)
         id_prop = body.get("idProperty") or "hs_object_id"
         names = body.get("properties") or list(DEFAULT_READ_PROPERTIES)
@@ -267,7 +277,7 @@ class ContactStore:
                 missing.append(str(item.get("id", "")))
             else:
                 results.append(self.view(record_id, names))
-        response = _complete(results, started)
+        response = _complete(results, started, self.now_iso())
         if not missing:
             return 200, response
         response["numErrors"] = 1
@@ -372,11 +382,11 @@ def _standard_error(id_value: str, failure: Exception) -> dict[str, Any]:
     }
 
 
-def _complete(results: list[dict[str, Any]], started: str) -> dict[str, Any]:
+def _complete(results: list[dict[str, Any]], started: str, completed: str) -> dict[str, Any]:
     """HubSpot's batch answer around ``results``."""
     return {
         "status": "COMPLETE",
         "results": results,
         "startedAt": started,
-        "completedAt": now_iso(),
+        "completedAt": completed,
     }

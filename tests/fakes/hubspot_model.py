@@ -72,9 +72,14 @@ def validation_error(message: str, **extra: Any) -> ApiError:
     return ApiError(400, error_body(message, "VALIDATION_ERROR", **extra))
 
 
+def utc_now() -> datetime:
+    """The current UTC time (the fake's default wall clock)."""
+    return datetime.now(UTC)
+
+
 def now_iso() -> str:
     """The current UTC time as HubSpot writes it (milliseconds, Z)."""
-    return iso_ms(datetime.now(UTC))
+    return iso_ms(utc_now())
 
 
 def iso_ms(moment: datetime) -> str:
