@@ -67,15 +67,15 @@ def parse_webhook_secrets(value: Any) -> tuple[SecretStr, ...]:
 
 
 class _Environment(EnvSettingsSource):
-    """The process environment, or the mapping given to ``Settings.from_env``; values are
-    stripped and an empty value counts as unset."""
+    """The process environment, or the mapping given to ``Settings.from_env``: variables by
+    their exact names, values stripped, an empty value counting as unset."""
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
         self._environ = environ
-        super().__init__(settings_cls, case_sensitive=False)
+        super().__init__(settings_cls, case_sensitive=True)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {name.lower(): v.strip() for name, v in self._environ.items() if v.strip()}
+        return {name: value.strip() for name, value in self._environ.items() if value.strip()}
 
 
 def _env(name: str, default: Any = None, **checks: Any) -> Any:
@@ -86,7 +86,7 @@ def _env(name: str, default: Any = None, **checks: Any) -> Any:
 class Settings(BaseSettings):
     """Every setting the service reads, typed; build with ``Settings.from_env()``."""
 
-    model_config = SettingsConfigDict(frozen=True, validate_by_name=True, extra="forbid")
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = _env(
         "INSTRUQT_WEBHOOK_SECRET", ()
@@ -139,9 +139,15 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None, **values: Any) -> Settings:
         """Read and validate the environment (``environ``, default the process's); ``values``
         (by field name) take precedence. SettingsError names the first bad variable."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"Settings has no field {unknown[0]!r}")
+        by_variable = {
+            str(cls.model_fields[name].validation_alias): v for name, v in values.items()
+        }
         token = _ENVIRON.set(environ)
         try:
-            return cls(**values)
+            return cls(**by_variable)
         except ValidationError as exc:
             raise SettingsError(_one_line(cls, exc.errors()[0])) from None
         finally:

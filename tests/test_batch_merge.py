@@ -153,3 +153,17 @@ def test_an_event_parked_just_after_another_worker_cached_the_email_is_released(
     handle_event(redis_conn, run, parse_event("hidden", hidden))
     assert identity.parked_events(redis_conn, "u-race") == []
     assert ledger.event_ids(redis_conn, "race@example.com") == ["hidden", "reveal"]
+
+
+def test_the_same_event_twice_in_a_batch_gets_an_outcome_each(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """Outcomes follow the events' positions: the first copy changed the contact, the second
+    found nothing new."""
+    run = runtime(redis_url)
+    batch = Batch(redis_conn, run, [EVENTS[0]["user_id"]])
+    for _ in range(2):
+        batch.handle(parse_event("msg_0", EVENTS[0]))
+    first, second = batch.commit()
+    assert (first.status, first.changed) == ("merged", True)
+    assert (second.status, second.changed) == ("merged", False)

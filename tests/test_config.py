@@ -117,3 +117,12 @@ def test_salesforce_settings_errors_name_the_variable(extra: dict, variable: str
         Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": SECRET, **extra})
     assert str(caught.value).startswith(variable)
     assert "s3cret" not in str(caught.value)
+
+
+def test_only_the_documented_variables_are_read() -> None:
+    """Field names and other spellings are not settings: a stray variable changes nothing."""
+    stray = {"DASHBOARD_USERNAME": "x", "DASHBOARD_PASSWORD": "y", "redis_url": "redis://h"}
+    settings = Settings.from_env(stray)
+    assert (settings.dashboard_username, settings.redis_url) == (None, None)
+    with pytest.raises(TypeError):
+        Settings.from_env({}, prot=1)  # a misspelt field in code is an error, not ignored

@@ -68,3 +68,24 @@ def test_a_body_that_is_not_an_event_cannot_be_requeued(redis_conn: redis.Redis)
     assert failures.get(redis_conn, kept.id) == kept
     with pytest.raises(KeyError):
         requeue.requeue(redis_conn, "no-such-id")
+
+
+@pytest.mark.parametrize(
+    ("payload", "message_id", "kind"),
+    [
+        ('{"type": "track.started", "user_id": "u1"}', "msg_1", Kind.EVENT),
+        ('{"email": "a@b.co", "properties": {}, "events": []}', "a@b.co", Kind.CONTACT),
+        ('{"participant_id": "p1", "email": "a@b.co", "fields": {}}', "play:p1", Kind.PLAY),
+        ("{}", "flush", Kind.FLUSH),
+        ("{oops", "msg_2", Kind.BODY),
+    ],
+)
+def test_a_failure_recorded_without_a_kind_reads_it_off_its_payload(
+    redis_conn: redis.Redis, payload: str, message_id: str, kind: Kind
+) -> None:
+    """Failures kept by versions that recorded no kind stay readable and requeueable."""
+    fields = {"id": "old1", "category": "other", "reason": "r", "message_id": message_id}
+    redis_conn.hset(keys.failure("old1"), mapping={**fields, "at": "1.0", "payload": payload})
+    redis_conn.zadd(keys.FAILURES, {"old1": 1.0})
+    [failure] = failures.every(redis_conn)
+    assert failure.kind == kind and failure.category == Category.OTHER

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +16,10 @@ from hypothesis import strategies as st
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.base import ContactChange, Outcome
 from instruqt_crm.crm.dryrun import DryRunAdapter
+from instruqt_crm.engine import flush as flush_module
 from instruqt_crm.engine import ledger
 from instruqt_crm.engine.flush import Reschedule, batch_wait, flush, flush_batch
+from instruqt_crm.engine.flush_plays import PlaysFlushed
 from instruqt_crm.engine.handling import handle_event
 from instruqt_crm.engine.runtime import Runtime
 from instruqt_crm.engine.send import Tally
@@ -329,3 +333,23 @@ def test_a_flush_out_of_time_with_contacts_left_asks_to_go_on_at_once(
     dirty_contacts(redis_conn, runtime(redis_url), 3)
     next_step = flush(redis_conn, adapter, MAPPING, time_budget=0).next
     assert isinstance(next_step, Reschedule) and next_step.after == 0.0
+
+
+def test_plays_that_spend_the_time_budget_leave_new_contacts_to_the_window(
+    redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the contacts ran out of time is read before the plays are sent: contacts that
+    changed while plays used up the budget wait for the window, not go at once."""
+    now = [100.0]
+    clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    monkeypatch.setattr(flush_module, "time", clock)
+
+    def plays_using_the_budget(conn: redis.Redis, adapter: Any, deadline: float) -> PlaysFlushed:
+        now[0] = deadline + 1
+        ledger.mark_dirty(conn, ["late@example.com"])  # a contact changed meanwhile
+        return PlaysFlushed(Tally())
+
+    monkeypatch.setattr(flush_module, "flush_plays", plays_using_the_budget)
+    adapter = CountingAdapter(redis_conn, MAPPING, tmp_path / "out.jsonl")
+    report = flush(redis_conn, adapter, MAPPING, window=1.0)
+    assert report.next == Reschedule(1.0, "changes arrived during the flush")

@@ -144,12 +144,6 @@ def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
-def salesforce_adapter(mapping: Mapping) -> SalesforceAdapter | None:
-    """An adapter from the SALESFORCE_* settings (no Redis), or None without credentials."""
-    adapter = crm_adapter(settings_or_exit(), mapping)
-    return adapter if isinstance(adapter, SalesforceAdapter) else None
-
-
 def check_salesforce(mapping: Mapping, adapter: object) -> None:
     """The Salesforce branch of `check`: every mapped field on Contact and Lead."""
     if not isinstance(adapter, SalesforceAdapter):
@@ -190,8 +184,8 @@ def setup_salesforce(
     mapping = load_mapping_or_exit(mapping_path)
     if mapping.crm != "salesforce":
         raise click.UsageError(f"{mapping_path} is a {mapping.crm} mapping, not a Salesforce one")
-    version = settings_or_exit().salesforce_api_version
-    files = salesforce_setup.package(mapping, version)
+    settings = settings_or_exit()
+    files = salesforce_setup.package(mapping, settings.salesforce_api_version)
     states = (salesforce_setup.changes if dry_run else salesforce_setup.write)(files, out)
     verb = "would write" if dry_run else "wrote"
     for relative, state in states.items():
@@ -199,10 +193,10 @@ def setup_salesforce(
             click.echo(f"{verb} ({state}): {out / relative}")
     unchanged = sum(state == "unchanged" for state in states.values())
     click.echo(f"{out}: {len(states) - unchanged} file(s) {verb}, {unchanged} unchanged")
-    adapter = salesforce_adapter(mapping) if (dry_run or deploy) else None
+    adapter = crm_adapter(settings, mapping) if (dry_run or deploy) else None
     if deploy and adapter is None:
         raise click.UsageError("--deploy needs SALESFORCE_* credentials (see docs/salesforce.md)")
-    if adapter is None:
+    if not isinstance(adapter, SalesforceAdapter):
         return
     try:
         if dry_run:

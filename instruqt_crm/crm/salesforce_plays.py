@@ -1,11 +1,11 @@
 """Salesforce play records: one ``Instruqt_Play__c`` per participant id, linked to the learner.
 
 ``PLAY_FIELDS`` and ``LOOKUPS`` define the object (``salesforce_setup`` builds its metadata
-from them). ``SalesforcePlays`` is the engine's adapter for play changes (keyed by participant
-id, fields named as in ``instruqt_crm.plays``): it finds each learner's Contact or Lead (written
-in this flush, else one lookup per object and batch), then upserts the plays on
-``Participant_Id__c`` through the learner adapter's writes: ≤ 200 per request, per-record
-outcomes, lock retries, the same request budget and error mapping.
+from them). ``SalesforcePlays`` is the engine's adapter for play changes (keyed by
+participant id, fields named as in ``instruqt_crm.engine.plays``): it finds each learner's
+Contact or Lead (written in this flush, else one lookup per object and batch), then upserts
+the plays on ``Participant_Id__c`` through the learner adapter's writes: ≤ 200 per request,
+per-record outcomes, lock retries, the same request budget and error mapping.
 """
 
 from __future__ import annotations

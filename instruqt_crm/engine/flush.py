@@ -245,9 +245,12 @@ def flush(
                 contacts += step
                 if step.retry:
                     break
+            out_of_time = time.monotonic() >= deadline  # for the contacts, before the plays
             plays_flushed = flush_plays(conn, adapter, deadline)  # after the learners they link to
             played = plays_flushed.tally
-            next_step = _decide(conn, contacts + played, held, deadline, plays_flushed.left, window)
+            next_step = _decide(
+                conn, contacts + played, held, out_of_time, plays_flushed.left, window
+            )
     except RateLimited as exc:
         next_step = Reschedule(exc.wait or 0.0, f"the CRM's rate limit ({exc.policy or 'quota'})")
         log.warning("CRM rate limit (%s): flush parked for %.0f s", exc.policy or "quota", exc.wait)
@@ -275,7 +278,7 @@ def _decide(
     conn: redis.Redis,
     done: Tally,
     held: Reschedule | None,
-    deadline: float,
+    out_of_time: bool,
     plays_left: bool,
     window: float,
 ) -> Decision:
@@ -284,7 +287,7 @@ def _decide(
     after the window for changes that arrived meanwhile."""
     if held is not None:
         return held
-    if time.monotonic() >= deadline and not done.retry and ledger.dirty_count(conn):
+    if out_of_time and not done.retry and ledger.dirty_count(conn):
         return Reschedule(0.0, "the time budget was spent with contacts left")
     if done.retry:
         return RetryLater(f"{done.retry} record(s) could not be written yet")

@@ -45,7 +45,7 @@ def flush_plays(conn: redis.Redis, adapter: CrmAdapter, deadline: float) -> Play
         offset, tally = offset + kept, tally + done
     else:
         left = plays.dirty_count(conn) > offset
-    if tally != Tally():
+    if tally.synced or tally.rejected or tally.retry or tally.waiting:
         log.info(
             "plays: %d synced, %d rejected, %d to retry, %d waiting for their learner",
             tally.synced,

@@ -86,7 +86,9 @@ class Batch:
         )
         self._waiting = identity.waiting_among(conn, {u for u in user_ids if u})
         self._merges: list[_Merge] = []
-        self._outcomes: list[Handled] = []  # of the events given to handle or fail, in order
+        # per event given to handle or fail, in order: its outcome, or the position of its
+        # staged merge (the outcome is known at commit)
+        self._outcomes: list[Handled | int] = []
         self._unpark: list[tuple[str, list[str]]] = []  # released events, forgotten once merged
         self._changed = self._parked = False
 
@@ -160,8 +162,9 @@ class Batch:
     def _count(self, outcome: str, event_type: str) -> None:
         counters.count_event(self.writes, outcome, event_type)
 
-    def _stage(self, event: Event, email: str) -> Handled:
-        """Apply the mapping and stage the merge into the learner's ledger."""
+    def _stage(self, event: Event, email: str) -> Handled | int:
+        """Apply the mapping and stage the merge into the learner's ledger: the position of
+        the staged merge, or the outcome when the mapping fails."""
         mapping = self.runtime.mapping
         try:
             changes = apply_event(mapping, event, email)
@@ -187,7 +190,7 @@ class Batch:
             log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
             return Handled(event.id, "failed", exc.reason)
         self._merges.append(_Merge(event, email, changes, plays.play_merge(mapping, event, email)))
-        return Handled(event.id, "merged")  # whether it changed anything is known at commit
+        return len(self._merges) - 1
 
     def _park(self, event: Event) -> Handled:
         """Park an event whose learner has no email yet (or fail it if it never can have one)."""
@@ -239,10 +242,7 @@ class Batch:
         if self._parked:
             first = identity.BACKOFF[0]
             schedule_once(self.conn, RETRY_PARKED_JOB, first, first)
-        return [
-            merged.get(found.event_id, found) if found.status == "merged" else found
-            for found in self._outcomes
-        ]
+        return [merged[found] if isinstance(found, int) else found for found in self._outcomes]
 
     def _release_late(self) -> None:
         """Release learners another worker parked while this batch learnt their email.
@@ -258,9 +258,9 @@ class Batch:
                 extra.release(user_id, learnt[user_id])
             extra.commit()
 
-    def _merge_all(self) -> dict[str, Handled]:
+    def _merge_all(self) -> list[Handled]:
         """Every staged merge at once (one by one if that raises, to isolate the cause);
-        the final outcome of each merged event, by id."""
+        the outcome of each, in the order they were staged."""
         try:
             flags: list[bool | Handled] = list(self._merge_together(self._merges))
         except TRANSIENT:
@@ -268,15 +268,15 @@ class Batch:
         except Exception:  # a bug or an odd value: find the event, spare the others
             log.exception("merging %d events at once failed; merging one by one", len(self._merges))
             flags = [self._merge_alone(merge) for merge in self._merges]
-        final = {}
+        final = []
         for merge, flag in zip(self._merges, flags, strict=True):
             if isinstance(flag, Handled):
-                final[merge.event.id] = flag
+                final.append(flag)
                 continue
             marker = CURRENT_EVENT.set(merge.event.id)
             self._merged(merge, flag)
             CURRENT_EVENT.reset(marker)
-            final[merge.event.id] = Handled(merge.event.id, "merged", changed=flag)
+            final.append(Handled(merge.event.id, "merged", changed=flag))
         return final
 
     def _merge_together(self, merges: list[_Merge]) -> list[bool]:

@@ -80,13 +80,31 @@ def get(conn: redis.Redis, failure_id: str) -> Failure | None:
     fields = {keys.text(k): keys.text(v) for k, v in raw.items()}
     return Failure(
         id=fields["id"],
-        kind=Kind(fields["kind"]),
+        kind=_recorded_kind(fields),
         category=Category(fields["category"]),
         reason=fields["reason"],
         message_id=fields["message_id"],
         at=float(fields["at"]),
         payload=fields["payload"],
     )
+
+
+def _recorded_kind(fields: dict[str, str]) -> Kind:
+    """The kind recorded with a failure. Failures recorded by versions that kept no kind
+    have it read off their payload, as those versions did when requeueing them."""
+    if "kind" in fields:
+        return Kind(fields["kind"])
+    try:
+        body = json.loads(fields["payload"])
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("type"), str) and body["type"]:
+        return Kind.EVENT
+    if isinstance(body, dict) and isinstance(body.get("participant_id"), str) and "fields" in body:
+        return Kind.PLAY
+    if isinstance(body, dict) and isinstance(body.get("email"), str) and "properties" in body:
+        return Kind.CONTACT
+    return Kind.FLUSH if fields["message_id"] == "flush" else Kind.BODY
 
 
 def recent(conn: redis.Redis, limit: int = 100) -> list[Failure]:
