@@ -233,7 +233,7 @@ def first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 def realistic_events(count: int, seed: int = 7) -> list[dict[str, Any]]:
-    """``count`` events from tests/history.py (emails in params), learner after learner."""
+    """``count`` events from samples/history.py (emails in params), learner after learner."""
     learners = max(1, count // 5)
     events = history(learners, seed=seed)
     while len(events) < count:

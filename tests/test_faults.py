@@ -1,6 +1,6 @@
 """End-to-end fault scenarios: real gunicorn, worker processes, Redis and fake CRM, under faults.
 
-Each scenario posts a generated history (tests/history.py: shuffled, a third delivered two or
+Each scenario posts a generated history (samples/history.py: shuffled, a third delivered two or
 three times, every attempt re-signed with a fresh timestamp and the same svix-id), injects
 its fault, waits until the service has settled and compares the fake CRM with the records
 computed independently from the history. The table printed at the end (``pytest -s``) has,
