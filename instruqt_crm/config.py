@@ -92,6 +92,8 @@ class Settings(BaseSettings):
         "INSTRUQT_WEBHOOK_SECRET", ()
     )
     redis_url: str | None = _env("REDIS_URL")
+    redis_tls_verify: bool = _env("REDIS_TLS_VERIFY", True)
+    redis_tls_ca_file: Path | None = _env("REDIS_TLS_CA_FILE")
     mapping_path: Path = _env("MAPPING_PATH", DEFAULT_MAPPING_PATH)
     instruqt_api_key: SecretStr | None = _env("INSTRUQT_API_KEY")
     instruqt_graphql_url: str = _env("INSTRUQT_GRAPHQL_URL", DEFAULT_INSTRUQT_GRAPHQL_URL)
@@ -175,6 +177,13 @@ class Settings(BaseSettings):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {where!r}")
         return value
 
+    @field_validator("redis_tls_ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"expected a CA bundle (PEM file), no such file: {str(value)!r}")
+        return value
+
     @field_validator("instruqt_graphql_url", "hubspot_api_base", "salesforce_login_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -240,6 +249,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         """Settings that only work together."""
+        if self.redis_tls_ca_file is not None and not self.redis_tls_verify:
+            raise ValueError(
+                "REDIS_TLS_CA_FILE: set, but REDIS_TLS_VERIFY is false: the certificate would "
+                "not be checked against it (unset one of them)"
+            )
         if bool(self.dashboard_username) != bool(self.dashboard_password):
             raise ValueError(
                 "RQ_DASHBOARD_USERNAME: set both RQ_DASHBOARD_USERNAME and "

@@ -13,6 +13,7 @@ import redis
 import requests
 
 from instruqt_crm import keys
+from instruqt_crm.config import Settings
 from instruqt_crm.engine.queueing import connect
 from instruqt_crm.journal import counters
 from instruqt_crm.journal.counters import Tally
@@ -81,7 +82,9 @@ def test_render_writes_the_pending_counts_of_its_connection(
 
 
 def test_counts_survive_a_failed_write(redis_conn: redis.Redis, clock: Clock) -> None:
-    dead = connect("redis://127.0.0.1:1")  # the app's own client: fails fast
+    dead = connect(
+        Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1"})
+    )  # the app's own client: fails fast
     tally = Tally(dead, clock=clock)
     tally.incr("webhook_requests", "bad_signature")  # the write fails: kept, caller unharmed
     clock.now += 5

@@ -94,7 +94,7 @@ def test_embedded_redis_when_redis_url_unset(caplog: pytest.LogCaptureFixture) -
     caplog.set_level(logging.WARNING)
     settings = Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": SECRET})
     assert settings.redis_url is None
-    conn = connect(settings.redis_url)
+    conn = connect(settings)
     try:
         assert conn.ping()
         assert "not for production" in caplog.text

@@ -196,7 +196,7 @@ def test_health(client: FlaskClient) -> None:
 
 
 def test_readyz_and_receiver_answer_503_without_redis(settings: Settings) -> None:
-    dead = connect("redis://127.0.0.1:1")
+    dead = connect(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1"}))
     app = create_app(settings, conn=dead)
     with app.test_client() as client:
         assert client.get("/healthz").status_code == 200

@@ -12,7 +12,7 @@ import redis
 from instruqt_crm.config import DEFAULT_MAPPING_PATH, Settings, SettingsError
 from instruqt_crm.crm.adapters import adapter_name, build_adapter
 from instruqt_crm.crm.base import CrmAdapter
-from instruqt_crm.engine.queueing import EmbeddedRedis, connect
+from instruqt_crm.engine.queueing import EmbeddedRedis, connect, unreachable
 from instruqt_crm.mapping import Mapping, MappingError, load_mapping
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/instruqt"
@@ -45,11 +45,11 @@ def redis_for(settings: Settings) -> redis.Redis:
     if settings.redis_url is None:
         conn: redis.Redis = EmbeddedRedis(LOCAL_REDIS).server
     else:
-        conn = connect(settings.redis_url)
+        conn = connect(settings)
     try:
         conn.ping()
     except redis.RedisError as exc:
-        raise click.ClickException(f"cannot reach Redis: {exc}") from None
+        raise click.ClickException(f"cannot reach Redis: {unreachable(exc)}") from None
     return conn
 
 

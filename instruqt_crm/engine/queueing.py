@@ -16,6 +16,7 @@ from rq import Retry as JobRetry
 from rq.serializers import JSONSerializer
 
 from instruqt_crm import keys
+from instruqt_crm.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,42 @@ class EmbeddedRedis:
         self.server.shutdown()
 
 
-def connect(url: str | None) -> redis.Redis:
-    """A Redis client for ``url``; ``None`` starts an embedded Redis for local use."""
-    if url is None:
-        url = EmbeddedRedis().url
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client for ``REDIS_URL`` with the TLS settings (web, worker, CLI and the
+    dashboard all connect through here); no URL starts an embedded Redis for local use."""
+    url = settings.redis_url or EmbeddedRedis().url
     return redis.Redis.from_url(
         url,
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),  # fail fast: Svix retries
+        **tls_options(settings, url),
     )
+
+
+def tls_options(settings: Settings, url: str) -> dict[str, Any]:
+    """How a ``rediss://`` connection checks the server's certificate: against the system's
+    CAs (or REDIS_TLS_CA_FILE), or not at all with REDIS_TLS_VERIFY=false, as Heroku Redis's
+    self-signed certificate needs. ``ssl_cert_reqs`` in the URL itself still wins."""
+    if not url.startswith("rediss://"):
+        return {}
+    if not settings.redis_tls_verify:
+        return {"ssl_cert_reqs": "none"}
+    ca_file = settings.redis_tls_ca_file
+    return {"ssl_cert_reqs": "required", **({"ssl_ca_certs": str(ca_file)} if ca_file else {})}
+
+
+def unreachable(exc: redis.RedisError) -> str:
+    """Why Redis cannot be used, in one line, with what to do when TLS verification failed."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (
+            f"{text}. The Redis server's TLS certificate is not trusted: for Heroku Redis "
+            "(self-signed) set REDIS_TLS_VERIFY=false; elsewhere set REDIS_TLS_CA_FILE to "
+            "the CA bundle that signed it"
+        )
+    return text
 
 
 def queue(name: str, conn: redis.Redis) -> Queue:

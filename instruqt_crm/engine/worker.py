@@ -27,7 +27,15 @@ from instruqt_crm.mapping import MappingError
 
 from . import identity, inbox, ledger, plays
 from .flush import schedule_flush, wake_stalled
-from .queueing import QUEUE_NAMES, RETRY_PARKED_JOB, connect, queue, queues, schedule_once
+from .queueing import (
+    QUEUE_NAMES,
+    RETRY_PARKED_JOB,
+    connect,
+    queue,
+    queues,
+    schedule_once,
+    unreachable,
+)
 from .runtime import Runtime, current, install
 
 log = logging.getLogger(__name__)
@@ -206,9 +214,13 @@ def run_worker(burst: bool = False, simple: bool = False) -> int:
         return 2
     install(runtime)  # every job this worker (and its forks) runs is handed this one
     configure(runtime.settings)
-    conn = connect(runtime.settings.redis_url)
+    conn = connect(runtime.settings)
     try:
+        conn.ping()
         preflight(runtime, conn)
+    except redis.RedisError as exc:
+        log.error("worker not started: Redis: %s", unreachable(exc))
+        return 1
     except StartupError as exc:
         log.error("worker not started: %s", exc)
         return 1

@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request
 
 from instruqt_crm.config import Settings
 from instruqt_crm.engine.inbox import enqueue_event
-from instruqt_crm.engine.queueing import connect
+from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.errors import Category
 from instruqt_crm.events import EventError, check_body
 from instruqt_crm.journal import counters, failures
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
     configure(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    conn = conn if conn is not None else connect(settings.redis_url)
+    conn = conn if conn is not None else connect(settings)
     app.extensions["instruqt_crm"] = {
         "settings": settings,
         "redis": conn,
@@ -122,7 +122,7 @@ def receive_webhook() -> tuple[Response, int]:
     try:
         return _accept(conn, message_id, body, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        log.error("event %s not queued, Redis unreachable: %s", message_id, exc)
+        log.error("event %s not queued, Redis unreachable: %s", message_id, unreachable(exc))
         return reply(503, status="unavailable", reason="queue unavailable, retry later")
 
 
@@ -156,6 +156,7 @@ def readyz() -> tuple[Response, int]:
     """Redis answers."""
     try:
         redis_of(current_app).ping()
-    except (redis.ConnectionError, redis.TimeoutError):
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("not ready, Redis unreachable: %s", unreachable(exc))
         return reply(503, status="unavailable", reason="redis unreachable")
     return reply(200, status="ready")

@@ -9,6 +9,7 @@ import hmac
 
 import redis
 from flask import Flask, Response, current_app, jsonify, render_template_string, request, url_for
+from redis.connection import SSLConnection
 
 from instruqt_crm.config import Settings
 from instruqt_crm.journal import trail
@@ -17,20 +18,16 @@ from instruqt_crm.ops import metrics, status
 PROTECTED_PREFIXES = ("/rq", "/status")
 
 
-def connection_url(conn: redis.Redis) -> str:
-    """A URL that reaches the same Redis database as ``conn`` (for the dashboard)."""
+def shown_url(conn: redis.Redis) -> str:
+    """Where ``conn`` goes, as the dashboard shows it (never with the password)."""
     kwargs = conn.connection_pool.connection_kwargs
     db = kwargs.get("db", 0)
     if kwargs.get("path"):
         return f"unix://{kwargs['path']}?db={db}"
-    password = kwargs.get("password")
-    auth = f":{password}@" if password else ""
     scheme = (
-        "rediss"
-        if kwargs.get("ssl") or "SSL" in str(conn.connection_pool.connection_class)
-        else "redis"
+        "rediss" if issubclass(conn.connection_pool.connection_class, SSLConnection) else "redis"
     )
-    return f"{scheme}://{auth}{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
+    return f"{scheme}://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
 
 
 def credentials_match(settings: Settings, username: str, password: str) -> bool:
@@ -121,10 +118,19 @@ def mount_dashboard(app: Flask, conn: redis.Redis) -> None:
     from rq_dashboard.web import config as dashboard_config
 
     app.config.from_object(rq_dashboard.default_settings)
-    app.config["RQ_DASHBOARD_REDIS_URL"] = (connection_url(conn),)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = (shown_url(conn),)  # shown on its pages only
     dashboard_config.serializer = JSONSerializer
     app.redis_conn = conn  # type: ignore[attr-defined]  # where rq-dashboard looks for it
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+
+    def use_the_apps_connection() -> None:
+        """After rq-dashboard's own hook, which builds a client from the URL on every request:
+        its pages use the app's connection (its TLS settings, its pool) instead."""
+        app.redis_conn = conn  # type: ignore[attr-defined]
+
+    app.before_request_funcs.setdefault(rq_dashboard.blueprint.name, []).append(
+        use_the_apps_connection
+    )
 
 
 def init_app(app: Flask) -> None:
