@@ -28,7 +28,11 @@ KNOWN_TYPES: tuple[str, ...] = (
 )
 
 MAX_TYPE_LENGTH = 120
-PARAM_KEYS: tuple[str, ...] = ("params", "custom_parameters", "customParameters")
+PARAM_KEYS: tuple[str, ...] = (
+    "custom_parameters",
+    "params",
+    "customParameters",
+)  # Instruqt's first
 
 _FRACTION = re.compile(r"(\.\d+)")
 
@@ -84,6 +88,12 @@ class Event:
             if isinstance(value, dict):
                 return value
         return {}
+
+    @property
+    def is_developer_play(self) -> bool:
+        """Whether Instruqt marked the play as a track author's test (``is_developer_play``)."""
+        flag = self.body.get("is_developer_play")
+        return flag is True or (isinstance(flag, str) and flag.strip().lower() == "true")
 
     @property
     def is_known_type(self) -> bool:

@@ -16,7 +16,10 @@ def _stamp(moment: datetime) -> str:
 
 
 def learner_history(number: int, rng: random.Random, email_in_params: bool = True) -> list[dict]:
-    """One learner's plays: starts, challenge attempts, some completions, maybe a review."""
+    """One learner's plays, in the shape Instruqt sends them: starts, challenge attempts
+    (without ``track_slug``, as Instruqt's documented example), some completions (with
+    ``duration``), maybe a review (``review_id``); about one play in twelve is a developer
+    play (``is_developer_play``), which the CRM must never see."""
     user_id = f"user{number:05d}"
     email = f"learner{number:05d}@example.com"
     params = {"email": email} if email_in_params else {}
@@ -24,21 +27,25 @@ def learner_history(number: int, rng: random.Random, email_in_params: bool = Tru
     events: list[dict[str, Any]] = []
     for track in rng.sample(TRACKS, rng.randint(1, 3)):
         participant = f"p{number:05d}{track[:4]}"
+        developer = rng.random() < 1 / 12
         base = {
             "user_id": user_id,
             "track_slug": track,
             "track_id": f"id-{track}",
             "participant_id": participant,
             "organization_id": "instruqt",
-            "params": params,
+            "invite_id": None,
+            "is_developer_play": developer,
+            "custom_parameters": params,
         }
         clock += timedelta(seconds=rng.randint(1, 600), microseconds=rng.randint(0, 999999))
+        started = clock
         events.append({**base, "type": "track.started", "timestamp": _stamp(clock)})
         for index in range(rng.randint(0, 3)):
             clock += timedelta(seconds=rng.randint(30, 900))
             events.append(
                 {
-                    **base,
+                    **{k: v for k, v in base.items() if k != "track_slug"},
                     "type": "track.challenge_attempted",
                     "timestamp": _stamp(clock),
                     "challenge_id": f"ch{index}",
@@ -48,14 +55,16 @@ def learner_history(number: int, rng: random.Random, email_in_params: bool = Tru
             )
         if rng.random() < 0.5:
             clock += timedelta(seconds=rng.randint(30, 900))
-            events.append({**base, "type": "track.completed", "timestamp": _stamp(clock)})
-            if rng.random() < 0.5:
+            duration = int((clock - started).total_seconds())
+            completed = {**base, "type": "track.completed", "duration": duration}
+            events.append({**completed, "timestamp": _stamp(clock)})
+            if not developer and rng.random() < 0.5:
                 clock += timedelta(seconds=rng.randint(5, 120))
                 events.append(
                     {
                         "type": "review.created",
                         "user_id": user_id,
-                        "id": f"r{number}{track}",
+                        "review_id": f"r{number}{track}",
                         "track_id": f"id-{track}",
                         "track_slug": track,
                         "organization_id": "instruqt",
@@ -84,13 +93,13 @@ def expected_records(events: list[dict]) -> dict[str, dict[str, Any]]:
     the engine."""
     by_user: dict[str, list[dict]] = {}
     for event in events:
-        by_user.setdefault(event["user_id"], []).append(event)
+        if not event.get("is_developer_play"):
+            by_user.setdefault(event["user_id"], []).append(event)
     records = {}
     for user_id, mine in by_user.items():
         email = f"learner{int(user_id[4:]):05d}@example.com"
         times = sorted(_moment(e) for e in mine)
         tracks = [e for e in mine if e["type"].startswith("track.")]
-        latest_track = max(tracks, key=lambda e: _moment(e))
         started = sorted({e["track_slug"] for e in mine if e["type"] == "track.started"})
         completed = sorted({e["track_slug"] for e in mine if e["type"] == "track.completed"})
         challenges = {
@@ -103,9 +112,12 @@ def expected_records(events: list[dict]) -> dict[str, dict[str, Any]]:
             "instruqt_user_id": user_id,
             "instruqt_first_activity_at": times[0],
             "instruqt_last_activity_at": times[-1],
-            "instruqt_last_track": latest_track["track_slug"],
-            "instruqt_tracks_started": ";".join(started),
         }
+        if tracks:  # a learner may have nothing but an invite (their plays: developer plays)
+            latest = max(tracks, key=lambda e: _moment(e))
+            record["instruqt_last_track"] = latest.get("track_slug") or latest["track_id"]
+        if started:
+            record["instruqt_tracks_started"] = ";".join(started)
         if completed:
             record["instruqt_tracks_completed"] = ";".join(completed)
             record["instruqt_tracks_completed_count"] = len(completed)

@@ -91,7 +91,7 @@ def test_an_event_that_breaks_the_batch_merge_fails_alone(
     [failure] = failures.every(redis_conn)
     assert failure.message_id == "msg_2" and "cannot encode this value" in failure.reason
     assert json.loads(failure.payload) == EVENTS[2]
-    email = EVENTS[2]["params"]["email"]
+    email = EVENTS[2]["custom_parameters"]["email"]
     assert "msg_2" not in ledger.event_ids(redis_conn, email)
     assert ledger.event_ids(redis_conn, email)  # its learner's other events were merged
 
@@ -101,7 +101,7 @@ def test_a_deterministic_redis_error_fails_the_event_not_the_batch(
 ) -> None:
     """A type error on one contact's key would fail every retry: that event fails alone."""
     run = runtime(redis_url)
-    broken = EVENTS[0]["params"]["email"]
+    broken = EVENTS[0]["custom_parameters"]["email"]
     redis_conn.set(keys.contact(broken), "not a hash")
     statuses = handle_batch(redis_conn, run, entries(EVENTS, list(range(len(EVENTS)))))
     learner_events = sum(1 for body in EVENTS if body["user_id"] == EVENTS[0]["user_id"])
@@ -114,10 +114,10 @@ def test_a_learner_with_thousands_of_waiting_events_is_released_in_one_batch(
     redis_url: str, redis_conn: redis.Redis
 ) -> None:
     run = runtime(redis_url)
-    body = {**EVENTS[0], "user_id": "u-busy", "params": {}}
+    body = {**EVENTS[0], "user_id": "u-busy", "custom_parameters": {}}
     for number in range(9000):  # more than Lua's unpack() takes at once
         identity.park(redis_conn, parse_event(f"w{number}", {**body, "challenge_id": f"c{number}"}))
-    reveal = {**body, "params": {"email": "busy@example.com"}}
+    reveal = {**body, "custom_parameters": {"email": "busy@example.com"}}
     handle_batch(redis_conn, run, [inbox.Entry("1-0", "reveal", reveal)])
     assert identity.parked_events(redis_conn, "u-busy") == []
     assert len(ledger.event_ids(redis_conn, "busy@example.com")) == 9001

@@ -13,7 +13,6 @@ import click
 import pytest
 import redis
 from click.testing import CliRunner, Result
-from hubspot.crm.properties import PropertyCreate
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.serving import make_server
 
@@ -39,6 +38,7 @@ from tests.engine_helpers import (
     installed,
 )
 from tests.fakes.hubspot import FakeHubSpot
+from tests.test_fake_hubspot import create_property
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAPPING = ROOT / "mappings" / "hubspot.yaml"
@@ -93,7 +93,8 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tupl
 
 def test_every_command_has_help() -> None:
     paths = list(_commands(main))
-    assert {("check",), ("preview",), ("replay",), ("status",), ("trace",)} <= set(paths)
+    assert {("check",), ("release",), ("preview",), ("replay",), ("status",)} <= set(paths)
+    assert ("trace",) in paths
     assert {("failed", "requeue"), ("setup", "hubspot"), ("dev",), ("send-example",)} <= set(paths)
     for path in paths:
         result = run(*path, "--help")
@@ -151,6 +152,20 @@ def test_check_with_a_token_reports_missing_properties_then_passes(
         assert run("check", "--no-crm").exit_code == 0
 
 
+def test_check_reports_type_mismatches_as_setup_does(
+    no_secret: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeHubSpot() as fake:
+        monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", fake.token)
+        monkeypatch.setenv("HUBSPOT_API_BASE", fake.url)
+        create_property(HubSpotAdapter(fake.token, fake.url).client, "instruqt_last_review_score")
+        assert run("setup", "hubspot").exit_code == 1  # creates the others
+        result = run("check")
+    assert result.exit_code == 1
+    assert "type mismatch: instruqt_last_review_score: is string" in result.output
+    assert "Fix these in HubSpot" in result.output
+
+
 def test_check_with_a_bad_token_fails(no_secret: None, monkeypatch: pytest.MonkeyPatch) -> None:
     with FakeHubSpot() as fake:
         monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", "wrong-token")
@@ -202,17 +217,7 @@ def test_setup_reports_type_mismatches(no_secret: None, monkeypatch: pytest.Monk
     with FakeHubSpot() as fake:
         monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", fake.token)
         monkeypatch.setenv("HUBSPOT_API_BASE", fake.url)
-        adapter = HubSpotAdapter(fake.token, fake.url)
-        adapter.client.crm.properties.core_api.create(
-            "contacts",
-            PropertyCreate(
-                name="instruqt_last_review_score",
-                label="Score",
-                type="string",
-                field_type="text",
-                group_name="contactinformation",
-            ),
-        )
+        create_property(HubSpotAdapter(fake.token, fake.url).client, "instruqt_last_review_score")
         result = run("setup", "hubspot")
         assert result.exit_code == 1
         assert "type mismatch: instruqt_last_review_score: is string" in result.output
@@ -245,7 +250,8 @@ def test_preview_of_the_example_events(no_secret: None, tmp_path: Path) -> None:
     assert contact["email"] == "ada@example.com"
     assert contact["properties"]["instruqt_last_review_score"] == 5
     assert contact["properties"]["instruqt_tracks_completed_count"] == 1
-    assert contact["properties"]["instruqt_last_track"] == "getting-started-with-kubernetes"
+    # the latest track event is a challenge event, which (as Instruqt's) carries no slug
+    assert contact["properties"]["instruqt_last_track"] == "rzwlxtp92ted"
     assert as_json["waiting_for_identity"] == []
     assert {item["type"] for item in as_json["ignored"]} == {
         t for t in example_types() if t.startswith("sandbox.") or t.endswith("cleanup")
@@ -569,7 +575,7 @@ def test_send_example_is_signed_and_accepted(receiver: str, redis_conn: redis.Re
     ((message_id, body),) = inbox_events(redis_conn)
     assert message_id.startswith("msg_")
     assert body["type"] == "track.completed"
-    assert body["params"] == {"email": "a@example.com"}
+    assert body["custom_parameters"] == {"email": "a@example.com"}
 
     everything = run("send-example", "--all", "--url", receiver)
     assert everything.exit_code == 0, everything.output

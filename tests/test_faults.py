@@ -210,10 +210,10 @@ def with_bad_emails(events: list[dict[str, Any]], every: int) -> tuple[list[dict
     changed = []
     for event in events:
         number = int(event["user_id"][4:])
-        if number % every == 0 and "params" in event:
+        if number % every == 0 and "custom_parameters" in event:
             email = f"learner{number:05d}@example"  # no dotted domain: INVALID_EMAIL
             bad.add(email)
-            event = {**event, "params": {"email": email}}
+            event = {**event, "custom_parameters": {"email": email}}
         changed.append(event)
     return changed, bad
 
@@ -221,7 +221,11 @@ def with_bad_emails(events: list[dict[str, Any]], every: int) -> tuple[list[dict
 def test_crm_rejects_some_records_permanently(tmp_path: Path) -> None:
     events, bad = with_bad_emails(history(LEARNERS, seed=401), every=15)
     pairs = deliveries(events, seed=402)
-    bad_users = {e["user_id"] for e in events if e.get("params", {}).get("email") in bad}
+    learners = [e for e in events if not e.get("is_developer_play")]  # the CRM sees these
+    bad_users = {
+        e["user_id"] for e in learners if e.get("custom_parameters", {}).get("email") in bad
+    }
+    bad = {e["custom_parameters"]["email"] for e in learners if e.get("custom_parameters")} & bad
     good_users = {e["user_id"] for e in events} - bad_users  # reviews carry no email at all
     expected = expected_in_crm(expected_records([e for e in events if e["user_id"] in good_users]))
 
@@ -248,7 +252,7 @@ def invites(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "invite_id": f"inv{user_id[4:]}",
             "organization_id": "instruqt",
             "timestamp": _stamp(parse_timestamp(event["timestamp"]) - timedelta(minutes=1)),
-            "params": {"email": f"learner{int(user_id[4:]):05d}@example.com"},
+            "custom_parameters": {"email": f"learner{int(user_id[4:]):05d}@example.com"},
         }
         for user_id, event in first.items()
     ]

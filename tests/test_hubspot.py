@@ -200,18 +200,7 @@ def test_provisioning_creates_exactly_the_missing_and_is_idempotent(fake: FakeHu
 
 def test_provisioning_reports_a_type_mismatch(fake: FakeHubSpot) -> None:
     hub = HubSpotAdapter(fake.token, fake.url, sleep=lambda s: None)
-    from hubspot.crm.properties import PropertyCreate
-
-    hub.client.crm.properties.core_api.create(
-        "contacts",
-        PropertyCreate(
-            name="instruqt_last_review_score",
-            label="x",
-            type="string",
-            field_type="text",
-            group_name="contactinformation",
-        ),
-    )
+    create_property(hub.client, "instruqt_last_review_score")  # a string, not a number
     steps = hubspot_setup.plan(hub, MAPPING)
     assert steps.mismatched == ["instruqt_last_review_score: is string, the mapping needs number"]
     assert "instruqt_last_review_score" not in steps.create

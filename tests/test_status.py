@@ -62,6 +62,7 @@ def test_counters_failures_flush_and_budget(redis_conn: redis.Redis) -> None:
         "events": {"merged": 3},
         "events_by_type": {"track.started": {"merged": 2}, "review.created": {"merged": 1}},
         "identity": {"params": 3},
+        "skipped": {},
     }
     assert figures["failures"] == {"open": {"mapping": 1}, "recorded": {"mapping": 2}}
     assert figures["last_flush"]["at"] == 1000.0

@@ -8,6 +8,7 @@ from .failed import failed_group
 from .local import dev, send_example
 from .mapping_commands import check, preview_command, setup
 from .operations import replay, status_command, trace_command
+from .release import release
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ for command in (
     dev,
     send_example,
     check,
+    release,
     preview_command,
     setup,
     replay,

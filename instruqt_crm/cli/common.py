@@ -64,6 +64,19 @@ def load_mapping_or_exit(path: str | Path, err: bool = True) -> Mapping:
         raise click.exceptions.Exit(1) from None
 
 
+def checked_mapping(path: str | Path) -> Mapping:
+    """The mapping, validated as `check` reports it: its warnings, then one ``ok`` line naming
+    what it maps; on problems each ``file:line: key: message`` and exit 1."""
+    mapping = load_mapping_or_exit(path, err=False)
+    for warning in mapping.warnings:
+        click.echo(f"{warning} (warning)")
+    click.echo(
+        f"{path}: ok ({mapping.crm} {mapping.object}, "
+        f"{len(mapping.properties)} properties, {len(mapping.events)} rules)"
+    )
+    return mapping
+
+
 def crm_adapter(settings: Settings, mapping: Mapping) -> CrmAdapter | None:
     """The CRM adapter for one-off checks and setup (no Redis, no shared budget, 3 attempts),
     or None when the mapping's CRM has no credentials (a dry run has nothing to check)."""

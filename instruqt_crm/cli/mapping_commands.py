@@ -8,14 +8,13 @@ import click
 
 from instruqt_crm.config import DEFAULT_MAPPING_PATH
 from instruqt_crm.crm import hubspot_setup, salesforce_setup
-from instruqt_crm.crm.base import missing_properties
 from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.crm.salesforce import SalesforceAdapter
 from instruqt_crm.errors import SyncError
-from instruqt_crm.mapping import Mapping
 from instruqt_crm.ops import preview
 
 from .common import (
+    checked_mapping,
     crm_adapter,
     json_option,
     load_mapping_or_exit,
@@ -23,6 +22,7 @@ from .common import (
     print_json,
     settings_or_exit,
 )
+from .crm_checks import check_salesforce, fail_on_mismatches, hubspot_properties, lacks
 
 
 @click.command(short_help="Validate a mapping and the CRM's properties.")
@@ -43,13 +43,7 @@ from .common import (
 )
 def check(mapping_path: str, check_crm: bool) -> None:
     """Validate a mapping (default: MAPPING_PATH) and the CRM's properties; exit 1 if not ok."""
-    mapping = load_mapping_or_exit(mapping_path, err=False)
-    for warning in mapping.warnings:
-        click.echo(f"{warning} (warning)")
-    click.echo(
-        f"{mapping_path}: ok ({mapping.crm} {mapping.object}, "
-        f"{len(mapping.properties)} properties, {len(mapping.events)} rules)"
-    )
+    mapping = checked_mapping(mapping_path)
     if not check_crm:
         return
     adapter = crm_adapter(settings_or_exit(), mapping)
@@ -59,23 +53,12 @@ def check(mapping_path: str, check_crm: bool) -> None:
     if not isinstance(adapter, HubSpotAdapter):
         click.echo("HubSpot: properties not checked (HUBSPOT_ACCESS_TOKEN is not set)")
         return
-    try:
-        known = adapter.describe()
-    except SyncError as exc:
-        raise click.ClickException(
-            f"HubSpot: cannot read the contact properties: {exc.reason}"
-        ) from None
-    missing = missing_properties(known, mapping.properties)
-    if missing:
-        click.echo(
-            f"HubSpot: the account lacks {len(missing)} mapped propert"
-            f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}"
-        )
+    found = hubspot_properties(adapter, mapping, create=False)
+    if found.missing:
+        click.echo(lacks(found.missing))
         click.echo("Create them with: instruqt-crm setup hubspot")
         raise click.exceptions.Exit(1)
-    if problem := hubspot_setup.upsert_key_problem(mapping, known):
-        click.echo(f"HubSpot: {problem}")
-        raise click.exceptions.Exit(1)
+    fail_on_mismatches(found.steps)
     click.echo(f"HubSpot: every mapped property exists ({len(mapping.properties)})")
 
 
@@ -126,40 +109,15 @@ def setup_hubspot(mapping_path: str, dry_run: bool) -> None:
         raise click.UsageError(f"{mapping_path} is a {mapping.crm} mapping, not a HubSpot one")
     adapter = crm_adapter(settings, mapping)
     assert isinstance(adapter, HubSpotAdapter)  # a HubSpot mapping with a token
-    try:
-        steps = hubspot_setup.plan(adapter, mapping)
-        created = [] if dry_run else hubspot_setup.apply(adapter, mapping, steps)
-    except SyncError as exc:
-        raise click.ClickException(f"HubSpot: {exc.reason}") from None
+    result = hubspot_properties(adapter, mapping, create=not dry_run)
+    steps = result.steps
     verb = "would create" if dry_run else "created"
     group = f"{verb} group" if steps.create_group else "group exists"
     click.echo(f"{hubspot_setup.GROUP}: {group}")
     click.echo(f"exist ({len(steps.existing)}): {', '.join(steps.existing) or '-'}")
-    names = steps.create if dry_run else [n for n in created if not n.startswith("group ")]
+    names = steps.create if dry_run else result.created
     click.echo(f"{verb} ({len(names)}): {', '.join(names) or '-'}")
-    for mismatch in steps.mismatched:
-        click.echo(f"type mismatch: {mismatch}")
-    if steps.mismatched:
-        click.echo("Fix these in HubSpot (or rename the property in the mapping).")
-        raise click.exceptions.Exit(1)
-
-
-def check_salesforce(mapping: Mapping, adapter: object) -> None:
-    """The Salesforce branch of `check`: every mapped field on Contact and Lead."""
-    if not isinstance(adapter, SalesforceAdapter):
-        click.echo("Salesforce: fields not checked (no SALESFORCE_* credentials are set)")
-        return
-    try:
-        missing = salesforce_setup.missing_fields(adapter)
-    except SyncError as exc:
-        raise click.ClickException(
-            f"Salesforce: cannot describe the objects: {exc.reason}"
-        ) from None
-    if missing:
-        click.echo(f"Salesforce: {len(missing)} mapped field(s) missing: {', '.join(missing)}")
-        click.echo("Create them with: instruqt-crm setup salesforce --deploy (or deploy --out DIR)")
-        raise click.exceptions.Exit(1)
-    click.echo(f"Salesforce: every mapped field exists ({len(mapping.properties)})")
+    fail_on_mismatches(steps)
 
 
 @setup.command("salesforce")

@@ -45,7 +45,8 @@ PLAY_FIELDS: dict[str, PropertySpec] = {  # API name -> definition (Status__c: a
     "Minutes_Spent__c": _spec(
         "number",
         "Minutes spent",
-        "Minutes from the start to the completion (else the stop, else the latest event).",
+        "Minutes played as Instruqt reports them (else from the start to the completion, "
+        "the stop or the latest event).",
     ),
 }
 REQUIRED_FIELDS = (*PLAY_FIELDS, *LOOKUPS.values())

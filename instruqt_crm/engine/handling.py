@@ -24,7 +24,7 @@ from instruqt_crm.errors import Category, MappingFailure
 from instruqt_crm.events import Event, parse_event
 from instruqt_crm.journal import counters, failures, trail
 from instruqt_crm.logs import CURRENT_EVENT
-from instruqt_crm.mapping import PropertyChange, apply_event
+from instruqt_crm.mapping import PropertyChange, apply_event, skip_reason
 
 from . import identity, ledger, plays
 from .flush import schedule_flush
@@ -36,13 +36,14 @@ log = logging.getLogger(__name__)
 # Redis errors that pass: the batch stays unacknowledged and is taken again. Others (a
 # script or type error) would fail the same way every time, so they fail the event instead.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
-Status = Literal["merged", "parked", "failed", "ignored", "unknown"]
+Status = Literal["merged", "parked", "failed", "ignored", "unknown", "skipped"]
 
 
 @dataclass(frozen=True)
 class Handled:
     """What became of one event: merged (``changed``: did a value change?), parked to wait
-    for the learner's email, failed (``reason``), or skipped by the mapping."""
+    for the learner's email, failed (``reason``), ignored or unknown by its type, or skipped
+    by a mapping condition (``reason``: which)."""
 
     event_id: str
     status: Status
@@ -112,6 +113,10 @@ class Batch:
             )
             self._outcomes.append(Handled(event.id, kind))
             return
+        skipped = skip_reason(mapping, event, direct)
+        if skipped is not None:
+            self._outcomes.append(self._skip(event, skipped, direct))
+            return
         found = self.resolver.resolve(event)
         if found.email is None:
             self._outcomes.append(self._park(event))
@@ -161,6 +166,25 @@ class Batch:
 
     def _count(self, outcome: str, event_type: str) -> None:
         counters.count_event(self.writes, outcome, event_type)
+
+    def _skip(self, event: Event, reason: str, email: str | None) -> Handled:
+        """Count (and, when the learner's email is known, trail) an event the mapping skips;
+        no lookup is made for it."""
+        self._count("skipped", event.type)
+        counters.count_skip(self.writes, reason)
+        email = email or (self.resolver.cached(event.user_id) if event.user_id else None)
+        if email:
+            trail.note(
+                self.writes,
+                email,
+                "skipped",
+                event.user_id,
+                event_id=event.id,
+                type=event.type,
+                reason=reason,
+            )
+        log.info("event %s (%s) skipped by the mapping: %s", event.id, event.type, reason)
+        return Handled(event.id, "skipped", reason)
 
     def _stage(self, event: Event, email: str) -> Handled | int:
         """Apply the mapping and stage the merge into the learner's ledger: the position of

@@ -105,6 +105,10 @@ class IdentityResolver:
             return self._count(Resolution(None, "none"))
         return self.resolve_user(event.user_id)
 
+    def cached(self, user_id: str) -> str | None:
+        """The user's email if this resolver or the cache knows it (no lookup, not counted)."""
+        return self.known.get(user_id) or cached_email(self.conn, user_id)
+
     def resolve_user(self, user_id: str) -> Resolution:
         """Cache first, then the Instruqt API."""
         if user_id in self.known:

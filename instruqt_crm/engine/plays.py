@@ -10,13 +10,15 @@ their lookups need, through the adapter's play writer (``PlayRecords``; only Sal
 
 Fields: ``track`` (slug, else id), ``status`` (Completed beats Stopped beats Started),
 ``started_at`` (the play's earliest event), ``completed_at`` (earliest completion),
-``challenges_completed`` (distinct challenge ids completed), ``minutes_spent`` (from the start
-to the completion, else to the stop, else to the latest event; rounded to whole minutes).
+``challenges_completed`` (distinct challenge ids completed), ``minutes_spent`` (Instruqt's
+``duration`` when an event carried one, else from the start to the completion, else to the
+stop, else to the latest event; rounded to whole minutes).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
@@ -41,6 +43,7 @@ CELLS: dict[str, str] = {  # cell -> merge policy
     "completed_at": "min",
     "stopped_at": "min",
     "challenges": "count",
+    "duration": "max",  # seconds played, as Instruqt reports them on completion or stop
 }
 
 
@@ -61,7 +64,7 @@ def event_cells(options: PlaysOptions, event: Event) -> list[PropertyChange]:
     """What one event tells about its play, one change per cell."""
     body = event.body
     moment = format_timestamp(event.timestamp)
-    found: dict[str, str] = {"started_at": moment, "last_at": moment}
+    found: dict[str, str | float] = {"started_at": moment, "last_at": moment}
     for name in ("track_slug", "track_id"):
         if (value := _given(body.get(name))) is not None:
             found[name] = value
@@ -73,6 +76,8 @@ def event_cells(options: PlaysOptions, event: Event) -> list[PropertyChange]:
     failed = str(body.get("completed")).lower() in ("false", "0")
     if challenge and not failed and _matches(options.challenge_completed, event.type):
         found["challenges"] = challenge
+    if (seconds := _seconds(body.get("duration"))) is not None:
+        found["duration"] = seconds
     return [
         PropertyChange(name, CELLS[name], value, event.timestamp) for name, value in found.items()
     ]
@@ -99,12 +104,28 @@ def merge_event(conn: redis.Redis, mapping: Mapping, event: Event, email: str) -
     return found is not None and merge_many(conn, [found])[0]
 
 
+def minutes_played(seconds: Value) -> int | None:
+    """Whole minutes (rounded) of Instruqt's ``duration``."""
+    return max(0, int((float(seconds) + 30) // 60)) if isinstance(seconds, int | float) else None
+
+
 def minutes_between(start: Value, end: Value) -> int | None:
     """Whole minutes (rounded) from one ISO time to another; None without both."""
     if not isinstance(start, str) or not isinstance(end, str):
         return None
     seconds = (parse_timestamp(end) - parse_timestamp(start)).total_seconds()
     return max(0, int((seconds + 30) // 60))
+
+
+def _seconds(value: Any) -> float | None:
+    """A ``duration`` in seconds, or None when it is missing or not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def play_fields(cells: dict[str, Any]) -> dict[str, Value]:
@@ -121,9 +142,9 @@ def play_fields(cells: dict[str, Any]) -> dict[str, Value]:
         "started_at": started,
         "completed_at": completed,
         "challenges_completed": value("challenges", "number") or 0,
-        "minutes_spent": minutes_between(
-            started, completed or stopped or value("last_at", "datetime")
-        ),
+        "minutes_spent": minutes_played(value("duration", "number"))
+        if cells.get("duration") is not None
+        else minutes_between(started, completed or stopped or value("last_at", "datetime")),
     }
     return {name: found for name, found in fields.items() if found is not None}
 

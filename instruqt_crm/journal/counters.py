@@ -193,11 +193,18 @@ def count_identity(writes: redis.Redis | Pipeline, source: str) -> None:
     writes.hincrby(keys.STATS, f"identity:{source}", 1)
 
 
+def count_skip(writes: redis.Redis | Pipeline, reason: str) -> None:
+    """Count an event a mapping condition skipped, by the condition's name."""
+    writes.hincrby(keys.STATS, f"skipped:{reason}", 1)
+
+
 def stats(conn: redis.Redis) -> dict[str, Any]:
-    """The statistics: events by outcome, events by type and outcome, identity by source."""
+    """The statistics: events by outcome, events by type and outcome, identity by source,
+    events skipped by a mapping condition by its name."""
     events: dict[str, int] = {}
     by_type: dict[str, dict[str, int]] = {}
     lookups: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     for field, raw in conn.hgetall(keys.STATS).items():
         parts, value = keys.text(field).split(":", 2), int(raw)
         if parts[0] == "events" and len(parts) == 2:
@@ -206,4 +213,6 @@ def stats(conn: redis.Redis) -> dict[str, Any]:
             by_type.setdefault(parts[2], {})[parts[1]] = value
         elif parts[0] == "identity" and len(parts) >= 2:
             lookups[":".join(parts[1:])] = value
-    return {"events": events, "events_by_type": by_type, "identity": lookups}
+        elif parts[0] == "skipped" and len(parts) >= 2:
+            skipped[":".join(parts[1:])] = value
+    return {"events": events, "events_by_type": by_type, "identity": lookups, "skipped": skipped}

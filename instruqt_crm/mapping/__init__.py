@@ -1,6 +1,6 @@
 """The YAML mapping: load and validate it, turn events into property changes, merge them."""
 
-from .apply import apply_event
+from .apply import DEVELOPER_PLAY, apply_event, skip_reason
 from .errors import MappingError
 from .loader import load_mapping, parse_mapping
 from .merge import POLICIES, canonical_policy, cell_value, fold, merge_cells, to_cell
@@ -16,6 +16,7 @@ from .model import (
 from .values import PropertyChange, Value, ValueType
 
 __all__ = [
+    "DEVELOPER_PLAY",
     "POLICIES",
     "EventClass",
     "Identity",
@@ -35,5 +36,6 @@ __all__ = [
     "load_mapping",
     "merge_cells",
     "parse_mapping",
+    "skip_reason",
     "to_cell",
 ]

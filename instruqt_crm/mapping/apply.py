@@ -12,12 +12,29 @@ from .templates import RenderError, render, template_context, truthy
 from .values import PropertyChange, coerce
 
 
-def _render(source: str, context: dict[str, Any], pattern: str, what: str) -> str:
-    """Render one template; a failure names the rule and the property."""
+def _render(source: str, context: dict[str, Any], where: str) -> str:
+    """Render one template; a failure names where it is (the rule and property, the skip)."""
     try:
         return render(source, context)
     except RenderError as exc:
-        raise MappingFailure(f"rule {pattern!r}, {what}: template failed: {exc}") from exc
+        raise MappingFailure(f"{where}: template failed: {exc}") from exc
+
+
+DEVELOPER_PLAY = "developer_play"
+
+
+def skip_reason(mapping: Mapping, event: Event, email: str | None) -> str | None:
+    """Why the mapping skips this (mapped) event: ``developer_play`` or the name of the first
+    ``skip`` condition that holds; None when it is not skipped."""
+    if mapping.skip_developer_plays and event.is_developer_play:
+        return DEVELOPER_PLAY
+    if not mapping.skip:
+        return None
+    context = template_context(event, email)
+    for name, condition in mapping.skip.items():
+        if truthy(_render(condition, context, f"skip {name!r}")):
+            return name
+    return None
 
 
 def apply_event(mapping: Mapping, event: Event, email: str | None) -> list[PropertyChange]:
@@ -27,10 +44,11 @@ def apply_event(mapping: Mapping, event: Event, email: str | None) -> list[Prope
     context = template_context(event, email)
     changes: list[PropertyChange] = []
     for pattern, rule in mapping.rules_for(event.type):
-        if rule.when is not None and not truthy(_render(rule.when, context, pattern, "when")):
+        where = f"rule {pattern!r}"
+        if rule.when is not None and not truthy(_render(rule.when, context, f"{where}, when")):
             continue
         for name, prop in rule.properties.items():
-            text = _render(prop.value, context, pattern, f"property {name!r}")
+            text = _render(prop.value, context, f"{where}, property {name!r}")
             if not text:
                 continue
             spec = mapping.properties[name]

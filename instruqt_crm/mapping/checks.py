@@ -257,7 +257,24 @@ def mapping_problems(m: Mapping) -> list[Problem]:
         *_pattern_problems(m),
         *_rule_problems(m),
         *_plays_problems(m),
+        *_skip_problems(m),
     ]
+
+
+SKIP_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def _skip_problems(m: Mapping) -> list[Problem]:
+    """Skip conditions are counted under their names: short snake_case, not a built-in."""
+    problems = []
+    for name in m.skip:
+        if not SKIP_NAME.fullmatch(name):
+            message = f"skip name {short_repr(name)}: use lowercase letters, digits and _"
+            problems.append(Problem(("skip", name), message))
+        elif name == "developer_play":
+            message = "'developer_play' is built in: use skip_developer_plays instead"
+            problems.append(Problem(("skip", name), message))
+    return problems
 
 
 def mapping_warnings(m: Mapping) -> list[Problem]:

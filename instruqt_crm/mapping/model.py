@@ -225,6 +225,16 @@ class Mapping(_Model):
     ignore: Annotated[list[str], _empty_as(list)] = Field(
         default_factory=list, description="types or globs skipped"
     )
+    skip_developer_plays: bool = Field(
+        True,
+        description="Skip events of developer plays (is_developer_play: true): a track "
+        "author testing a track is not a learner. Counted as skipped (developer_play).",
+    )
+    skip: Annotated[dict[str, Template], _empty_as(dict)] = Field(
+        default_factory=dict,
+        description="name -> condition: a mapped event for which the condition renders "
+        "true-ish is skipped, counted as skipped under the name",
+    )
     hubspot: HubSpotOptions | None = None
     salesforce: SalesforceOptions | None = None
 

@@ -21,7 +21,10 @@ def example_event(
     track_slug: str = "getting-started-with-kubernetes",
     at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Build one event body shaped like Instruqt's."""
+    """Build one event body shaped like Instruqt's: the fields its webhooks carry (as a
+    public Go client of Instruqt's API reads them), RFC 3339 times with 8 fractional digits,
+    custom parameters as ``custom_parameters``; challenge events without ``track_slug``, as
+    Instruqt's documented example."""
     moment = at or datetime.now(UTC)
     params = {"email": email} if email else {}
     body: dict[str, Any] = {
@@ -36,16 +39,21 @@ def example_event(
             track_slug=track_slug,
             participant_id=secrets.token_hex(6),
             invite_id=None,
-            mode="normal",
-            params=params,
+            claim_id=None,
+            is_developer_play=False,
+            pooled=False,
+            custom_parameters=params,
         )
     if event_type.startswith("track.challenge_"):
+        del body["track_slug"]
         body.update(challenge_id="dxhrbpuvvia9", challenge_index=1, total_challenges=4)
     if event_type == "track.challenge_attempted":
         body["completed"] = True
+    if event_type in ("track.completed", "track.stopped"):
+        body["duration"] = 1260  # seconds played
     if event_type.startswith("review."):
         body.update(
-            id=secrets.token_hex(6),
+            review_id=secrets.token_hex(6),
             track_id="rzwlxtp92ted",
             track_slug=track_slug,
             score=5,
@@ -54,9 +62,10 @@ def example_event(
     if event_type == "invite.claimed":
         body.update(
             invite_id="inv_" + secrets.token_hex(4),
+            claim_id="claim_" + secrets.token_hex(4),
             team_id="team_1",
             team_slug="instruqt",
-            params=params,
+            custom_parameters=params,
         )
     return body
 

@@ -8,6 +8,7 @@ the engine's state when Prometheus scrapes, through a custom collector.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -37,20 +38,33 @@ class RedisCollector:
             for field, value in self.conn.hgetall(keys.metric(name)).items():
                 family.add_metric(keys.text(field).split(counters.LABEL_SEPARATOR), int(value))
             yield family
-        yield self._events()
+        stats = counters.stats(self.conn)
+        yield self._events(stats)
+        yield self._skipped(stats)
         yield self._latency()
         yield from self._gauges()
 
-    def _events(self) -> Metric:
+    def _events(self, stats: dict[str, Any]) -> Metric:
         """Events by type and outcome, from the workers' statistics."""
         family = CounterMetricFamily(
             "instruqt_crm_events",
             "Events processed, by type and outcome.",
             labels=("type", "outcome"),
         )
-        for event_type, outcomes in counters.stats(self.conn)["events_by_type"].items():
+        for event_type, outcomes in stats["events_by_type"].items():
             for outcome, value in outcomes.items():
                 family.add_metric([event_type, outcome], value)
+        return family
+
+    def _skipped(self, stats: dict[str, Any]) -> Metric:
+        """Events a mapping condition skipped (developer plays, ...), by the condition."""
+        family = CounterMetricFamily(
+            "instruqt_crm_events_skipped",
+            "Events skipped by a mapping condition, by its name (developer_play, ...).",
+            labels=("reason",),
+        )
+        for reason, value in stats["skipped"].items():
+            family.add_metric([reason], value)
         return family
 
     def _latency(self) -> Metric:

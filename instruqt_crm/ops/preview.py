@@ -17,7 +17,14 @@ from typing import Any
 from instruqt_crm.engine.identity import email_in
 from instruqt_crm.errors import MappingFailure
 from instruqt_crm.events import EventError, parse_event
-from instruqt_crm.mapping import Mapping, apply_event, cell_value, merge_cells, to_cell
+from instruqt_crm.mapping import (
+    Mapping,
+    apply_event,
+    cell_value,
+    merge_cells,
+    skip_reason,
+    to_cell,
+)
 from instruqt_crm.mapping.merge import Cell
 from instruqt_crm.mapping.values import Value
 
@@ -132,6 +139,7 @@ class Preview:
     waiting: dict[str, Contact] = field(default_factory=dict)  # by user id
     ignored: list[tuple[str, str]] = field(default_factory=list)  # where, type
     unknown: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # where, the condition
     failed: list[tuple[str, str]] = field(default_factory=list)  # where, reason
     mapped: int = 0
 
@@ -153,6 +161,7 @@ class Preview:
             "mapped": self.mapped,
             "ignored": [{"where": w, "type": t} for w, t in self.ignored],
             "unknown": [{"where": w, "type": t} for w, t in self.unknown],
+            "skipped": [{"where": w, "reason": r} for w, r in self.skipped],
             "failed": [{"where": w, "reason": r} for w, r in self.failed],
         }
 
@@ -182,6 +191,14 @@ def preview(mapping: Mapping, items: Iterable[Item], email: str | None = None) -
             continue
         who = email_in(event.params, mapping.identity.email_params)
         who = who or known.get(event.user_id or "") or fallback
+        try:
+            skipped = skip_reason(mapping, event, who)
+        except MappingFailure as exc:
+            result.failed.append((where, exc.reason))
+            continue
+        if skipped is not None:
+            result.skipped.append((where, skipped))
+            continue
         if who is None and not event.user_id:
             result.failed.append((where, "no user_id and no email: the learner is unknown"))
             continue
@@ -229,13 +246,16 @@ def render(result: Preview, mapping: Mapping) -> list[str]:
             lines.append("  (no property values)")
         lines.append("")
     total = result.mapped + len(result.ignored) + len(result.unknown) + len(result.failed)
+    total += len(result.skipped)
     lines.append(
         f"{total} event(s): {result.mapped} mapped, {len(result.ignored)} ignored, "
-        f"{len(result.unknown)} unknown, {len(result.failed)} failed"
+        f"{len(result.unknown)} unknown, {len(result.skipped)} skipped, {len(result.failed)} failed"
     )
     if result.ignored:
         lines.append(f"  ignored by the mapping: {_counted(result.ignored)}")
     if result.unknown:
         lines.append(f"  not mapped (no rule matches): {_counted(result.unknown)}")
+    if result.skipped:
+        lines.append(f"  skipped by a mapping condition: {_counted(result.skipped)}")
     lines += [f"  {where}: {reason}" for where, reason in result.failed]
     return lines

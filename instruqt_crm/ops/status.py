@@ -136,6 +136,7 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"Failures      open: {pairs(figures['failures']['open'])}; "
         f"recorded ever: {pairs(figures['failures']['recorded'])}",
         f"Events        {pairs(figures['counters']['events'])}",
+        f"Skipped       by mapping conditions: {pairs(figures['counters']['skipped'])}",
         f"Last flush    {when(flushed['at'])}" + (f" ({age:.0f} s ago)" if age is not None else ""),
     ]
     budget = crm.get("budget")

@@ -1,0 +1,91 @@
+"""The CRM steps `check`, `setup hubspot` and `release` share: compare the account with the
+mapping, create what is missing (HubSpot), and report problems in the same lines everywhere.
+
+Each raises ``click.ClickException`` (the CRM could not be read or written: one line) or
+``click.exceptions.Exit(1)`` (what was checked failed, its lines already printed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import click
+
+from instruqt_crm.crm import hubspot_setup, salesforce_setup
+from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.crm.salesforce import SalesforceAdapter
+from instruqt_crm.errors import SyncError
+from instruqt_crm.mapping import Mapping
+
+
+@dataclass
+class HubSpotProperties:
+    """What the account has of the mapping's properties, and what was created."""
+
+    steps: hubspot_setup.Plan
+    created: list[str] = field(default_factory=list)  # property names
+    created_group: bool = False
+
+    @property
+    def missing(self) -> list[str]:
+        """Mapped properties the account lacks (still, when nothing was created), sorted."""
+        return sorted(set(self.steps.create) - set(self.created))
+
+
+def hubspot_properties(
+    adapter: HubSpotAdapter, mapping: Mapping, create: bool
+) -> HubSpotProperties:
+    """Compare the account's contact properties with the mapping (``hubspot_setup.plan``, two
+    GETs) and, with ``create``, create the group and the missing properties
+    (``hubspot_setup.apply``); existing properties are never changed."""
+    try:
+        steps = hubspot_setup.plan(adapter, mapping)
+    except SyncError as exc:
+        raise click.ClickException(
+            f"HubSpot: cannot read the contact properties: {exc.reason}"
+        ) from None
+    if not create:
+        return HubSpotProperties(steps)
+    try:
+        created = hubspot_setup.apply(adapter, mapping, steps)
+    except SyncError as exc:
+        raise click.ClickException(f"HubSpot: cannot create the properties: {exc.reason}") from None
+    group = f"group {hubspot_setup.GROUP}"
+    names = [name for name in created if name != group]
+    return HubSpotProperties(steps, names, created_group=group in created)
+
+
+def lacks(missing: list[str]) -> str:
+    """The line that names the mapped properties the HubSpot account lacks."""
+    return (
+        f"HubSpot: the account lacks {len(missing)} mapped propert"
+        f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing)}"
+    )
+
+
+def fail_on_mismatches(steps: hubspot_setup.Plan) -> None:
+    """Print each type mismatch (and the upsert-key problem) and exit 1, if there are any."""
+    for mismatch in steps.mismatched:
+        click.echo(f"type mismatch: {mismatch}")
+    if steps.mismatched:
+        click.echo("Fix these in HubSpot (or rename the property in the mapping).")
+        raise click.exceptions.Exit(1)
+
+
+def check_salesforce(mapping: Mapping, adapter: object) -> None:
+    """Every mapped field on Contact and Lead (and the play-record fields); exit 1 listing the
+    missing ones and the command that deploys them."""
+    if not isinstance(adapter, SalesforceAdapter):
+        click.echo("Salesforce: fields not checked (no SALESFORCE_* credentials are set)")
+        return
+    try:
+        missing = salesforce_setup.missing_fields(adapter)
+    except SyncError as exc:
+        raise click.ClickException(
+            f"Salesforce: cannot describe the objects: {exc.reason}"
+        ) from None
+    if missing:
+        click.echo(f"Salesforce: {len(missing)} mapped field(s) missing: {', '.join(missing)}")
+        click.echo("Create them with: instruqt-crm setup salesforce --deploy (or deploy --out DIR)")
+        raise click.exceptions.Exit(1)
+    click.echo(f"Salesforce: every mapped field exists ({len(mapping.properties)})")

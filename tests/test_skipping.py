@@ -1,0 +1,134 @@
+"""Skipping by condition: developer plays (by default) and a mapping's own `skip:` conditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import responses
+
+from instruqt_crm.crm.dryrun import dry_run_records
+from instruqt_crm.engine import ledger
+from instruqt_crm.journal import counters, trail
+from instruqt_crm.mapping import MappingError, load_mapping, parse_mapping
+from instruqt_crm.ops import metrics, preview, status
+from instruqt_crm.ops.examples import example_event
+from tests.engine_helpers import drain, engine_runtime, enqueue_all, installed
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / "mappings" / "hubspot.yaml"
+GRAPHQL = "https://instruqt.test/graphql"
+
+
+def play(user_id: str, email: str | None, developer: bool, kind: str = "track.started") -> dict:
+    """An event of a play, as Instruqt sends it (developer play or not)."""
+    body = example_event(kind, user_id=user_id, email=email)
+    body["is_developer_play"] = developer
+    return body
+
+
+def edited(extra: str) -> str:
+    """The default mapping with ``extra`` YAML: a skip_developer_plays line replaces its own."""
+    text = DEFAULT.read_text()
+    if extra.startswith("skip_developer_plays:"):
+        return text.replace("skip_developer_plays: true\n", extra)
+    return text + "\n" + extra
+
+
+def with_skip(tmp_path: Path, extra: str) -> Path:
+    """A mapping file: the default one, ``edited``."""
+    path = tmp_path / "mapping.yaml"
+    path.write_text(edited(extra))
+    return path
+
+
+def test_the_shipped_mappings_skip_developer_plays() -> None:
+    for name in ("hubspot.yaml", "salesforce.yaml"):
+        assert load_mapping(ROOT / "mappings" / name).skip_developer_plays
+
+
+@responses.activate
+def test_a_developer_play_is_skipped_counted_and_traced_never_looked_up(
+    engine: Path, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A developer play writes nothing and costs no Instruqt lookup, even for a learner whose
+    email is unknown; it shows in the counters, the metrics, status and the learner's trail."""
+    events = [
+        ("m1", play("u-author", "author@example.com", developer=True)),
+        ("m2", play("u-author", None, developer=True, kind="track.completed")),
+        ("m3", play("u-learner", "learner@example.com", developer=False)),
+        ("m4", play("u-nobody", None, developer=True)),
+    ]
+    enqueue_all(redis_conn, events)
+    run = engine_runtime(redis_url, tmp_path, INSTRUQT_API_KEY="k", INSTRUQT_GRAPHQL_URL=GRAPHQL)
+    with installed(run):
+        drain(redis_conn)
+    assert len(responses.calls) == 0  # no lookup for the author nor the unknown one
+    assert set(dry_run_records(redis_conn)) == {"learner@example.com"}
+    assert ledger.cells(redis_conn, "author@example.com") == {}
+    stats = counters.stats(redis_conn)
+    assert stats["skipped"] == {"developer_play": 3}
+    assert stats["events"]["skipped"] == 3 and stats["events"]["merged"] == 1
+    exposed = metrics.render(redis_conn).decode()
+    assert 'instruqt_crm_events_skipped_total{reason="developer_play"} 3.0' in exposed
+    lines = status.render(status.collect(redis_conn, run))
+    assert "Skipped       by mapping conditions: developer_play 3" in lines
+    kinds = [
+        (entry["kind"], entry.get("reason")) for entry in trail.entries(redis_conn, "u-author")
+    ]
+    assert kinds == [("skipped", "developer_play"), ("skipped", "developer_play")]
+
+
+def test_a_mapping_may_sync_developer_plays(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    path = with_skip(tmp_path, "skip_developer_plays: false\n")
+    enqueue_all(redis_conn, [("m1", play("u-author", "author@example.com", developer=True))])
+    with installed(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(path))):
+        drain(redis_conn)
+    assert set(dry_run_records(redis_conn)) == {"author@example.com"}
+
+
+def test_a_skip_condition_skips_by_what_the_event_says(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    path = with_skip(tmp_path, "skip:\n  staff: \"{{ email.endswith('@acme.io') }}\"\n")
+    events = [
+        ("m1", play("u1", "ada@acme.io", developer=False)),
+        ("m2", play("u2", "bo@example.com", developer=False)),
+    ]
+    enqueue_all(redis_conn, events)
+    with installed(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(path))):
+        drain(redis_conn)
+    assert set(dry_run_records(redis_conn)) == {"bo@example.com"}
+    assert counters.stats(redis_conn)["skipped"] == {"staff": 1}
+
+
+def test_preview_lists_skipped_events(tmp_path: Path) -> None:
+    mapping = load_mapping(DEFAULT)
+    items = [
+        preview.Item("e1", play("u1", "a@example.com", developer=True), "m1"),
+        preview.Item("e2", play("u2", "b@example.com", developer=False), "m2"),
+    ]
+    result = preview.preview(mapping, items)
+    assert result.skipped == [("e1", "developer_play")]
+    assert list(result.contacts) == ["b@example.com"]
+    lines = preview.render(result, mapping)
+    assert "2 event(s): 1 mapped, 0 ignored, 0 unknown, 1 skipped, 0 failed" in lines
+    assert "  skipped by a mapping condition: developer_play" in lines
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("skip:\n  Staff Members: '{{ true }}'\n", "use lowercase letters, digits and _"),
+        ("skip:\n  developer_play: '{{ true }}'\n", "use skip_developer_plays instead"),
+        ("skip:\n  broken: '{{ email ! }}'\n", "skip.broken"),
+        ("skip_developer_plays: maybe\n", "skip_developer_plays"),
+    ],
+)
+def test_skip_settings_are_checked_at_load(extra: str, message: str) -> None:
+    with pytest.raises(MappingError) as caught:
+        parse_mapping(edited(extra))
+    assert message in str(caught.value)
