@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     redis_tls_ca_file: Path | None = _env("REDIS_TLS_CA_FILE")
     mapping_path: Path = _env("MAPPING_PATH", DEFAULT_MAPPING_PATH)
     instruqt_api_key: SecretStr | None = _env("INSTRUQT_API_KEY")
+    instruqt_team_slug: str | None = _env("INSTRUQT_TEAM_SLUG")
     instruqt_graphql_url: str = _env("INSTRUQT_GRAPHQL_URL", DEFAULT_INSTRUQT_GRAPHQL_URL)
     hubspot_access_token: SecretStr | None = _env("HUBSPOT_ACCESS_TOKEN")
     hubspot_api_base: str = _env("HUBSPOT_API_BASE", DEFAULT_HUBSPOT_API_BASE)
@@ -249,6 +250,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         """Settings that only work together."""
+        if self.instruqt_api_key is not None and not self.instruqt_team_slug:
+            raise ValueError(
+                "INSTRUQT_TEAM_SLUG: needed with INSTRUQT_API_KEY: your team's slug, whose "
+                "invite details (the email a learner gave the team) are asked first"
+            )
         if self.redis_tls_ca_file is not None and not self.redis_tls_verify:
             raise ValueError(
                 "REDIS_TLS_CA_FILE: set, but REDIS_TLS_VERIFY is false: the certificate would "

@@ -1,4 +1,10 @@
-"""Instruqt's GraphQL API: an Instruqt user id to the learner's email and display name."""
+"""Instruqt's GraphQL API: an Instruqt user id to the learner's email and name.
+
+One query asks for both what the learner gave the team when claiming its invite
+(``details(teamSlug:)``: email, first and last name) and their own profile (email, display
+name); the team's details come first. A public Go client of Instruqt's API
+(isovalent/instruqt-go, ``instruqt/user.go``) asks the same.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from instruqt_crm.retry import retrying
 log = logging.getLogger(__name__)
 
 USER_QUERY = (
-    "query ($userID: String!) { user(userID: $userID) { id profile { email display_name } } }"
+    "query ($userID: String!, $teamSlug: String!) { user(userID: $userID) { id "
+    "details(teamSlug: $teamSlug) { email firstName lastName } "
+    "profile { email display_name } } }"
 )
 DEFAULT_RATE_LIMIT_WAIT = 5.0  # a 429 without Retry-After
 MAX_RETRY_AFTER = 3600.0
@@ -37,11 +45,15 @@ _CONFIG_ERRORS = (
 
 @dataclass(frozen=True)
 class Profile:
-    """What Instruqt knows about a user: email (normalised) and display name, either may be None."""
+    """What Instruqt knows about a user (any part may be None): the email (normalised; the
+    team's details first, else the profile's), the name, and where the email came from."""
 
     user_id: str
     email: str | None
     display_name: str | None
+    first_name: str | None = None
+    last_name: str | None = None
+    email_from: str | None = None  # "details" or "profile"
 
 
 def normalise_email(value: object) -> str | None:
@@ -73,6 +85,7 @@ class InstruqtClient:
     def __init__(
         self,
         api_key: str,
+        team_slug: str,
         url: str = DEFAULT_INSTRUQT_GRAPHQL_URL,
         timeout: float = 10.0,
         session: requests.Session | None = None,
@@ -80,6 +93,7 @@ class InstruqtClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._api_key = api_key
+        self.team_slug = team_slug
         self.url = url
         self.timeout = timeout
         self.session = session or requests.Session()
@@ -87,7 +101,7 @@ class InstruqtClient:
         self._sleep = sleep
 
     def __repr__(self) -> str:
-        return f"InstruqtClient(url={self.url!r}, api_key='***')"
+        return f"InstruqtClient(url={self.url!r}, team={self.team_slug!r}, api_key='***')"
 
     def lookup_email(self, user_id: str) -> str | None:
         """The user's normalised email, or None (unknown user, anonymous play, no email)."""
@@ -116,7 +130,10 @@ class InstruqtClient:
         try:
             response = self.session.post(
                 self.url,
-                json={"query": USER_QUERY, "variables": {"userID": user_id}},
+                json={
+                    "query": USER_QUERY,
+                    "variables": {"userID": user_id, "teamSlug": self.team_slug},
+                },
                 headers={
                     "Authorization": f"Bearer {self._api_key}",
                     "Accept": "application/json",
@@ -158,18 +175,26 @@ class InstruqtClient:
                     f"Instruqt API answered {status}", category=Category.INSTRUQT_API
                 )
             raise RetryableError(f"Instruqt API answered {status} with a non-JSON body")
+        found = _profile(user_id, body.get("data"))
         errors = body.get("errors")
-        if errors:
-            self._graphql_errors(user_id, errors)
-            return None
+        if errors and (found is None or found.email is None):
+            self._graphql_errors(user_id, errors)  # raises, or the user is unknown
+            return found
+        if errors:  # a partial answer (say, no details for this team): what it has is used
+            log.debug("instruqt user=%s partial answer: %s", user_id, self._describe(errors))
         if status >= 400:
             raise PermanentError(f"Instruqt API answered {status}", category=Category.INSTRUQT_API)
-        return _profile(user_id, body.get("data"))
+        return found
+
+    def _describe(self, errors: Any) -> str:
+        """GraphQL errors as one line, without the API key."""
+        return "; ".join(self._scrub(_message(err)) for err in _as_list(errors)) or "unknown error"
 
     def _graphql_errors(self, user_id: str, errors: Any) -> None:
-        """Return for "not found"-like errors (the user is unknown); raise for everything else."""
+        """Return for "not found"-like errors (the user is unknown); raise for everything else:
+        a key Instruqt refuses (auth), a transient error, or an error about this one user."""
         messages = [self._scrub(_message(err)) for err in _as_list(errors)]
-        text = "; ".join(messages) or "unknown error"
+        text = self._describe(errors)
         if all(_NOT_FOUND.search(m) for m in messages):
             log.debug("instruqt user=%s not found: %s", user_id, text)
             return
@@ -212,17 +237,30 @@ def _message(error: Any) -> str:
     return f"{message} [{code}]" if code else message
 
 
+def _text(value: Any) -> str | None:
+    """Stripped text, or None for anything empty or not a string."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
 def _profile(user_id: str, data: Any) -> Profile | None:
-    """A Profile from the ``data`` of the user query; None if the user is null."""
+    """A Profile from the ``data`` of the user query (the team's details first); None if the
+    user is null."""
     user = data.get("user") if isinstance(data, dict) else None
     if not isinstance(user, dict):
         return None
-    profile = user.get("profile")
-    if not isinstance(profile, dict):
-        profile = {}
-    name = profile.get("display_name")
+    details, profile = (user.get(part) for part in ("details", "profile"))
+    details = details if isinstance(details, dict) else {}
+    profile = profile if isinstance(profile, dict) else {}
+    from_details, from_profile = (normalise_email(part.get("email")) for part in (details, profile))
+    display = _text(profile.get("display_name"))
+    first, last = _text(details.get("firstName")), _text(details.get("lastName"))
+    if not (first or last) and display:  # the display name, split at its last space
+        first, _, last = display.rpartition(" ") if " " in display else ("", "", display)
     return Profile(
         user_id=str(user.get("id") or user_id),
-        email=normalise_email(profile.get("email")),
-        display_name=(name.strip() or None) if isinstance(name, str) else None,
+        email=from_details or from_profile,
+        display_name=display,
+        first_name=first or None,
+        last_name=last or None,
+        email_from="details" if from_details else "profile" if from_profile else None,
     )

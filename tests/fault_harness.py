@@ -107,6 +107,7 @@ class Stack:
         }
         if self.instruqt is not None:
             values["INSTRUQT_API_KEY"] = self.instruqt.key
+            values["INSTRUQT_TEAM_SLUG"] = self.instruqt.team
             values["INSTRUQT_GRAPHQL_URL"] = self.instruqt.url
         return {**values, **self.extra_env}
 

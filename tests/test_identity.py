@@ -16,8 +16,9 @@ from instruqt_crm.engine.handling import Retried, handle_event, retry_waiting
 from instruqt_crm.engine.runtime import Runtime
 from instruqt_crm.events import parse_event
 from instruqt_crm.instruqt_api import InstruqtClient
-from instruqt_crm.journal import failures
+from instruqt_crm.journal import failures, trail
 from instruqt_crm.mapping import Identity, load_mapping
+from instruqt_crm.ops import metrics
 from samples.signing import SECRET
 
 GRAPHQL = "https://instruqt.test/graphql"
@@ -25,14 +26,15 @@ MAPPING = load_mapping(Path("mappings/hubspot.yaml"))
 DAY = 86400.0
 
 
-def user_reply(email: str | None) -> dict:
-    user = {"id": "u1", "profile": {"email": email, "display_name": "Ada"}}
-    return {"data": {"user": user if email is not None else None}}
+def user_reply(email: str | None, details: dict | None = None) -> dict:
+    """Instruqt's answer: the profile's email (None: an unknown user) and the team's details."""
+    user = {"id": "u1", "details": details, "profile": {"email": email, "display_name": "Ada"}}
+    return {"data": {"user": user if email is not None or details else None}}
 
 
 @pytest.fixture
 def lookup() -> InstruqtClient:
-    return InstruqtClient("key-123", url=GRAPHQL, sleep=lambda s: None)
+    return InstruqtClient("key-123", "acme", url=GRAPHQL, sleep=lambda s: None)
 
 
 @pytest.fixture
@@ -42,6 +44,7 @@ def runtime(redis_url: str, tmp_path: Path) -> Runtime:
         "REDIS_URL": redis_url,
         "FLUSH_WINDOW_SECONDS": "0",
         "INSTRUQT_API_KEY": "key-123",
+        "INSTRUQT_TEAM_SLUG": "acme",
         "INSTRUQT_GRAPHQL_URL": GRAPHQL,
         "DRY_RUN_PATH": str(tmp_path / "out.jsonl"),
     }
@@ -60,12 +63,94 @@ def event(user_id: str | None = "u1", email: str | None = None, kind: str = "tra
 
 
 @responses.activate
-def test_params_come_first_and_fill_the_cache(redis_conn: redis.Redis, lookup) -> None:
+def test_a_parameter_email_is_used_while_instruqt_has_none(redis_conn: redis.Redis, lookup) -> None:
+    responses.post(GRAPHQL, json=user_reply(None))
     resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
     found = resolver.resolve(event(email=" Ada@Example.COM "))
     assert (found.email, found.source) == ("ada@example.com", "params")
     assert resolver.resolve(event()).source == "cache"
-    assert len(responses.calls) == 0
+    assert len(responses.calls) == 1  # Instruqt was asked once, and had none
+    assert 0 < redis_conn.ttl("instruqt_crm:identity:u1") <= identity.PARAMS_TTL  # asked again
+
+
+def test_without_lookups_a_parameter_email_is_all_there_is(redis_conn: redis.Redis) -> None:
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, None)
+    assert resolver.resolve(event(email="ada@example.com")).source == "params"
+    assert resolver.resolve(event()).email == "ada@example.com"
+
+
+@responses.activate
+def test_the_teams_details_come_first_then_the_profile(redis_conn: redis.Redis, lookup) -> None:
+    details = {"email": "Ada@Acme.io", "firstName": "Ada", "lastName": "Lovelace"}
+    responses.post(GRAPHQL, json=user_reply("ada@home.example", details))
+    found = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup).resolve(event())
+    assert found.email == "ada@acme.io"
+    assert found.learner == identity.Learner("ada@acme.io", "instruqt", "Ada", "Lovelace")
+    redis_conn.flushdb()
+    responses.replace(responses.POST, GRAPHQL, json=user_reply("ada@home.example"))
+    profile_only = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert profile_only.resolve(event()).email == "ada@home.example"
+    redis_conn.flushdb()
+    responses.replace(responses.POST, GRAPHQL, json=user_reply(None, details))
+    details_only = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert details_only.resolve(event()).email == "ada@acme.io"
+
+
+@responses.activate
+def test_instruqts_email_outranks_a_parameter_email_and_the_trail_says_so(
+    redis_conn: redis.Redis, lookup
+) -> None:
+    """An invite link's parameters are typed by the learner: Instruqt's email wins, and it
+    is never replaced by a parameter email, now or later."""
+    responses.post(GRAPHQL, json=user_reply("grace@example.com"))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    found = resolver.resolve(event(email="colleague@example.com"))
+    assert (found.email, found.source) == ("grace@example.com", "lookup")
+    later = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert later.resolve(event(email="colleague@example.com")).email == "grace@example.com"
+    assert len(responses.calls) == 1
+    exposed = metrics.render(redis_conn).decode()
+    assert 'instruqt_crm_identity_total{source="params-mismatch"} 2.0' in exposed
+    noted = [e for e in trail.entries(redis_conn, "grace@example.com") if e["kind"] == "identity"]
+    assert len(noted) == 2  # once per batch that saw the parameter email
+    assert all(
+        "colleague@example.com" in e["reason"] and "Instruqt's" in e["reason"] for e in noted
+    )
+
+
+@responses.activate
+def test_a_cached_parameter_email_never_outranks_a_later_instruqt_answer(
+    redis_conn: redis.Redis, lookup
+) -> None:
+    responses.post(GRAPHQL, status=503)  # Instruqt cannot be asked: the parameter is used
+    assert (
+        identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+        .resolve(event(email="typed@example.com"))
+        .email
+        == "typed@example.com"
+    )
+    assert 0 < redis_conn.ttl("instruqt_crm:identity:u1") <= identity.UNCHECKED_TTL
+    redis_conn.delete("instruqt_crm:identity:u1")  # its short cache has expired
+    responses.replace(responses.POST, GRAPHQL, json=user_reply("real@example.com"))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event(email="typed@example.com")).email == "real@example.com"
+
+
+@responses.activate
+def test_one_users_graphql_error_does_not_stop_the_others(redis_conn: redis.Redis, lookup) -> None:
+    responses.post(
+        GRAPHQL,
+        json={"data": None, "errors": [{"message": "resolver failed for u1"}]},
+        match=[
+            responses.matchers.json_params_matcher(
+                {"variables": {"userID": "u1", "teamSlug": "acme"}}, strict_match=False
+            )
+        ],
+    )
+    responses.post(GRAPHQL, json=user_reply("two@example.com"))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event("u1")).source == "lookup-failed"
+    assert resolver.resolve(event("u2")).email == "two@example.com"  # still asked
 
 
 @responses.activate
@@ -92,6 +177,7 @@ def test_lookup_failure_is_not_an_email(redis_conn: redis.Redis, lookup) -> None
     responses.post(GRAPHQL, status=401)
     resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
     assert resolver.resolve(event()) == identity.Resolution(None, "lookup-failed")
+    assert resolver.resolve(event("u2")).source == "lookup-deferred"  # the key: ask no more
 
 
 def test_lookup_off_in_the_mapping(redis_conn: redis.Redis, lookup) -> None:

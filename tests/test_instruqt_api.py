@@ -20,6 +20,7 @@ from instruqt_crm.instruqt_api import (
 )
 
 KEY = "iq-secret-key-123"
+TEAM = "acme"
 URL = "https://instruqt.test/graphql"
 USER = "gOGhYjyoPJhINJFOugIgiL4pdzu2"
 
@@ -35,7 +36,7 @@ def sleeps() -> list[float]:
 
 @pytest.fixture
 def client(sleeps) -> InstruqtClient:
-    return InstruqtClient(KEY, url=URL, timeout=3.0, attempts=4, sleep=sleeps.append)
+    return InstruqtClient(KEY, TEAM, url=URL, timeout=3.0, attempts=4, sleep=sleeps.append)
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def api():
 @responses.activate
 def test_default_url_is_instruqts():
     responses.post(DEFAULT_URL, json=user_body())
-    assert InstruqtClient(KEY).lookup_email(USER) == "ada@example.com"
+    assert InstruqtClient(KEY, TEAM).lookup_email(USER) == "ada@example.com"
 
 
 def test_success_returns_normalised_email(api, client):
@@ -57,7 +58,8 @@ def test_success_returns_normalised_email(api, client):
 
 def test_profile_has_email_and_display_name(api, client):
     api.post(URL, json=user_body(name=" Ada Lovelace "))
-    assert client.lookup_profile(USER) == Profile(USER, "ada@example.com", "Ada Lovelace")
+    found = Profile(USER, "ada@example.com", "Ada Lovelace", "Ada", "Lovelace", "profile")
+    assert client.lookup_profile(USER) == found
 
 
 def test_request_carries_bearer_key_query_and_variables(api, client):
@@ -66,7 +68,9 @@ def test_request_carries_bearer_key_query_and_variables(api, client):
         json=user_body(),
         match=[
             matchers.header_matcher({"Authorization": f"Bearer {KEY}"}),
-            matchers.json_params_matcher({"query": USER_QUERY, "variables": {"userID": USER}}),
+            matchers.json_params_matcher(
+                {"query": USER_QUERY, "variables": {"userID": USER, "teamSlug": TEAM}}
+            ),
         ],
     )
     assert client.lookup_email(USER) == "ada@example.com"
@@ -97,7 +101,7 @@ def test_null_user_is_none(api, client):
 def test_user_without_email_is_none(api, client):
     api.post(URL, json=user_body(email=None, name="anon-42"))
     assert client.lookup_email(USER) is None
-    assert client.lookup_profile(USER) == Profile(USER, None, "anon-42")
+    assert client.lookup_profile(USER) == Profile(USER, None, "anon-42", None, "anon-42")
 
 
 def test_user_with_blank_email_or_no_profile_is_none(api, client):
@@ -177,7 +181,7 @@ def test_exhausting_retries_raises_retryable(api, client, sleeps):
 
 
 def test_bad_url_is_a_config_error(sleeps):
-    client = InstruqtClient(KEY, url="not a url", sleep=sleeps.append)
+    client = InstruqtClient(KEY, TEAM, url="not a url", sleep=sleeps.append)
     with pytest.raises(PermanentError) as info:
         client.lookup_email(USER)
     assert info.value.category == "config"
@@ -243,8 +247,40 @@ def test_request_body_is_the_documented_query(api, client):
     api.post(URL, json=user_body())
     client.lookup_email(USER)
     sent = json.loads(api.calls[0].request.body)
-    assert sent["query"].startswith("query ($userID: String!)")
+    assert sent["query"].startswith("query ($userID: String!, $teamSlug: String!)")
+    assert "details(teamSlug: $teamSlug) { email firstName lastName }" in sent["query"]
     assert "profile { email display_name }" in sent["query"]
+
+
+def details_body(details: dict | None, email: str | None = "home@example.com") -> dict:
+    user = {"id": USER, "details": details, "profile": {"email": email, "display_name": "Ada L"}}
+    return {"data": {"user": user}}
+
+
+def test_the_teams_details_come_first(api, client):
+    details = {"email": " Ada@ACME.io ", "firstName": "Ada", "lastName": "Lovelace"}
+    api.post(URL, json=details_body(details))
+    found = Profile(USER, "ada@acme.io", "Ada L", "Ada", "Lovelace", "details")
+    assert client.lookup_profile(USER) == found
+
+
+def test_details_without_an_email_fall_back_to_the_profile(api, client):
+    api.post(URL, json=details_body({"email": None, "firstName": "Ada", "lastName": None}))
+    found = client.lookup_profile(USER)
+    assert (found.email, found.email_from, found.first_name) == (
+        "home@example.com",
+        "profile",
+        "Ada",
+    )
+
+
+def test_a_partial_answer_with_an_error_on_details_uses_the_profile(api, client):
+    """How Instruqt answers for a user who never claimed the team's invite is undocumented:
+    null details with an error beside the data is read like no details."""
+    body = details_body(None)
+    body["errors"] = [{"message": "no details for this team", "path": ["user", "details"]}]
+    api.post(URL, json=body)
+    assert client.lookup_email(USER) == "home@example.com"
 
 
 @pytest.mark.parametrize(

@@ -82,10 +82,11 @@ class Batch:
         self.conn = conn
         self.runtime = runtime
         self.writes: Pipeline = conn.pipeline(transaction=False)
+        users = {u for u in user_ids if u}
         self.resolver = identity.IdentityResolver(
-            conn, runtime.mapping.identity, runtime.lookup, writes=self.writes
+            conn, runtime.mapping.identity, runtime.lookup, writes=self.writes, user_ids=users
         )
-        self._waiting = identity.waiting_among(conn, {u for u in user_ids if u})
+        self._waiting = identity.waiting_among(conn, users)
         self._merges: list[_Merge] = []
         # per event given to handle or fail, in order: its outcome, or the position of its
         # staged merge (the outcome is known at commit)
@@ -99,11 +100,10 @@ class Batch:
         """Resolve, map and stage one event (its outcome is final at ``commit``)."""
         mapping = self.runtime.mapping
         direct = identity.email_in(event.params, mapping.identity.email_params)
-        if direct and event.user_id:  # any event naming the email frees the learner's waiting ones
-            self.resolver.learn(event.user_id, direct)
-            self.release(event.user_id, direct)
         kind = mapping.classify(event.type)
         if kind != "mapped":
+            if direct and event.user_id in self._waiting:  # it may still reveal their email
+                self._release_found(event, self.resolver.resolve(event))
             self._count("skipped" if kind == "ignored" else "unknown", event.type)
             log.info(
                 "event %s (%s) %s by the mapping",
@@ -121,9 +121,13 @@ class Batch:
         if found.email is None:
             self._outcomes.append(self._park(event))
             return
-        if found.source == "lookup" and event.user_id:  # earlier events may wait for this answer
-            self.release(event.user_id, found.email)
+        self._release_found(event, found)  # earlier events may wait for this answer
         self._outcomes.append(self._stage(event, found.email))
+
+    def _release_found(self, event: Event, found: identity.Resolution) -> None:
+        """Release the learner's waiting events when an email was found for them."""
+        if found.email and event.user_id:
+            self.release(event.user_id, found.email)
 
     def fail(self, event_id: str, body: dict[str, Any], exc: Exception) -> None:
         """Keep an event that could not be handled as a failure an operator can requeue."""
@@ -172,7 +176,8 @@ class Batch:
         no lookup is made for it."""
         self._count("skipped", event.type)
         counters.count_skip(self.writes, reason)
-        email = email or (self.resolver.cached(event.user_id) if event.user_id else None)
+        known = self.resolver.cached(event.user_id) if event.user_id else None
+        email = known or email  # the trusted email first
         if email:
             trail.note(
                 self.writes,
@@ -274,7 +279,7 @@ class Batch:
         This batch cached the emails before looking; a worker parking an event looks at the
         cache after parking it: whichever comes second sees the other, so none waits.
         """
-        learnt = dict(self.resolver.known)
+        learnt = {user_id: known.email for user_id, known in self.resolver.known.items()}
         late = identity.waiting_among(self.conn, set(learnt))
         if late:
             extra = Batch(self.conn, self.runtime, late)

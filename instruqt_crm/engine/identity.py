@@ -1,4 +1,9 @@
-"""Who is the learner? ``user_id`` → email: event parameters, then a Redis cache, then Instruqt.
+"""Who is the learner? ``user_id`` → email: Instruqt's answer first, then event parameters.
+
+An email Instruqt gives (the one the learner gave the team, else their profile's) outranks
+one in the event's custom parameters: invite-link parameters are typed by the learner, so a
+parameter email is used only while Instruqt has none, and never replaces Instruqt's. Answers
+are cached in Redis (``Learner``: the email, where it came from, the name Instruqt gave).
 
 Events whose learner has no known email yet are *parked* (kept per user, retried on a
 backoff) and released the moment any event or lookup reveals the email.
@@ -9,33 +14,61 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
 
 import redis
 from redis.client import Pipeline
 
 from instruqt_crm import keys
-from instruqt_crm.errors import PermanentError, RetryableError
+from instruqt_crm.errors import Category, PermanentError, RetryableError
 from instruqt_crm.events import Event
-from instruqt_crm.journal import counters
+from instruqt_crm.instruqt_api import Profile
+from instruqt_crm.journal import counters, trail
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import Identity
 
 log = logging.getLogger(__name__)
-CACHE_TTL = 90 * 24 * 3600
-NEGATIVE_TTL = 15 * 60
+CACHE_TTL = 90 * 24 * 3600  # an email Instruqt gave (or any, when no lookup is configured)
+PARAMS_TTL = 24 * 3600  # a parameter email while Instruqt has none: Instruqt is asked again
+UNCHECKED_TTL = 15 * 60  # a parameter email Instruqt could not be asked about yet
+NEGATIVE_TTL = 15 * 60  # no email anywhere
 LOOKUP_SECONDS = 20.0  # Instruqt lookups one batch may spend (see IdentityResolver)
 BACKOFF = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 _NO_EMAIL = "-"
 
 
-class EmailLookup(Protocol):
-    """Something that can find a user's email (the Instruqt API client)."""
+class LearnerLookup(Protocol):
+    """Something that can find what Instruqt knows of a user (the Instruqt API client)."""
 
-    def lookup_email(self, user_id: str) -> str | None:
-        """The user's email, or None if Instruqt has none."""
+    def lookup_profile(self, user_id: str) -> Profile | None:
+        """The user's email and name (None when Instruqt does not know the user)."""
         ...
+
+
+@dataclass(frozen=True)
+class Learner:
+    """What is known of a learner: the email, where it came from, the name Instruqt gave."""
+
+    email: str
+    source: Literal["instruqt", "params"]
+    first_name: str | None = None
+    last_name: str | None = None
+
+    def encode(self) -> str:
+        """As cached in Redis."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, value: str) -> Learner:
+        """From the cache (a bare email, as earlier versions cached, counts as a parameter's)."""
+        if not value.startswith("{"):
+            return cls(value, "params")
+        fields = json.loads(value)
+        return cls(
+            fields["email"], fields["source"], fields.get("first_name"), fields.get("last_name")
+        )
 
 
 def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
@@ -47,96 +80,143 @@ def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
     return None
 
 
-def remember(conn: redis.Redis | Pipeline, user_id: str, email: str | None) -> None:
-    """Cache an answer: an email for long, "no email" briefly."""
-    if email:
-        conn.set(keys.identity(user_id), email, ex=CACHE_TTL)
-    else:
-        conn.set(keys.identity(user_id), _NO_EMAIL, ex=NEGATIVE_TTL)
+def remember(
+    writes: redis.Redis | Pipeline, user_id: str, learner: Learner | None, ttl: int
+) -> None:
+    """Cache what is known of a user for ``ttl`` s (None: that no email is known)."""
+    value = learner.encode() if learner is not None else _NO_EMAIL
+    writes.set(keys.identity(user_id), value, ex=ttl)
+
+
+def cached_learner(conn: redis.Redis, user_id: str) -> Learner | Literal["none"] | None:
+    """The cached learner; ``"none"`` when the cache says no email is known; None if nothing."""
+    return _decoded(conn.get(keys.identity(user_id)))
+
+
+def _decoded(value: Any) -> Learner | Literal["none"] | None:
+    """A cache value as a learner (``"none"``: no email is known; None: nothing cached)."""
+    if value is None:
+        return None
+    return "none" if text(value) == _NO_EMAIL else Learner.decode(text(value))
 
 
 def cached_email(conn: redis.Redis, user_id: str) -> str | None:
     """The user's cached email, if one is known."""
-    value = conn.get(keys.identity(user_id))
-    return None if value is None or text(value) == _NO_EMAIL else text(value)
+    found = cached_learner(conn, user_id)
+    return found.email if isinstance(found, Learner) else None
 
 
 @dataclass(frozen=True)
 class Resolution:
-    """The email found (or None) and where it came from."""
+    """The email found (or None), where it came from, and the learner it belongs to."""
 
     email: str | None
     source: str  # params | cache | lookup | negative-cache | none | lookup-failed | lookup-deferred
+    learner: Learner | None = None
 
 
 class IdentityResolver:
-    """Resolve learners' emails in the configured order, counting hits and misses."""
+    """Resolve learners' emails in trust order (Instruqt, then parameters), counting each."""
 
     def __init__(
         self,
         conn: redis.Redis,
         identity: Identity,
-        lookup: EmailLookup | None,
+        lookup: LearnerLookup | None,
         writes: redis.Redis | Pipeline | None = None,
+        user_ids: Iterable[str] = (),
     ) -> None:
         self.conn = conn
         self.identity = identity
         self.lookup = lookup if identity.lookup else None
         self.writes = conn if writes is None else writes  # a pipeline defers cache writes
-        self.known: dict[str, str] = {}  # emails learnt by this resolver, not yet sent
-        # A batch stops asking Instruqt once a lookup failed or LOOKUP_SECONDS went by: its
-        # other unknown learners wait (parked, retried later), the batch stays short.
+        self.known: dict[str, Learner] = {}  # learners this resolver learnt, not yet sent
+        self._compared: set[str] = set()  # users whose parameter email was checked already
+        self._cache = self._read(sorted(set(user_ids)))  # the batch's users: one round trip
+        # A batch stops asking Instruqt once the API failed (transport, 5xx, 429, the key) or
+        # LOOKUP_SECONDS went by: its other unknown learners wait, the batch stays short.
         self.lookups_until = time.monotonic() + LOOKUP_SECONDS
 
-    def learn(self, user_id: str, email: str) -> None:
-        """Cache a user's email (once per resolver)."""
-        if self.known.get(user_id) != email:
-            remember(self.writes, user_id, email)
-            self.known[user_id] = email
+    def learn(self, user_id: str, learner: Learner, ttl: int = CACHE_TTL) -> None:
+        """Cache what is known of a user (once per resolver)."""
+        if self.known.get(user_id) != learner:
+            remember(self.writes, user_id, learner, ttl)
+            self.known[user_id] = learner
 
     def resolve(self, event: Event) -> Resolution:
         """Find the email for the event's learner."""
-        email = email_in(event.params, self.identity.email_params)
-        if email:
-            if event.user_id:
-                self.learn(event.user_id, email)
-            return self._count(Resolution(email, "params"))
+        offered = email_in(event.params, self.identity.email_params)
         if not event.user_id:
-            return self._count(Resolution(None, "none"))
-        return self.resolve_user(event.user_id)
+            return self._count(Resolution(offered, "params" if offered else "none"))
+        return self.resolve_user(event.user_id, offered)
 
     def cached(self, user_id: str) -> str | None:
         """The user's email if this resolver or the cache knows it (no lookup, not counted)."""
-        return self.known.get(user_id) or cached_email(self.conn, user_id)
+        known = self.known.get(user_id)
+        return known.email if known else cached_email(self.conn, user_id)
 
-    def resolve_user(self, user_id: str) -> Resolution:
-        """Cache first, then the Instruqt API."""
-        if user_id in self.known:
-            return self._count(Resolution(self.known[user_id], "cache"))
-        cached = self.conn.get(keys.identity(user_id))
-        if cached is not None:
-            value = text(cached)
-            found = (
-                Resolution(None, "negative-cache")
-                if value == _NO_EMAIL
-                else Resolution(value, "cache")
-            )
-            return self._count(found)
+    def resolve_user(self, user_id: str, offered: str | None = None) -> Resolution:
+        """The cache (an Instruqt email outranks ``offered``, the event's parameter email),
+        then Instruqt, then ``offered``."""
+        known = self.known.get(user_id) or self._cached(user_id)
+        if isinstance(known, Learner) and (
+            known.source == "instruqt" or offered in (None, known.email)
+        ):
+            self._compare(user_id, offered, known)
+            return self._count(Resolution(known.email, "cache", known))
+        if known == "none":  # Instruqt had none lately (another parameter email: asked again)
+            return self._offered(user_id, offered, PARAMS_TTL, "negative-cache")
         if self.lookup is None:
-            return self._count(Resolution(None, "none"))
+            return self._offered(user_id, offered, CACHE_TTL, "none")
         if time.monotonic() >= self.lookups_until:
-            return self._count(Resolution(None, "lookup-deferred"))
+            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-deferred")
         try:
-            email = self.lookup.lookup_email(user_id)
+            profile = self.lookup.lookup_profile(user_id)
         except (RetryableError, PermanentError) as exc:
             log.warning("email lookup for user %s failed: %s", user_id, exc.reason)
-            self.lookups_until = 0.0
-            return self._count(Resolution(None, "lookup-failed"))
-        if email:
-            self.learn(user_id, email)
-        else:
-            remember(self.writes, user_id, None)
-        return self._count(Resolution(email, "lookup"))
+            if not (isinstance(exc, PermanentError) and exc.category == Category.INSTRUQT_API):
+                self.lookups_until = 0.0  # the API or the key: ask no more in this batch
+            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-failed")
+        if profile is None or profile.email is None:
+            return self._offered(user_id, offered, PARAMS_TTL, "lookup")
+        learner = Learner(profile.email, "instruqt", profile.first_name, profile.last_name)
+        self.learn(user_id, learner)
+        self._compare(user_id, offered, learner)
+        return self._count(Resolution(learner.email, "lookup", learner))
+
+    def _read(self, user_ids: list[str]) -> dict[str, Learner | Literal["none"] | None]:
+        """What the cache holds for these users, in one round trip."""
+        values = self.conn.mget([keys.identity(u) for u in user_ids]) if user_ids else []
+        return {u: _decoded(v) for u, v in zip(user_ids, values, strict=True)}
+
+    def _cached(self, user_id: str) -> Learner | Literal["none"] | None:
+        """The cache's answer for a user (read with the batch, else now)."""
+        if user_id in self._cache:
+            return self._cache[user_id]
+        return cached_learner(self.conn, user_id)
+
+    def _offered(self, user_id: str, offered: str | None, ttl: int, source: str) -> Resolution:
+        """No email from Instruqt: the parameter email if the event has one (cached ``ttl``
+        s, then Instruqt is asked again), else none (and that is cached briefly)."""
+        if offered is None:
+            if source == "lookup":
+                remember(self.writes, user_id, None, NEGATIVE_TTL)
+            return self._count(Resolution(None, source))
+        learner = Learner(offered, "params")
+        self.learn(user_id, learner, ttl)
+        return self._count(Resolution(offered, "params", learner))
+
+    def _compare(self, user_id: str, offered: str | None, learner: Learner) -> None:
+        """Count (once per batch) and trail a parameter email that is not Instruqt's."""
+        if not offered or learner.source != "instruqt" or offered == learner.email:
+            return
+        if user_id in self._compared:
+            return
+        self._compared.add(user_id)
+        counters.count_identity(self.writes, "params-mismatch")
+        reason = f"the event's parameter email {offered} is not Instruqt's: Instruqt's is used"
+        trail.note(self.writes, learner.email, "identity", user_id, reason=reason)
+        log.warning("user %s: parameter email differs from Instruqt's; Instruqt's is used", user_id)
 
     def _count(self, found: Resolution) -> Resolution:
         counters.count_identity(self.writes, found.source)

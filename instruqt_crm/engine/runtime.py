@@ -19,7 +19,7 @@ from instruqt_crm.crm.base import CrmAdapter
 from instruqt_crm.instruqt_api import InstruqtClient
 from instruqt_crm.mapping import Mapping, load_mapping
 
-from .identity import EmailLookup
+from .identity import LearnerLookup
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,13 @@ class Runtime:
         return build_adapter(self.settings, self.mapping, conn)
 
     @functools.cached_property
-    def lookup(self) -> EmailLookup | None:
+    def lookup(self) -> LearnerLookup | None:
         """The Instruqt API client, if an API key is configured."""
-        if self.settings.instruqt_api_key is None:
+        key, team = self.settings.instruqt_api_key, self.settings.instruqt_team_slug
+        if key is None or team is None:
             return None
         return InstruqtClient(  # one attempt per event: a waiting event is retried anyway
-            self.settings.instruqt_api_key.get_secret_value(),
-            url=self.settings.instruqt_graphql_url,
-            attempts=1,
+            key.get_secret_value(), team, url=self.settings.instruqt_graphql_url, attempts=1
         )
 
 

@@ -41,6 +41,7 @@ class RedisCollector:
         stats = counters.stats(self.conn)
         yield self._events(stats)
         yield self._skipped(stats)
+        yield self._identity(stats)
         yield self._latency()
         yield from self._gauges()
 
@@ -65,6 +66,18 @@ class RedisCollector:
         )
         for reason, value in stats["skipped"].items():
             family.add_metric([reason], value)
+        return family
+
+    def _identity(self, stats: dict[str, Any]) -> Metric:
+        """Where learners' emails were found (or why not), parameter/Instruqt mismatches."""
+        family = CounterMetricFamily(
+            "instruqt_crm_identity",
+            "Email resolutions by source (lookup, cache, params, ...; params-mismatch: an "
+            "event's parameter email that was not Instruqt's).",
+            labels=("source",),
+        )
+        for source, value in stats["identity"].items():
+            family.add_metric([source], value)
         return family
 
     def _latency(self) -> Metric:

@@ -1,12 +1,14 @@
 """A fake of Instruqt's GraphQL user lookup (standard library only), with a switchable outage.
 
-It answers the one query the service sends::
+It answers the one query the service sends (the team's details and the user's profile)::
 
-    query ($userID: String!) { user(userID: $userID) { id profile { email display_name } } }
+    query ($userID: String!, $teamSlug: String!) { user(userID: $userID) { id
+      details(teamSlug: $teamSlug) { email firstName lastName } profile { email display_name } } }
 
-with ``{"data": {"user": {"id": ..., "profile": {"email": ..., "display_name": ...}}}}`` for
-a known user, ``{"data": {"user": null}}`` for an unknown one, 401 without the right Bearer
-key, and 503 for everything while ``down`` is set.
+with ``{"data": {"user": {"id": ..., "details": {...} | null, "profile": {...}}}}`` for a
+known user (``details`` only for users in ``details`` who claimed an invite of ``team``),
+``{"data": {"user": null}}`` for an unknown one, a GraphQL error for a user in ``broken``,
+401 without the right Bearer key, and 503 for everything while ``down`` is set.
 
     with FakeInstruqt(key="k", emails={"user1": "a@x.com"}) as fake:
         fake.down = True      # every request answers 503 until set back
@@ -24,9 +26,18 @@ from typing import Any
 class FakeInstruqt:
     """In-process fake Instruqt GraphQL endpoint: start(), point INSTRUQT_GRAPHQL_URL at url."""
 
-    def __init__(self, key: str = "instruqt-test-key", emails: dict[str, str] | None = None):
+    def __init__(
+        self,
+        key: str = "instruqt-test-key",
+        emails: dict[str, str] | None = None,
+        team: str = "acme",
+        details: dict[str, dict[str, str]] | None = None,
+    ):
         self.key = key
-        self.emails: dict[str, str] = dict(emails or {})
+        self.emails: dict[str, str] = dict(emails or {})  # user id -> profile email
+        self.team = team
+        self.details: dict[str, dict[str, str]] = dict(details or {})  # user id -> details
+        self.broken: set[str] = set()  # user ids whose lookup answers a GraphQL error
         self.down = False
         self.calls: list[tuple[str, int]] = []  # (user id, status answered)
         self._lock = threading.Lock()
@@ -72,28 +83,31 @@ class FakeInstruqt:
         try:
             request = json.loads(raw)
             user_id = str(request["variables"]["userID"])
+            team = str(request["variables"]["teamSlug"])
             query = str(request["query"])
         except (ValueError, KeyError, TypeError):
             return 400, {"errors": [{"message": "malformed GraphQL request"}]}
-        status, body = self._answer(authorization, user_id, query)
+        status, body = self._answer(authorization, user_id, team, query)
         with self._lock:
             self.calls.append((user_id, status))
         return status, body
 
     def _answer(
-        self, authorization: str | None, user_id: str, query: str
+        self, authorization: str | None, user_id: str, team: str, query: str
     ) -> tuple[int, dict[str, Any]]:
         if self.down:
             return 503, {"errors": [{"message": "service unavailable"}]}
         if authorization != f"Bearer {self.key}":
             return 401, {"errors": [{"message": "unauthorized"}]}
-        if "user(userID: $userID)" not in query:
+        if "user(userID: $userID)" not in query or "details(teamSlug: $teamSlug)" not in query:
             return 400, {"errors": [{"message": "unexpected query"}]}
-        email = self.emails.get(user_id)
-        if email is None:
+        if user_id in self.broken:
+            return 200, {"data": None, "errors": [{"message": f"resolver failed for {user_id}"}]}
+        if user_id not in self.emails and user_id not in self.details:
             return 200, {"data": {"user": None}}
-        profile = {"email": email, "display_name": user_id}
-        return 200, {"data": {"user": {"id": user_id, "profile": profile}}}
+        profile = {"email": self.emails.get(user_id), "display_name": user_id}
+        details = self.details.get(user_id) if team == self.team else None
+        return 200, {"data": {"user": {"id": user_id, "details": details, "profile": profile}}}
 
 
 class _Handler(BaseHTTPRequestHandler):
