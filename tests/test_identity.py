@@ -10,7 +10,7 @@ import responses
 
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.engine import identity
+from instruqt_crm.engine import identity, ledger
 from instruqt_crm.engine.flush import flush
 from instruqt_crm.engine.handling import Retried, handle_event, retry_waiting
 from instruqt_crm.engine.runtime import Runtime
@@ -18,6 +18,7 @@ from instruqt_crm.events import parse_event
 from instruqt_crm.instruqt_api import InstruqtClient
 from instruqt_crm.journal import failures, trail
 from instruqt_crm.mapping import Identity, load_mapping
+from instruqt_crm.mapping.templates import render, template_context
 from instruqt_crm.ops import metrics
 from samples.signing import SECRET
 
@@ -264,3 +265,19 @@ def test_a_batch_stops_asking_instruqt_when_its_lookup_time_is_spent(
     resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
     assert resolver.resolve(event("u1")) == identity.Resolution(None, "lookup-deferred")
     assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_the_name_instruqt_gave_reaches_the_ledger_and_the_templates(
+    redis_conn: redis.Redis, runtime: Runtime
+) -> None:
+    """A learner's name (the team's details, else the display name split) is kept with the
+    contact for a CRM that needs one to create a record, and templates see it as learner."""
+    details = {"email": "ada@acme.io", "firstName": "Ada", "lastName": "Lovelace"}
+    responses.post(GRAPHQL, json=user_reply(None, details))
+    assert handle_event(redis_conn, runtime, event()).status == "merged"
+    pending = ledger.pending(redis_conn, "ada@acme.io", MAPPING).change
+    assert pending is not None and (pending.first_name, pending.last_name) == ("Ada", "Lovelace")
+    context = template_context(event(), "ada@acme.io", ("Ada", "Lovelace"))
+    assert context["learner"]["first_name"] == "Ada"
+    assert render("{{ learner.first_name }} {{ learner.last_name }}", context) == "Ada Lovelace"

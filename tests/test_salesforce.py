@@ -62,6 +62,20 @@ def test_auto_updates_a_matching_contact_and_creates_a_lead_otherwise() -> None:
         assert len(fake.data_calls("PATCH", "composite/sobjects/Lead/Instruqt_User_Id__c")) == 1
 
 
+def test_a_new_record_gets_the_name_instruqt_gave_an_existing_one_keeps_its_own() -> None:
+    with FakeSalesforce() as fake:
+        known = fake.add("Lead", Email="u2@acme.io", LastName="Entered", Company="Acme")
+        named = [
+            ContactChange(c.key, c.email, c.properties, c.user_id, "Ada", "Lovelace")
+            for c in (change(1), change(2))
+        ]
+        assert [o.status for o in adapter(fake).upsert(named)] == ["synced", "synced"]
+        created = fake.by_email("Lead")["u1@acme.io"]
+        assert (created["FirstName"], created["LastName"]) == ("Ada", "Lovelace")
+        kept = fake.records["Lead"][known]
+        assert kept["LastName"] == "Entered" and kept.get("FirstName") is None
+
+
 def test_existing_lead_is_updated_without_touching_its_name() -> None:
     with FakeSalesforce() as fake:
         lead = fake.add("Lead", Email="u1@acme.io", LastName="Real", Company="Acme")

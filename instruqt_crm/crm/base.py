@@ -32,6 +32,8 @@ class ContactChange:
     email: str
     properties: dict[str, Value]
     user_id: str | None = None
+    first_name: str | None = None  # the learner's name, as Instruqt gave it: for creating a
+    last_name: str | None = None  # record that needs one (a Salesforce Lead), never updates
 
 
 @dataclass(frozen=True)

@@ -148,12 +148,16 @@ class Router:
         return targets
 
     def _new(self, sobject: str, change: ContactChange, fields: dict[str, Any]) -> dict[str, Any]:
-        """Fields of a record to create: the placeholders, Email, external id, then ours."""
+        """Fields of a record to create: the placeholders, the name Instruqt gave the learner
+        (on creation only: a name a person enters later is never overwritten), Email, the
+        external id, then the mapping's fields."""
         defaults = dict(self.lead_defaults)
         if sobject == "Contact":
             defaults = {k: v for k, v in defaults.items() if k != "Company"}
         uid = self._user_id(change)
-        created = {**defaults, "Email": change.email, **fields}
+        names = {"FirstName": change.first_name, "LastName": change.last_name}
+        named = {field: value for field, value in names.items() if value}  # Instruqt's, if any
+        created = {**defaults, **named, "Email": change.email, **fields}
         if uid:
             created[self.external_id] = uid
         return created

@@ -67,10 +67,14 @@ class _Merge:
     email: str
     changes: list[PropertyChange]
     play: ledger.Merge | None  # what the event merges into its play, if it has one
+    names: tuple[str | None, str | None] = (None, None)  # the learner's, as Instruqt gave them
 
     def contact(self) -> ledger.Merge:
         """What the event merges into its learner's contact."""
-        return ledger.Merge(self.email, self.changes, self.event.id, self.email, self.event.user_id)
+        event = self.event
+        return ledger.Merge(
+            self.email, self.changes, event.id, self.email, event.user_id, *self.names
+        )
 
 
 class Batch:
@@ -122,18 +126,18 @@ class Batch:
             self._outcomes.append(self._park(event))
             return
         self._release_found(event, found)  # earlier events may wait for this answer
-        self._outcomes.append(self._stage(event, found.email))
+        self._outcomes.append(self._stage(event, found.email, found.learner))
 
     def _release_found(self, event: Event, found: identity.Resolution) -> None:
         """Release the learner's waiting events when an email was found for them."""
         if found.email and event.user_id:
-            self.release(event.user_id, found.email)
+            self.release(event.user_id, found.email, found.learner)
 
     def fail(self, event_id: str, body: dict[str, Any], exc: Exception) -> None:
         """Keep an event that could not be handled as a failure an operator can requeue."""
         self._outcomes.append(self._failed(event_id, body, exc))
 
-    def release(self, user_id: str, email: str) -> int:
+    def release(self, user_id: str, email: str, learner: identity.Learner | None = None) -> int:
         """Stage every event that was waiting for this learner's email; how many.
 
         The events stay parked until the batch is merged (``commit`` forgets them), so a
@@ -145,7 +149,7 @@ class Batch:
         self._waiting.discard(user_id)
         waiting = identity.parked_events(self.conn, user_id)
         for event_id, body in waiting:
-            self._stage(parse_event(event_id, body), email)
+            self._stage(parse_event(event_id, body), email, learner)
         self._unpark.append((user_id, [event_id for event_id, _ in waiting]))
         if waiting:
             log.info("released %d waiting event(s) of user %s", len(waiting), user_id)
@@ -191,12 +195,15 @@ class Batch:
         log.info("event %s (%s) skipped by the mapping: %s", event.id, event.type, reason)
         return Handled(event.id, "skipped", reason)
 
-    def _stage(self, event: Event, email: str) -> Handled | int:
+    def _stage(
+        self, event: Event, email: str, learner: identity.Learner | None = None
+    ) -> Handled | int:
         """Apply the mapping and stage the merge into the learner's ledger: the position of
         the staged merge, or the outcome when the mapping fails."""
         mapping = self.runtime.mapping
+        names = (learner.first_name, learner.last_name) if learner else (None, None)
         try:
-            changes = apply_event(mapping, event, email)
+            changes = apply_event(mapping, event, email, names)
         except MappingFailure as exc:
             failures.record(
                 self.conn,
@@ -218,7 +225,8 @@ class Batch:
             self._count("failed", event.type)
             log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
             return Handled(event.id, "failed", exc.reason)
-        self._merges.append(_Merge(event, email, changes, plays.play_merge(mapping, event, email)))
+        play = plays.play_merge(mapping, event, email)
+        self._merges.append(_Merge(event, email, changes, play, names))
         return len(self._merges) - 1
 
     def _park(self, event: Event) -> Handled:
@@ -279,12 +287,12 @@ class Batch:
         This batch cached the emails before looking; a worker parking an event looks at the
         cache after parking it: whichever comes second sees the other, so none waits.
         """
-        learnt = {user_id: known.email for user_id, known in self.resolver.known.items()}
+        learnt = dict(self.resolver.known)
         late = identity.waiting_among(self.conn, set(learnt))
         if late:
             extra = Batch(self.conn, self.runtime, late)
             for user_id in sorted(late):
-                extra.release(user_id, learnt[user_id])
+                extra.release(user_id, learnt[user_id].email, learnt[user_id])
             extra.commit()
 
     def _merge_all(self) -> list[Handled]:
@@ -387,7 +395,7 @@ def retry_waiting(conn: redis.Redis, runtime: Runtime, now: float | None = None)
     for user_id in due:
         found = batch.resolver.resolve_user(user_id)
         if found.email:
-            released += batch.release(user_id, found.email)
+            released += batch.release(user_id, found.email, found.learner)
         elif moment - (identity.parked_since(conn, user_id) or moment) >= days * 86400:
             reason = f"no email found for user {user_id} within {days:g} days"
             expired += batch.expire(user_id, reason)

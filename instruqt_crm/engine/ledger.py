@@ -2,7 +2,8 @@
 
 One hash per contact (``instruqt_crm:contact:<key>``) holds ``c:<property>`` (the merged
 cell, JSON), ``s:<property>`` (the value last accepted by the CRM, JSON), ``email``,
-``user_id`` and ``version`` (bumped by every merge that changed something). Merges read the
+``user_id``, the ``first_name`` and ``last_name`` Instruqt gave (if any), and ``version``
+(bumped by every merge that changed something). Merges read the
 cells, fold the changes in, and write with a script only if the version is unchanged (else
 read again), so concurrent workers never lose an update; a contact whose cells changed is
 put in the ``dirty`` sorted set (scored by when it first became dirty).
@@ -90,6 +91,8 @@ class Merge:
     event_id: str
     email: str
     user_id: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
 
 
 def merge(
@@ -150,6 +153,9 @@ def _fold(items: list[Merge], current: dict[str, str]) -> tuple[dict[str, Any], 
         flags.append(bool(step))
         if item.user_id:
             written["user_id"] = item.user_id
+        for name in ("first_name", "last_name"):
+            if value := getattr(item, name):
+                written[name] = value
     write = {
         "key": items[0].key,
         "version": current.get("version", "0"),
@@ -227,7 +233,8 @@ def _unsent(key: str, stored: dict[str, str], mapping: Mapping) -> Pending:
     if upsert_key != "email" and upsert_key in current:
         values.setdefault(upsert_key, current[upsert_key])
     email = stored.get("email", key)
-    return Pending(ContactChange(key, email, values, stored.get("user_id")), version)
+    names = (stored.get("first_name"), stored.get("last_name"))
+    return Pending(ContactChange(key, email, values, stored.get("user_id"), *names), version)
 
 
 def settle(

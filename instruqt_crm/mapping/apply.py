@@ -37,11 +37,17 @@ def skip_reason(mapping: Mapping, event: Event, email: str | None) -> str | None
     return None
 
 
-def apply_event(mapping: Mapping, event: Event, email: str | None) -> list[PropertyChange]:
-    """Every property change the mapping's rules make for ``event`` (none if not mapped)."""
+def apply_event(
+    mapping: Mapping,
+    event: Event,
+    email: str | None,
+    names: tuple[str | None, str | None] = (None, None),
+) -> list[PropertyChange]:
+    """Every property change the mapping's rules make for ``event`` (none if not mapped);
+    ``names``: the learner's first and last name, when Instruqt gave them."""
     if mapping.classify(event.type) != "mapped":
         return []
-    context = template_context(event, email)
+    context = template_context(event, email, names)
     changes: list[PropertyChange] = []
     for pattern, rule in mapping.rules_for(event.type):
         where = f"rule {pattern!r}"

@@ -160,16 +160,21 @@ def compile_template(source: str) -> Template:
     return ENV.from_string(source)
 
 
-def template_context(event: Event, email: str | None) -> dict[str, Any]:
-    """The names a template sees: event (timestamp normalised), type, params, user_id, email."""
+def template_context(
+    event: Event, email: str | None, names: tuple[str | None, str | None] = (None, None)
+) -> dict[str, Any]:
+    """The names a template sees: event (timestamp normalised), type, params, user_id, email,
+    and learner (email, first_name, last_name: the name Instruqt gave, when it gave one)."""
     body = dict(event.body)
     body["timestamp"] = format_timestamp(event.timestamp)
+    first_name, last_name = names
     return {
         "event": body,
         "type": event.type,
         "params": event.params,
         "user_id": event.user_id,
         "email": email,
+        "learner": {"email": email, "first_name": first_name, "last_name": last_name},
     }
 
 
