@@ -165,6 +165,14 @@ class Settings(BaseSettings):
             )
         return self.webhook_secrets
 
+    def require_lookup_team(self) -> None:
+        """The worker looks learners up only with the team's slug beside the API key."""
+        if self.instruqt_api_key is not None and not self.instruqt_team_slug:
+            raise SettingsError(
+                "INSTRUQT_TEAM_SLUG: needed with INSTRUQT_API_KEY: your team's slug, whose "
+                "invite details (the email a learner gave the team) are asked first"
+            )
+
     @field_validator("webhook_secrets", mode="before")
     @classmethod
     def _secrets(cls, value: Any) -> tuple[SecretStr, ...]:
@@ -250,11 +258,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         """Settings that only work together."""
-        if self.instruqt_api_key is not None and not self.instruqt_team_slug:
-            raise ValueError(
-                "INSTRUQT_TEAM_SLUG: needed with INSTRUQT_API_KEY: your team's slug, whose "
-                "invite details (the email a learner gave the team) are asked first"
-            )
         if self.redis_tls_ca_file is not None and not self.redis_tls_verify:
             raise ValueError(
                 "REDIS_TLS_CA_FILE: set, but REDIS_TLS_VERIFY is false: the certificate would "

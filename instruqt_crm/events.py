@@ -82,10 +82,10 @@ class Event:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The play's custom parameters: the first object under one of PARAM_KEYS."""
+        """The play's custom parameters: the first non-empty object under one of PARAM_KEYS."""
         for key in PARAM_KEYS:
             value = self.body.get(key)
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 return value
         return {}
 

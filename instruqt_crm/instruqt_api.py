@@ -171,28 +171,28 @@ class InstruqtClient:
         body = self._json(response)
         if body is None:
             if status >= 400:
-                raise PermanentError(
-                    f"Instruqt API answered {status}", category=Category.INSTRUQT_API
-                )
+                raise PermanentError(f"Instruqt API answered {status}", category=Category.CONFIG)
             raise RetryableError(f"Instruqt API answered {status} with a non-JSON body")
         found = _profile(user_id, body.get("data"))
         errors = body.get("errors")
         if errors and (found is None or found.email is None):
-            self._graphql_errors(user_id, errors)  # raises, or the user is unknown
+            self._graphql_errors(user_id, errors, status)  # raises, or the user is unknown
             return found
         if errors:  # a partial answer (say, no details for this team): what it has is used
             log.debug("instruqt user=%s partial answer: %s", user_id, self._describe(errors))
         if status >= 400:
-            raise PermanentError(f"Instruqt API answered {status}", category=Category.INSTRUQT_API)
+            raise PermanentError(f"Instruqt API answered {status}", category=Category.CONFIG)
         return found
 
     def _describe(self, errors: Any) -> str:
         """GraphQL errors as one line, without the API key."""
         return "; ".join(self._scrub(_message(err)) for err in _as_list(errors)) or "unknown error"
 
-    def _graphql_errors(self, user_id: str, errors: Any) -> None:
+    def _graphql_errors(self, user_id: str, errors: Any, status: int) -> None:
         """Return for "not found"-like errors (the user is unknown); raise for everything else:
-        a key Instruqt refuses (auth), a transient error, or an error about this one user."""
+        a key Instruqt refuses (auth), a transient error, a refused query (an HTTP error, or
+        an error about no field of the answer: the query or its variables, config), or an
+        error about this one user's data (one with a ``path``)."""
         messages = [self._scrub(_message(err)) for err in _as_list(errors)]
         text = self._describe(errors)
         if all(_NOT_FOUND.search(m) for m in messages):
@@ -204,6 +204,12 @@ class InstruqtClient:
             )
         if any(_TRANSIENT.search(m) for m in messages):
             raise RetryableError(f"Instruqt API transient error for user {user_id}: {text}")
+        if status >= 400 or not all(_has_path(err) for err in _as_list(errors)):
+            raise PermanentError(
+                f"Instruqt API refused the query: {text} (check INSTRUQT_TEAM_SLUG and "
+                "INSTRUQT_GRAPHQL_URL)",
+                category=Category.CONFIG,
+            )
         raise PermanentError(
             f"Instruqt API error for user {user_id}: {text}", category=Category.INSTRUQT_API
         )
@@ -225,6 +231,11 @@ class InstruqtClient:
 def _as_list(value: Any) -> list[Any]:
     """A GraphQL ``errors`` value as a list."""
     return value if isinstance(value, list) else [value]
+
+
+def _has_path(error: Any) -> bool:
+    """Whether a GraphQL error is about a field of the answer (it names a ``path``)."""
+    return isinstance(error, dict) and bool(error.get("path"))
 
 
 def _message(error: Any) -> str:

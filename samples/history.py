@@ -113,8 +113,9 @@ def expected_records(events: list[dict]) -> dict[str, dict[str, Any]]:
             "instruqt_first_activity_at": times[0],
             "instruqt_last_activity_at": times[-1],
         }
-        if tracks:  # a learner may have nothing but an invite (their plays: developer plays)
-            latest = max(tracks, key=lambda e: _moment(e))
+        named = [e for e in tracks if e.get("track_slug") or not e.get("challenge_id")]
+        if named:  # challenge events (no slug) do not name it; some learners only claimed
+            latest = max(named, key=lambda e: _moment(e))
             record["instruqt_last_track"] = latest.get("track_slug") or latest["track_id"]
         if started:
             record["instruqt_tracks_started"] = ";".join(started)

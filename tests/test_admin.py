@@ -116,3 +116,10 @@ def test_status_page_shows_figures_and_traces_a_learner(
     assert "track.challenge_attempted" in traced and "sent" in traced
     hostile = client.get("/status?who=<script>x</script>", headers=basic("ops", "s3cret-pass"))
     assert "<script>x" not in hostile.get_data(as_text=True)
+
+
+def test_the_dashboard_serves_one_redis_instance(redis_conn, redis_url) -> None:
+    client = client_for(redis_conn, redis_url, **LOGIN)
+    login = basic("ops", "s3cret-pass")
+    assert client.get("/rq/0/data/queues.json", headers=login).status_code == 200
+    assert client.get("/rq/1/data/queues.json", headers=login).status_code == 404

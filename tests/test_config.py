@@ -126,3 +126,13 @@ def test_only_the_documented_variables_are_read() -> None:
     assert (settings.dashboard_username, settings.redis_url) == (None, None)
     with pytest.raises(TypeError):
         Settings.from_env({}, prot=1)  # a misspelt field in code is an error, not ignored
+
+
+def test_lookups_need_the_team_but_the_receiver_does_not() -> None:
+    settings = Settings.from_env({**BASE, "INSTRUQT_API_KEY": "iq-key"})  # the web process
+    with pytest.raises(SettingsError) as caught:
+        settings.require_lookup_team()  # the worker and the release
+    assert str(caught.value).startswith("INSTRUQT_TEAM_SLUG: needed with INSTRUQT_API_KEY")
+    Settings.from_env(
+        {**BASE, "INSTRUQT_API_KEY": "k", "INSTRUQT_TEAM_SLUG": "acme"}
+    ).require_lookup_team()

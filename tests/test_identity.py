@@ -141,7 +141,7 @@ def test_a_cached_parameter_email_never_outranks_a_later_instruqt_answer(
 def test_one_users_graphql_error_does_not_stop_the_others(redis_conn: redis.Redis, lookup) -> None:
     responses.post(
         GRAPHQL,
-        json={"data": None, "errors": [{"message": "resolver failed for u1"}]},
+        json={"data": None, "errors": [{"message": "resolver failed for u1", "path": ["user"]}]},
         match=[
             responses.matchers.json_params_matcher(
                 {"variables": {"userID": "u1", "teamSlug": "acme"}}, strict_match=False
@@ -281,3 +281,26 @@ def test_the_name_instruqt_gave_reaches_the_ledger_and_the_templates(
     context = template_context(event(), "ada@acme.io", ("Ada", "Lovelace"))
     assert context["learner"]["first_name"] == "Ada"
     assert render("{{ learner.first_name }} {{ learner.last_name }}", context) == "Ada Lovelace"
+
+
+def test_a_parameter_email_never_replaces_instruqts_cached_meanwhile(
+    redis_conn: redis.Redis,
+) -> None:
+    """Two batches hold the same learner: the one that read the cache before the other cached
+    Instruqt's answer cannot replace it with the event's parameter email."""
+    late = identity.IdentityResolver(redis_conn, MAPPING.identity, None, user_ids=["u1"])
+    trusted = identity.Learner("real@example.com", "instruqt")
+    identity.remember(redis_conn, "u1", trusted, identity.CACHE_TTL)  # the other batch
+    assert late.resolve(event(email="typed@example.com")).email == "typed@example.com"
+    assert identity.cached_learner(redis_conn, "u1") == trusted
+
+
+@responses.activate
+def test_an_email_cached_by_an_earlier_version_is_checked_with_instruqt(
+    redis_conn: redis.Redis, lookup
+) -> None:
+    redis_conn.set("instruqt_crm:identity:u1", "typed@example.com", ex=3600)  # a bare email
+    responses.post(GRAPHQL, json=user_reply("real@example.com"))
+    resolver = identity.IdentityResolver(redis_conn, MAPPING.identity, lookup)
+    assert resolver.resolve(event()).email == "real@example.com"
+    assert len(responses.calls) == 1

@@ -209,8 +209,16 @@ def test_other_graphql_errors_are_permanent_with_the_message(api, client, sleeps
     with pytest.raises(PermanentError) as info:
         client.lookup_email(USER)
     assert 'Cannot query field "emial"' in info.value.reason
-    assert info.value.category != "auth"
+    assert info.value.category == "config"  # the query itself: not this user's
     assert sleeps == []
+
+
+def test_an_error_about_one_users_data_is_that_users(api, client):
+    error = {"message": "resolver failed", "path": ["user", "profile"]}
+    api.post(URL, json={"data": None, "errors": [error]})
+    with pytest.raises(PermanentError) as info:
+        client.lookup_email(USER)
+    assert info.value.category == "instruqt_api"
 
 
 def test_graphql_permission_error_is_auth(api, client):

@@ -292,7 +292,7 @@ def test_hubspot_type_mismatch_fails_the_release(hubspot: FakeHubSpot) -> None:
     assert "Fix these in HubSpot (or rename the property in the mapping)." in result.output
     assert lines(result)[-1] == "release: failed (HubSpot)"
     assert hubspot.properties["instruqt_last_review_score"]["type"] == "string"  # unchanged
-    assert "instruqt_last_track" in hubspot.properties  # the others were created, as setup does
+    assert "instruqt_last_track" not in hubspot.properties  # a failing release creates nothing
 
 
 def test_hubspot_upsert_key_that_is_not_unique_fails_the_release(

@@ -10,12 +10,22 @@ import redis
 import responses
 
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.engine import ledger
+from instruqt_crm.engine import identity, ledger
+from instruqt_crm.engine.handling import handle_batch
+from instruqt_crm.engine.inbox import Entry
+from instruqt_crm.events import parse_event
 from instruqt_crm.journal import counters, trail
 from instruqt_crm.mapping import MappingError, load_mapping, parse_mapping
 from instruqt_crm.ops import metrics, preview, status
 from instruqt_crm.ops.examples import example_event
-from tests.engine_helpers import drain, engine_runtime, enqueue_all, installed
+from tests.engine_helpers import (
+    CountingConnection,
+    counting_client,
+    drain,
+    engine_runtime,
+    enqueue_all,
+    installed,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "mappings" / "hubspot.yaml"
@@ -140,3 +150,45 @@ def test_skip_settings_are_checked_at_load(extra: str, message: str) -> None:
     with pytest.raises(MappingError) as caught:
         parse_mapping(edited(extra))
     assert message in str(caught.value)
+
+
+def test_a_skip_condition_sees_instruqts_email_before_the_parameters(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The trusted email decides: a learner cannot be skipped (nor kept) by typing an address."""
+    path = with_skip(tmp_path, "skip:\n  staff: \"{{ email.endswith('@acme.io') }}\"\n")
+    staff = identity.Learner("ada@acme.io", "instruqt")
+    identity.remember(redis_conn, "u1", staff, identity.CACHE_TTL)
+    enqueue_all(redis_conn, [("m1", play("u1", "ada@gmail.example", developer=False))])
+    with installed(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(path))):
+        drain(redis_conn)
+    assert dry_run_records(redis_conn) == {}
+    assert counters.stats(redis_conn)["skipped"] == {"staff": 1}
+
+
+def test_developer_plays_that_waited_for_an_email_stay_skipped_when_released(
+    engine: Path, redis_conn: redis.Redis
+) -> None:
+    waiting = play("u1", None, developer=True)
+    identity.park(redis_conn, parse_event("m0", waiting))  # parked before plays were skipped
+    enqueue_all(redis_conn, [("m1", play("u1", "ada@example.com", developer=False))])
+    drain(redis_conn)
+    assert identity.parked_events(redis_conn, "u1") == []
+    assert ledger.event_ids(redis_conn, "ada@example.com") == ["m1"]
+    assert counters.stats(redis_conn)["skipped"] == {"developer_play": 1}
+
+
+def test_skipped_events_cost_no_round_trip_each(redis_url: str, redis_conn, tmp_path) -> None:
+    run = engine_runtime(redis_url, tmp_path)
+
+    def round_trips(count: int) -> int:
+        redis_conn.flushdb()
+        entries = [
+            Entry(f"{n}-0", f"m{n}", play(f"u{n}", None, developer=True)) for n in range(count)
+        ]
+        counted = counting_client(redis_url)
+        CountingConnection.sent = 0
+        handle_batch(counted, run, entries)
+        return CountingConnection.sent
+
+    assert round_trips(2) == round_trips(20)

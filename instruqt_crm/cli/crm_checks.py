@@ -44,8 +44,13 @@ def hubspot_properties(
         raise click.ClickException(
             f"HubSpot: cannot read the contact properties: {exc.reason}"
         ) from None
-    if not create:
-        return HubSpotProperties(steps)
+    return create_missing(adapter, mapping, steps) if create else HubSpotProperties(steps)
+
+
+def create_missing(
+    adapter: HubSpotAdapter, mapping: Mapping, steps: hubspot_setup.Plan
+) -> HubSpotProperties:
+    """Create the group and the properties ``steps`` (a plan) says are missing."""
     try:
         created = hubspot_setup.apply(adapter, mapping, steps)
     except SyncError as exc:

@@ -25,6 +25,7 @@ from .common import checked_mapping, crm_adapter, mapping_option
 from .crm_checks import (
     HubSpotProperties,
     check_salesforce,
+    create_missing,
     fail_on_mismatches,
     hubspot_properties,
     lacks,
@@ -55,6 +56,7 @@ def valid_settings() -> Settings:
     try:
         settings = Settings.from_env()
         settings.require_webhook_secrets()
+        settings.require_lookup_team()
     except SettingsError as exc:
         raise click.UsageError(f"settings: {exc}") from None
     click.echo("settings: ok")
@@ -102,10 +104,12 @@ def crm_ready(settings: Settings, mapping: Mapping, create: bool) -> None:
     if not isinstance(adapter, HubSpotAdapter):
         check_salesforce(mapping, adapter)
         return
-    found = hubspot_properties(adapter, mapping, create=create)
+    found = hubspot_properties(adapter, mapping, create=False)
+    fail_on_mismatches(found.steps)  # before anything is created: a failed release changes nothing
+    if create and found.missing:
+        found = create_missing(adapter, mapping, found.steps)
     for line in hubspot_lines(found, len(mapping.properties)):
         click.echo(line)
-    fail_on_mismatches(found.steps)
     if found.missing:
         raise click.exceptions.Exit(1)
 

@@ -117,9 +117,10 @@ class Batch:
             )
             self._outcomes.append(Handled(event.id, kind))
             return
-        skipped = skip_reason(mapping, event, direct)
+        known = self.resolver.cached(event.user_id) if event.user_id else None
+        skipped = self._skipped(event, known.email if known else direct)  # no lookup
         if skipped is not None:
-            self._outcomes.append(self._skip(event, skipped, direct))
+            self._outcomes.append(skipped)
             return
         found = self.resolver.resolve(event)
         if found.email is None:
@@ -149,7 +150,9 @@ class Batch:
         self._waiting.discard(user_id)
         waiting = identity.parked_events(self.conn, user_id)
         for event_id, body in waiting:
-            self._stage(parse_event(event_id, body), email, learner)
+            event = parse_event(event_id, body)
+            if self._skipped(event, email) is None:  # skipped events stay skipped
+                self._stage(event, email, learner)
         self._unpark.append((user_id, [event_id for event_id, _ in waiting]))
         if waiting:
             log.info("released %d waiting event(s) of user %s", len(waiting), user_id)
@@ -175,13 +178,20 @@ class Batch:
     def _count(self, outcome: str, event_type: str) -> None:
         counters.count_event(self.writes, outcome, event_type)
 
+    def _skipped(self, event: Event, email: str | None) -> Handled | None:
+        """The outcome of an event a skip condition holds for (counted, trailed), or of one
+        whose condition failed to render (a mapping failure); None: go on with it."""
+        try:
+            reason = skip_reason(self.runtime.mapping, event, email)
+        except MappingFailure as exc:
+            return self._mapping_failed(event, email, exc.reason)
+        return None if reason is None else self._skip(event, reason, email)
+
     def _skip(self, event: Event, reason: str, email: str | None) -> Handled:
         """Count (and, when the learner's email is known, trail) an event the mapping skips;
         no lookup is made for it."""
         self._count("skipped", event.type)
         counters.count_skip(self.writes, reason)
-        known = self.resolver.cached(event.user_id) if event.user_id else None
-        email = known or email  # the trusted email first
         if email:
             trail.note(
                 self.writes,
@@ -205,14 +215,17 @@ class Batch:
         try:
             changes = apply_event(mapping, event, email, names)
         except MappingFailure as exc:
-            failures.record(
-                self.conn,
-                failures.Kind.EVENT,
-                Category.MAPPING,
-                exc.reason,
-                event.id,
-                json.dumps(event.body),
-            )
+            return self._mapping_failed(event, email, exc.reason)
+        play = plays.play_merge(mapping, event, email)
+        self._merges.append(_Merge(event, email, changes, play, names))
+        return len(self._merges) - 1
+
+    def _mapping_failed(self, event: Event, email: str | None, reason: str) -> Handled:
+        """Keep an event the mapping cannot turn into values (a template failed) as a failure,
+        in the learner's trail when their email is known."""
+        body = json.dumps(event.body)
+        failures.record(self.conn, failures.Kind.EVENT, Category.MAPPING, reason, event.id, body)
+        if email:
             trail.note(
                 self.writes,
                 email,
@@ -220,14 +233,11 @@ class Batch:
                 event.user_id,
                 event_id=event.id,
                 type=event.type,
-                reason=exc.reason,
+                reason=reason,
             )
-            self._count("failed", event.type)
-            log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, exc.reason)
-            return Handled(event.id, "failed", exc.reason)
-        play = plays.play_merge(mapping, event, email)
-        self._merges.append(_Merge(event, email, changes, play, names))
-        return len(self._merges) - 1
+        self._count("failed", event.type)
+        log.error("event %s (%s) failed in the mapping: %s", event.id, event.type, reason)
+        return Handled(event.id, "failed", reason)
 
     def _park(self, event: Event) -> Handled:
         """Park an event whose learner has no email yet (or fail it if it never can have one)."""
@@ -247,9 +257,9 @@ class Batch:
         self._waiting.add(event.user_id)
         self._parked = True
         self._count("parked", event.type)
-        email = identity.cached_email(self.conn, event.user_id)  # cached meanwhile elsewhere?
-        if email:
-            self.release(event.user_id, email)
+        known = identity.cached_learner(self.conn, event.user_id)  # cached meanwhile elsewhere?
+        if isinstance(known, identity.Learner):
+            self.release(event.user_id, known.email, known)
         return Handled(event.id, "parked")
 
     def _failed(self, event_id: str, body: dict[str, Any], exc: Exception) -> Handled:

@@ -55,6 +55,7 @@ class Learner:
     source: Literal["instruqt", "params"]
     first_name: str | None = None
     last_name: str | None = None
+    checked: bool = True  # a parameter email: Instruqt was asked, and had none
 
     def encode(self) -> str:
         """As cached in Redis."""
@@ -62,12 +63,17 @@ class Learner:
 
     @classmethod
     def decode(cls, value: str) -> Learner:
-        """From the cache (a bare email, as earlier versions cached, counts as a parameter's)."""
+        """From the cache (a bare email, as earlier versions cached, counts as an unchecked
+        parameter email)."""
         if not value.startswith("{"):
-            return cls(value, "params")
+            return cls(value, "params", checked=False)
         fields = json.loads(value)
         return cls(
-            fields["email"], fields["source"], fields.get("first_name"), fields.get("last_name")
+            fields["email"],
+            fields["source"],
+            fields.get("first_name"),
+            fields.get("last_name"),
+            fields.get("checked", True),
         )
 
 
@@ -80,12 +86,27 @@ def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
     return None
 
 
+# Cache a parameter email (or "no email") unless Instruqt's email is cached meanwhile: another
+# worker's batch may have looked the learner up after this one read the cache.
+_SET_UNLESS_INSTRUQTS = """
+local current = redis.call('GET', KEYS[1])
+if current and string.find(current, '"source":"instruqt"', 1, true) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
 def remember(
     writes: redis.Redis | Pipeline, user_id: str, learner: Learner | None, ttl: int
 ) -> None:
-    """Cache what is known of a user for ``ttl`` s (None: that no email is known)."""
+    """Cache what is known of a user for ``ttl`` s (None: that no email is known); only an
+    email Instruqt gave replaces one Instruqt gave."""
+    if learner is not None and learner.source == "instruqt":
+        writes.set(keys.identity(user_id), learner.encode(), ex=ttl)
+        return
     value = learner.encode() if learner is not None else _NO_EMAIL
-    writes.set(keys.identity(user_id), value, ex=ttl)
+    script = writes.register_script(_SET_UNLESS_INSTRUQTS)
+    script(keys=[keys.identity(user_id)], args=[value, ttl])
 
 
 def cached_learner(conn: redis.Redis, user_id: str) -> Learner | Literal["none"] | None:
@@ -132,6 +153,7 @@ class IdentityResolver:
         self.writes = conn if writes is None else writes  # a pipeline defers cache writes
         self.known: dict[str, Learner] = {}  # learners this resolver learnt, not yet sent
         self._compared: set[str] = set()  # users whose parameter email was checked already
+        self._failed: set[str] = set()  # users whose lookup failed for them alone
         self._cache = self._read(sorted(set(user_ids)))  # the batch's users: one round trip
         # A batch stops asking Instruqt once the API failed (transport, 5xx, 429, the key) or
         # LOOKUP_SECONDS went by: its other unknown learners wait, the batch stays short.
@@ -150,33 +172,36 @@ class IdentityResolver:
             return self._count(Resolution(offered, "params" if offered else "none"))
         return self.resolve_user(event.user_id, offered)
 
-    def cached(self, user_id: str) -> str | None:
-        """The user's email if this resolver or the cache knows it (no lookup, not counted)."""
-        known = self.known.get(user_id)
-        return known.email if known else cached_email(self.conn, user_id)
+    def cached(self, user_id: str) -> Learner | None:
+        """What this resolver or the cache knows of the user (no lookup, not counted)."""
+        known = self.known.get(user_id) or self._cached(user_id)
+        return known if isinstance(known, Learner) else None
 
     def resolve_user(self, user_id: str, offered: str | None = None) -> Resolution:
         """The cache (an Instruqt email outranks ``offered``, the event's parameter email),
         then Instruqt, then ``offered``."""
         known = self.known.get(user_id) or self._cached(user_id)
-        if isinstance(known, Learner) and (
-            known.source == "instruqt" or offered in (None, known.email)
-        ):
-            self._compare(user_id, offered, known)
-            return self._count(Resolution(known.email, "cache", known))
-        if known == "none":  # Instruqt had none lately (another parameter email: asked again)
+        if isinstance(known, Learner):
+            settled = known.source == "instruqt" or known.checked or self.lookup is None
+            if settled and (known.source == "instruqt" or offered in (None, known.email)):
+                self._compare(user_id, offered, known)
+                return self._count(Resolution(known.email, "cache", known))
+            offered = offered or known.email  # not checked yet: Instruqt is asked first
+        if known == "none":  # Instruqt had none lately
             return self._offered(user_id, offered, PARAMS_TTL, "negative-cache")
         if self.lookup is None:
-            return self._offered(user_id, offered, CACHE_TTL, "none")
-        if time.monotonic() >= self.lookups_until:
-            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-deferred")
+            return self._offered(user_id, offered, CACHE_TTL, "none", checked=False)
+        if time.monotonic() >= self.lookups_until or user_id in self._failed:
+            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-deferred", False)
         try:
             profile = self.lookup.lookup_profile(user_id)
         except (RetryableError, PermanentError) as exc:
             log.warning("email lookup for user %s failed: %s", user_id, exc.reason)
-            if not (isinstance(exc, PermanentError) and exc.category == Category.INSTRUQT_API):
+            if isinstance(exc, PermanentError) and exc.category == Category.INSTRUQT_API:
+                self._failed.add(user_id)  # this one user: not again in this batch
+            else:
                 self.lookups_until = 0.0  # the API or the key: ask no more in this batch
-            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-failed")
+            return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-failed", False)
         if profile is None or profile.email is None:
             return self._offered(user_id, offered, PARAMS_TTL, "lookup")
         learner = Learner(profile.email, "instruqt", profile.first_name, profile.last_name)
@@ -195,14 +220,16 @@ class IdentityResolver:
             return self._cache[user_id]
         return cached_learner(self.conn, user_id)
 
-    def _offered(self, user_id: str, offered: str | None, ttl: int, source: str) -> Resolution:
-        """No email from Instruqt: the parameter email if the event has one (cached ``ttl``
-        s, then Instruqt is asked again), else none (and that is cached briefly)."""
+    def _offered(
+        self, user_id: str, offered: str | None, ttl: int, source: str, checked: bool = True
+    ) -> Resolution:
+        """No email from Instruqt: the parameter email if there is one (cached ``ttl`` s;
+        ``checked``: Instruqt said it has none), else none (and that is cached briefly)."""
         if offered is None:
             if source == "lookup":
                 remember(self.writes, user_id, None, NEGATIVE_TTL)
             return self._count(Resolution(None, source))
-        learner = Learner(offered, "params")
+        learner = Learner(offered, "params", checked=checked)
         self.learn(user_id, learner, ttl)
         return self._count(Resolution(offered, "params", learner))
 

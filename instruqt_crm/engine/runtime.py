@@ -33,7 +33,9 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        """The settings and the mapping they name (MappingError if it is unusable)."""
+        """The settings and the mapping they name (MappingError if it is unusable; a
+        SettingsError when email lookups lack their team)."""
+        settings.require_lookup_team()
         mapping = load_mapping(settings.mapping_path)
         log.info("loaded mapping %s (%s %s)", mapping.source, mapping.crm, mapping.object)
         return cls(settings, mapping)

@@ -123,14 +123,18 @@ def mount_dashboard(app: Flask, conn: redis.Redis) -> None:
     app.redis_conn = conn  # type: ignore[attr-defined]  # where rq-dashboard looks for it
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
 
-    def use_the_apps_connection() -> None:
-        """After rq-dashboard's own hook, which builds a client from the URL on every request:
-        its pages use the app's connection (its TLS settings, its pool) instead."""
+    def use_the_apps_connection() -> Response | None:
+        """In place of rq-dashboard's own hook, which builds a client from the URL on every
+        request: its pages use the app's connection (its TLS settings, its pool), never a
+        client a concurrent request could catch half set up. One Redis: instance 0 only."""
+        if (request.view_args or {}).get("instance_number", 0) != 0:
+            response = jsonify(status="not found", reason="one Redis instance: /rq/0/...")
+            response.status_code = 404
+            return response
         app.redis_conn = conn  # type: ignore[attr-defined]
+        return None
 
-    app.before_request_funcs.setdefault(rq_dashboard.blueprint.name, []).append(
-        use_the_apps_connection
-    )
+    app.before_request_funcs[rq_dashboard.blueprint.name] = [use_the_apps_connection]
 
 
 def init_app(app: Flask) -> None:

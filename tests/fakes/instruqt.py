@@ -102,7 +102,8 @@ class FakeInstruqt:
         if "user(userID: $userID)" not in query or "details(teamSlug: $teamSlug)" not in query:
             return 400, {"errors": [{"message": "unexpected query"}]}
         if user_id in self.broken:
-            return 200, {"data": None, "errors": [{"message": f"resolver failed for {user_id}"}]}
+            error = {"message": f"resolver failed for {user_id}", "path": ["user"]}
+            return 200, {"data": None, "errors": [error]}
         if user_id not in self.emails and user_id not in self.details:
             return 200, {"data": {"user": None}}
         profile = {"email": self.emails.get(user_id), "display_name": user_id}
