@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,8 +25,7 @@ from pathlib import Path
 import requests
 
 from samples.signing import SECRET, signed, track_event
-from tests.fault_harness import procfile_web
-from tests.processes import Workers, wait_for
+from tests.processes import Workers, start_web, wait_for
 from tests.redis_process import TlsRedisProcess, free_port
 from tests.test_redis_tls import LOGIN, app_json_defaults, basic
 
@@ -74,14 +72,7 @@ def main() -> int:
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    web = subprocess.Popen(
-        procfile_web(port),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=(folder / "web.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    web = start_web(port, env, folder / "web.log")
     peak, at_peak, samples = 0, Counter[str](), 0
     try:
         wait_for(lambda: ready(f"{base}/readyz"), 30, "gunicorn to be ready")

@@ -33,6 +33,7 @@ DEFAULT_SALESFORCE_LOGIN_URL = "https://login.salesforce.com"
 DEFAULT_SALESFORCE_API_VERSION = "62.0"
 DEFAULT_MAPPING_PATH = Path("mappings/hubspot.yaml")
 MIN_DEDUPE_SECONDS = 99_000  # Svix retries for about 27.5 hours
+MIN_DASHBOARD_PASSWORD = 12  # characters; the dashboard can requeue and delete jobs
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("settings_environ", default=None)
 
@@ -202,6 +203,13 @@ class Settings(BaseSettings):
     @classmethod
     def _instance_url(cls, value: str | None) -> str | None:
         return None if value is None else _http(value)
+
+    @field_validator("dashboard_password")
+    @classmethod
+    def _dashboard_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_DASHBOARD_PASSWORD:
+            raise ValueError(f"expected at least {MIN_DASHBOARD_PASSWORD} characters")
+        return value
 
     @field_validator("log_level")
     @classmethod

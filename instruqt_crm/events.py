@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
+import functools
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
 
 KNOWN_TYPES: tuple[str, ...] = (
     "track.started",
@@ -35,6 +41,7 @@ PARAM_KEYS: tuple[str, ...] = (
 )  # Instruqt's first
 
 _FRACTION = re.compile(r"(\.\d+)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EventError(ValueError):
@@ -113,6 +120,60 @@ def check_body(body: Any) -> str:
     return event_type
 
 
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """A delivery's body as every later stage can read it, or EventError saying why not: a
+    JSON object without a byte-order mark, NaN or Infinity, or text that is not UTF-8 (lone
+    surrogates in its strings), with a usable type and timestamp."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raise EventError("body starts with a byte-order mark: send the JSON alone")
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except EventError:
+        raise
+    except (ValueError, RecursionError):
+        raise EventError("body is not valid JSON") from None
+    check_readable(body)
+    return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise EventError(f"body holds {name}, which JSON does not allow")
+
+
+def check_readable(body: Any) -> None:
+    """Raise EventError unless ``body`` is an event whose text every stage can encode (no
+    lone surrogates), whose numbers are finite, with a usable type and timestamp."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise EventError("body holds text that is not valid UTF-8 (a lone surrogate)")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise EventError("body holds a number that is not finite")
+    parse_event("check", body)
+
+
+def valid_email(value: Any) -> str | None:
+    """An email address as the CRM gets it (checked, normalised, lower-cased), or None for
+    anything that is not one (no DNS lookup)."""
+    if not isinstance(value, str) or "@" not in value:
+        return None
+    return _checked_email(value.strip())
+
+
+@functools.lru_cache(maxsize=4096)  # a batch sees the same learners' emails again and again
+def _checked_email(value: str) -> str | None:
+    try:
+        found = validate_email(value, check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return found.normalized.lower()
+
+
 def parse_event(event_id: str, body: Any, received_at: datetime | None = None) -> Event:
     """Build an Event; a missing timestamp falls back to the receive time."""
     event_type = check_body(body)
@@ -120,6 +181,8 @@ def parse_event(event_id: str, body: Any, received_at: datetime | None = None) -
     fallback = received_at or datetime.now(UTC)
     timestamp = fallback if raw_time is None else parse_timestamp(raw_time)
     user_id = body.get("user_id")
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int | None):
+        raise EventError(f"'user_id' must be a string, got {type(user_id).__name__}")
     return Event(
         id=event_id,
         type=event_type,

@@ -20,6 +20,7 @@ import requests
 
 from instruqt_crm.config import DEFAULT_INSTRUQT_GRAPHQL_URL
 from instruqt_crm.errors import Category, PermanentError, RateLimited, RetryableError
+from instruqt_crm.events import valid_email
 from instruqt_crm.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ class Profile:
     first_name: str | None = None
     last_name: str | None = None
     email_from: str | None = None  # "details" or "profile"
-
-
-def normalise_email(value: object) -> str | None:
-    """Strip and lower-case an email; None for anything empty or not a string."""
-    if not isinstance(value, str):
-        return None
-    email = value.strip().lower()
-    return email or None
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -262,7 +255,7 @@ def _profile(user_id: str, data: Any) -> Profile | None:
     details, profile = (user.get(part) for part in ("details", "profile"))
     details = details if isinstance(details, dict) else {}
     profile = profile if isinstance(profile, dict) else {}
-    from_details, from_profile = (normalise_email(part.get("email")) for part in (details, profile))
+    from_details, from_profile = (valid_email(part.get("email")) for part in (details, profile))
     display = _text(profile.get("display_name"))
     first, last = _text(details.get("firstName")), _text(details.get("lastName"))
     if not (first or last) and display:  # the display name, split at its last space

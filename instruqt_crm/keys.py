@@ -1,6 +1,7 @@
 """Every Redis key the service uses, named in one place, and ``text()`` for Redis replies.
 
-All keys start with ``instruqt_crm:``; RQ's own keys (``rq:...``) are RQ's. Grouped by the
+All keys start with ``instruqt_crm:``; RQ's own keys (``rq:...``) are RQ's. Emails and ids
+from events go into keys through ``part`` (escaped, or hashed when long). Grouped by the
 stage that writes them:
 
 ::
@@ -17,8 +18,22 @@ stage that writes them:
 from __future__ import annotations
 
 import hashlib
+from urllib.parse import quote
 
 PREFIX = "instruqt_crm:"
+MAX_PART = 200  # a longer email or id is hashed into the key
+# Kept as they are: letters, digits and what an email's local part may hold, but ``%`` (the
+# escape), ``*`` and ``?`` (SCAN patterns); ``:`` (our separator) and the rest are escaped.
+KEY_SAFE = "@.+-_~!#$&'=^`{|}/"
+
+
+def part(value: str) -> str:
+    """An email or id as a key part: anything not in KEY_SAFE escaped (so ``u1:meta`` cannot
+    name ``u1``'s meta key), hashed when longer than MAX_PART."""
+    escaped = quote(value, safe=KEY_SAFE, errors="surrogatepass")
+    if len(escaped) <= MAX_PART:
+        return escaped
+    return "sha256-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def text(value: object) -> str:
@@ -46,12 +61,12 @@ PARKED_USERS = f"{PREFIX}parked_users"  # zset: user id -> when its next lookup 
 
 def identity(user_id: str) -> str:
     """A learner's cached email (or the "no email" mark)."""
-    return f"{PREFIX}identity:{user_id}"
+    return f"{PREFIX}identity:{part(user_id)}"
 
 
 def parked(user_id: str) -> str:
     """A learner's events waiting for an email (hash: event id -> body)."""
-    return f"{PREFIX}parked:{user_id}"
+    return f"{PREFIX}parked:{part(user_id)}"
 
 
 def parked_meta(user_id: str) -> str:
@@ -66,17 +81,17 @@ DIRTY_PLAYS = f"{PREFIX}plays:dirty"  # zset: participant id -> when it first ch
 
 def contact(key: str) -> str:
     """One contact's merged cells, values last sent, email, user id and version (hash)."""
-    return f"{PREFIX}contact:{key}"
+    return f"{PREFIX}contact:{part(key)}"
 
 
 def contact_events(key: str) -> str:
     """The ids of the events merged into one contact (set)."""
-    return f"{PREFIX}contact:{key}:events"
+    return f"{PREFIX}contact:{part(key)}:events"
 
 
 def play(participant: str) -> str:
     """One play's merged cells, values last sent, learner and version (hash)."""
-    return f"{PREFIX}play:{participant}"
+    return f"{PREFIX}play:{part(participant)}"
 
 
 # --- flush ----------------------------------------------------------------------------------
@@ -101,12 +116,12 @@ def failure(failure_id: str) -> str:
 
 def trail(email: str) -> str:
     """A learner's activity trail (list, newest first)."""
-    return f"{PREFIX}trace:{email.lower()}"
+    return f"{PREFIX}trace:{part(email.lower())}"
 
 
 def trail_user(user_id: str) -> str:
     """The email a learner's trail is kept under, by Instruqt user id."""
-    return f"{PREFIX}trace_user:{user_id}"
+    return f"{PREFIX}trace_user:{part(user_id)}"
 
 
 # --- CRM ------------------------------------------------------------------------------------

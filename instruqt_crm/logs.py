@@ -2,7 +2,8 @@
 
 Each line carries the time, level, logger, message and, inside a worker job, the job id and
 the id of the event being handled.
-Email addresses in messages are masked (``a***@example.com``) unless LOG_EMAILS is true.
+Email addresses are masked (``a***@example.com``) unless LOG_EMAILS is true, wherever a line
+carries text: the message, the ids, the exception with its traceback, and the stack.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def mask_emails(text: str) -> str:
     return EMAIL.sub(r"\1***@\2", text)
 
 
+def _keep(text: str) -> str:
+    """Text as it is (LOG_EMAILS=true)."""
+    return text
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; emails masked unless allowed."""
+    """One JSON object per record (``exc``: the traceback, ``stack``: the stack when asked for);
+    emails masked in the message, ids, exc and stack unless allowed."""
 
     def __init__(self, show_emails: bool = False) -> None:
         super().__init__()
@@ -49,24 +56,29 @@ class JsonFormatter(logging.Formatter):
         return f"{text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        mask = _keep if self.show_emails else mask_emails  # cheap: no "@", no regex
         entry = {
             "ts": self._timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "msg": message if self.show_emails else mask_emails(message),
+            "msg": mask(record.getMessage()),
         }
         for field in ("job_id", "event_id"):
             value = getattr(record, field, None)
             if value:
-                entry[field] = value
+                entry[field] = mask(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = mask(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["exc"] = mask(record.exc_text)
+        if record.stack_info:
+            entry["stack"] = mask(self.formatStack(record.stack_info))
         return self._encode(entry)
 
 
 class TextFormatter(logging.Formatter):
-    """Plain text lines; emails masked unless allowed."""
+    """Plain text lines; emails masked unless allowed, in all of the text (the message, and the
+    traceback and stack that follow it)."""
 
     def __init__(self, show_emails: bool = False) -> None:
         super().__init__(TEXT_FORMAT)

@@ -17,6 +17,7 @@ from instruqt_crm.engine import runtime
 from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.engine.queueing import QUEUE_NAME, queue
 from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.engine.worker import AppJob, worker_queues
 from samples.signing import SECRET
 
 
@@ -48,10 +49,14 @@ def installed(run: Runtime) -> Iterator[Runtime]:
 
 
 def drain(conn: redis.Redis) -> None:
-    """Run every queued job; with FLUSH_WINDOW_SECONDS=0 a flush queues behind the drain."""
+    """Run every queued job, as the worker reads them (``AppJob``: our job functions only);
+    with FLUSH_WINDOW_SECONDS=0 a flush queues behind the drain."""
     jobs = queue(QUEUE_NAME, conn)
     while jobs.count:
-        SimpleWorker([jobs], connection=conn, serializer=JSONSerializer).work(burst=True)
+        worker = SimpleWorker(
+            worker_queues(conn), connection=conn, serializer=JSONSerializer, job_class=AppJob
+        )
+        worker.work(burst=True)
 
 
 def enqueue_all(conn: redis.Redis, pairs: Iterable[tuple[str, dict[str, Any]]]) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -42,22 +41,12 @@ from samples.history import crm_records
 from samples.signing import SECRET, signed
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
-from tests.processes import Workers, wait_for
+from tests.processes import Workers, start_web, wait_for
 from tests.redis_process import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING_PATH = "mappings/hubspot.yaml"
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"
-
-
-def procfile_web(port: int) -> list[str]:
-    """The Procfile's ``web`` command on 127.0.0.1:port, with WEB_CONCURRENCY's default (2)."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, _, command = line.partition(":")
-        if name.strip() == "web":
-            command = command.strip().replace("0.0.0.0:$PORT", f"127.0.0.1:{port}")
-            return shlex.split(command.replace("${WEB_CONCURRENCY:-2}", "2"))
-    raise KeyError("no web line in the Procfile")
 
 
 class Stack:
@@ -119,15 +108,7 @@ class Stack:
         adapter = HubSpotAdapter(self.hubspot.token, self.hubspot.url)
         mapping = load_mapping(ROOT / self.provision_mapping)
         hubspot_setup.apply(adapter, mapping, hubspot_setup.plan(adapter, mapping))
-        log = (self.log_dir / "web.log").open("wb")
-        self.web = subprocess.Popen(
-            procfile_web(self.port),
-            cwd=ROOT,
-            env={**os.environ, **self.env()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.web = start_web(self.port, self.env(), self.log_dir / "web.log")
         wait_for(self._web_up, 30, "gunicorn to answer /healthz")
         self.workers = Workers(self.env(), self.worker_count, self.log_dir).__enter__()
         self._keeper = threading.Thread(target=self._keep_workers, daemon=True)

@@ -1,17 +1,57 @@
-"""Real worker processes for tests: start several, wait until the work is done, kill some."""
+"""Real processes for tests: the Procfile's web and worker, several workers, killing some."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def procfile_web(port: int) -> list[str]:
+    """The Procfile's ``web`` command on 127.0.0.1:port, with WEB_CONCURRENCY's default (2)."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == "web":
+            command = command.strip().replace("0.0.0.0:$PORT", f"127.0.0.1:{port}")
+            return shlex.split(command.replace("${WEB_CONCURRENCY:-2}", "2"))
+    raise KeyError("no web line in the Procfile")
+
+
+def start_web(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The Procfile's web (gunicorn) on 127.0.0.1:port, ``env`` added to this environment,
+    its output in ``log_path``, in a process group of its own."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            procfile_web(port),
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def start_worker(
+    env: dict[str, str], output: IO[bytes] | int = subprocess.PIPE, own_group: bool = False
+) -> subprocess.Popen[bytes]:
+    """``python worker.py`` as the Procfile runs it, ``env`` added to this environment."""
+    return subprocess.Popen(
+        [sys.executable, "worker.py"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=own_group,
+    )
 
 
 class Workers:
@@ -24,15 +64,8 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start_one(self) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "worker.py"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.log_dir / f"worker-{len(self.processes)}.log").open("wb") as log:
+            process = start_worker(self.env, log, own_group=True)
         self.processes.append(process)
         return process
 

@@ -420,7 +420,7 @@ def test_failed_list_show_requeue_after_fixing_the_mapping(
 
 
 def test_requeue_a_rejected_contact_sends_it_again(env: Path, redis_conn: redis.Redis) -> None:
-    enqueue_all(redis_conn, [("msg_1", review(email="ada@localhost"))])
+    enqueue_all(redis_conn, [("msg_1", review(email="ada@example.рф"))])
     drain(redis_conn)
     (failure,) = failures.recent(redis_conn)
     assert failure.category == "validation"
@@ -428,7 +428,7 @@ def test_requeue_a_rejected_contact_sends_it_again(env: Path, redis_conn: redis.
     result = run("failed", "requeue", "--reason", "INVALID EMAIL")
     assert result.exit_code == 0, result.output
     assert "1 requeued, 0 not requeueable" in result.output
-    assert ledger.dirty(redis_conn, 10) == ["ada@localhost"]
+    assert ledger.dirty(redis_conn, 10) == ["ada@example.рф"]
     assert queue(QUEUE_NAME, redis_conn).count == 1
     drain(redis_conn)
     (again,) = failures.recent(redis_conn)  # the dry-run CRM rejects it again, visibly

@@ -78,15 +78,32 @@ def test_secret_values_never_appear_in_repr_or_errors() -> None:
         **BASE,
         "HUBSPOT_ACCESS_TOKEN": "pat-na1-supersecret",
         "RQ_DASHBOARD_USERNAME": "ops",
-        "RQ_DASHBOARD_PASSWORD": "hunter2",
+        "RQ_DASHBOARD_PASSWORD": "hunter2-hunter2",
     }
     settings = Settings.from_env(env)
     text = repr(settings)
-    for secret in (SECRET, "pat-na1-supersecret", "hunter2"):
+    for secret in (SECRET, "pat-na1-supersecret", "hunter2-hunter2"):
         assert secret not in text
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"INSTRUQT_WEBHOOK_SECRET": "whsec_!!" + "x" * 10})
     assert "x" * 10 not in str(caught.value)
+
+
+@pytest.mark.parametrize("password", ["hunter2", "eleven-char", " " * 3 + "short" + " " * 9])
+def test_a_dashboard_password_shorter_than_12_characters_stops_start_up(password: str) -> None:
+    env = {**BASE, "RQ_DASHBOARD_USERNAME": "ops", "RQ_DASHBOARD_PASSWORD": password}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    message = str(caught.value)
+    assert message == "RQ_DASHBOARD_PASSWORD: expected at least 12 characters"
+    assert password.strip() not in message
+
+
+def test_a_dashboard_password_of_12_characters_is_taken() -> None:
+    env = {**BASE, "RQ_DASHBOARD_USERNAME": "ops", "RQ_DASHBOARD_PASSWORD": "twelve-chars"}
+    settings = Settings.from_env(env)
+    assert settings.dashboard_password is not None
+    assert settings.dashboard_password.get_secret_value() == "twelve-chars"
 
 
 # --- Salesforce settings ---

@@ -139,7 +139,7 @@ def test_template_error_fails_that_event_only(
 def test_rejected_record_lands_in_registry_with_events(
     engine: Path, redis_conn: redis.Redis
 ) -> None:
-    bad = started("u1", "not-an-email@nowhere")
+    bad = started("u1", "rejected@example.рф")
     enqueue_all(redis_conn, [("m-bad", bad), ("m-good", started("u2", "fine@example.com"))])
     drain(redis_conn)
     assert set(dry_run_records(redis_conn)) == {"fine@example.com"}

@@ -211,7 +211,7 @@ def with_bad_emails(events: list[dict[str, Any]], every: int) -> tuple[list[dict
     for event in events:
         number = int(event["user_id"][4:])
         if number % every == 0 and "custom_parameters" in event:
-            email = f"learner{number:05d}@example"  # no dotted domain: INVALID_EMAIL
+            email = f"learner{number:05d}@example.рф"  # a valid address the CRM refuses
             bad.add(email)
             event = {**event, "custom_parameters": {"email": email}}
         changed.append(event)

@@ -217,6 +217,23 @@ def test_a_400_naming_the_bad_email_costs_one_extra_request(
     assert len(fake.contacts) == 60
 
 
+def test_a_409_conflict_on_an_email_keyed_batch_rejects_only_the_clashing_contact(
+    adapter: HubSpotAdapter, fake: FakeHubSpot
+) -> None:
+    """A unique value another contact holds makes HubSpot refuse the whole email-keyed batch
+    with 409; the batch is split until that contact stands alone, and the rest are written."""
+    create_property(adapter.client, "instruqt_unique_id", has_unique_value=True)
+    adapter.upsert([change(0, instruqt_unique_id="taken")])
+    batch = [change(n) for n in range(1, 9)]
+    batch.insert(3, change(99, instruqt_unique_id="taken"))
+    sent = send(adapter, batch)
+    rejected = [o for o in sent.outcomes if o.status == "rejected"]
+    assert [o.key for o in rejected] == ["learner99@example.com"]
+    assert "409" in rejected[0].reason and "Existing ID" in rejected[0].reason
+    assert len(sent.outcomes) == len(batch)
+    assert all(f"learner{n}@example.com" in fake.contacts for n in range(1, 9))
+
+
 def test_upserting_on_a_unique_property_writes_the_email_and_reads_a_207(
     fake: FakeHubSpot, redis_conn: redis.Redis
 ) -> None:

@@ -41,7 +41,7 @@ def test_a_flow_logs_json_lines_without_emails_or_secrets(
                     "type": "track.started",
                     "user_id": "u2",
                     "track_slug": "t",
-                    "params": {"email": "not-valid@nowhere"},
+                    "params": {"email": "rejected@example.рф"},
                     "timestamp": "2026-11-01T10:00:00Z",
                 },
             ),
@@ -56,7 +56,7 @@ def test_a_flow_logs_json_lines_without_emails_or_secrets(
     assert any(r.get("event_id") == "m1" and r.get("job_id") for r in ours)
     assert any("rejected" in r["msg"] for r in ours)
     text = "\n".join(lines)
-    for secret in ("grace.hopper@example.com", "not-valid@nowhere", SECRET, SECRET[6:]):
+    for secret in ("grace.hopper@example.com", "rejected@example.рф", SECRET, SECRET[6:]):
         assert secret not in text
     logging.getLogger("x").info("done")
 
@@ -81,3 +81,49 @@ def test_mask_emails_leaves_text_without_addresses_alone() -> None:
     text = "event msg_1 (track.started) queued; weird: a@ @b x@y"
     assert mask_emails("event msg_1 (track.started) queued") == "event msg_1 (track.started) queued"
     assert mask_emails(text) == "event msg_1 (track.started) queued; weird: a@ @b x***@y"
+
+
+def _log_a_failure() -> None:
+    """An exception whose text carries an email, logged with its traceback and the stack."""
+    try:
+        raise ValueError("bad ada.lovelace@example.com")
+    except ValueError:
+        logging.getLogger("instruqt_crm.test").exception(
+            "failed for %s", "grace.hopper@example.com", stack_info=True
+        )
+
+
+def _failure_logged(fmt: str, show_emails: bool, capfd: pytest.CaptureFixture[str]) -> str:
+    """What ``_log_a_failure`` writes to stderr with this format and email setting."""
+    capfd.readouterr()
+    configure_logging("INFO", fmt, show_emails=show_emails)
+    try:
+        _log_a_failure()
+    finally:
+        configure_logging("INFO", "text")
+    return capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_emails_are_masked_in_every_field_exceptions_and_stacks_included(
+    fmt: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    err = _failure_logged(fmt, False, capfd)
+    assert "ValueError: bad a***@example.com" in err
+    assert "failed for g***@example.com" in err
+    assert "Stack (most recent call last)" in err
+    for address in ("ada.lovelace@example.com", "grace.hopper@example.com"):
+        assert address not in err
+    if fmt == "json":
+        (line,) = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+        assert "Traceback" in line["exc"] and "Stack" in line["stack"]
+        for field, value in line.items():
+            assert "ada.lovelace@" not in str(value), field
+            assert "grace.hopper@" not in str(value), field
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_log_emails_true_shows_them_everywhere(fmt: str, capfd: pytest.CaptureFixture[str]) -> None:
+    err = _failure_logged(fmt, True, capfd)
+    assert "ValueError: bad ada.lovelace@example.com" in err
+    assert "failed for grace.hopper@example.com" in err

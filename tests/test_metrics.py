@@ -20,8 +20,7 @@ from instruqt_crm.journal.counters import Tally
 from instruqt_crm.keys import text
 from instruqt_crm.ops import metrics
 from samples.signing import OTHER_SECRET, SECRET, signed, track_event
-from tests.fault_harness import ROOT, procfile_web
-from tests.processes import wait_for
+from tests.processes import ROOT, start_web, wait_for
 from tests.redis_process import free_port
 
 
@@ -127,16 +126,8 @@ def test_gunicorn_workers_write_their_counts_while_running(
 ) -> None:
     """The Procfile's web command: the workers' writer threads write the held counts."""
     port = free_port()
-    env = {**os.environ, "INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
-    with (tmp_path / "web.log").open("wb") as log:
-        web = subprocess.Popen(
-            procfile_web(port),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
+    web = start_web(port, env, (tmp_path / "web.log"))
     expected = {"queued": 20, "bad_signature": 2}
     try:
         url = f"http://127.0.0.1:{port}"

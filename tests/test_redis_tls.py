@@ -27,8 +27,7 @@ from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.receiver import create_app
 from samples.signing import SECRET, signed, track_event
-from tests.fault_harness import procfile_web
-from tests.processes import ROOT, Workers, wait_for
+from tests.processes import ROOT, Workers, start_web, wait_for
 from tests.redis_process import TlsRedisProcess, free_port
 
 LOGIN = {"RQ_DASHBOARD_USERNAME": "ops", "RQ_DASHBOARD_PASSWORD": "dashboard-pass"}
@@ -153,15 +152,7 @@ def test_web_and_worker_run_on_the_platforms_url_with_app_json_defaults(
             peak[0] = max(peak[0], connections(tls))
 
     watcher = threading.Thread(target=watch, daemon=True)
-    with (tmp_path / "web.log").open("wb") as log:
-        web = subprocess.Popen(
-            procfile_web(port),
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    web = start_web(port, env, tmp_path / "web.log")
     try:
         watcher.start()
         wait_for(lambda: _answers(f"{base}/readyz"), 30, "gunicorn to be ready")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import time
 from datetime import UTC, datetime
 
 import pytest
 import standardwebhooks.webhooks as std
 from pydantic import SecretStr
+from svix.webhooks import Webhook
 
 from instruqt_crm.receiver.signature import SignatureError, verify
 from samples.signing import OTHER_SECRET, SECRET, signed
@@ -124,3 +129,78 @@ def test_reason_never_contains_the_secret() -> None:
     with pytest.raises(SignatureError) as caught:
         verify(body, headers, [SecretStr(SECRET)])
     assert SECRET not in str(caught.value) and SECRET[6:] not in str(caught.value)
+
+
+def signed_bytes(body: bytes, secret: str = SECRET) -> dict[str, str]:
+    """Svix's headers for any bytes, signed by hand (Svix's scheme: HMAC-SHA256 over
+    ``id.timestamp.body``), so that even a body that is not UTF-8 carries a correct signature."""
+    msg_id, stamp = "msg_handsigned", str(int(time.time()))
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {
+        "svix-id": msg_id,
+        "svix-timestamp": stamp,
+        "svix-signature": "v1," + base64.b64encode(mac).decode(),
+        "Content-Type": "application/json",
+    }
+
+
+def test_hand_signing_agrees_with_the_library() -> None:
+    headers = signed_bytes(b'{"type": "x"}')
+    assert verify(b'{"type": "x"}', headers, [SecretStr(SECRET)]) == "msg_handsigned"
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"{", b"", "\u00e9t\u00e9".encode(), b"\x00"])
+def test_signed_body_that_is_not_json_verifies(raw: bytes) -> None:
+    """Only the signature is checked: the body's content is the receiver's business (400)."""
+    body, headers = signed(raw)
+    assert verify(body, headers, [SecretStr(SECRET)]) == headers["svix-id"]
+
+
+def test_the_library_does_not_parse_the_body() -> None:
+    """Holds the installed svix to what verify relies on: a signed non-JSON body verifies."""
+    body, headers = signed(b"not json")
+    assert Webhook(SECRET).verify(body.decode(), headers) is None
+
+
+def test_signed_body_that_is_not_utf8_is_refused() -> None:
+    raw = b"\xff\xfe{}\x80"
+    headers = signed_bytes(raw)
+    with pytest.raises(SignatureError, match="not UTF-8"):
+        verify(raw, headers, [SecretStr(SECRET)])
+
+
+@pytest.mark.parametrize("bad", ["whsec_", "whsec_====", "whsec_abcde", "whsec_\u00e9t\u00e9", ""])
+def test_malformed_secret_matches_nothing(bad: str) -> None:
+    body, headers = signed({"type": "x"})
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(body, headers, [SecretStr(bad)])
+    assert verify(body, headers, [SecretStr(bad), SecretStr(SECRET)]) == headers["svix-id"]
+
+
+@pytest.mark.parametrize("value", ["v1,AAAA,AAAA", "v1,AAAA, v1,AAAA", ",AAAA"])
+def test_signature_entry_with_extra_commas_is_malformed(value: str) -> None:
+    body, headers = signed({"type": "x"})
+    headers["svix-signature"] = value
+    with pytest.raises(SignatureError, match="malformed signature"):
+        verify(body, headers, [SecretStr(SECRET)])
+
+
+def test_entries_separated_by_several_spaces_still_match() -> None:
+    body, headers = signed({"type": "x"})
+    headers["svix-signature"] = "v1,AAAA \t  " + headers["svix-signature"] + "  "
+    assert verify(body, headers, [SecretStr(SECRET)]) == headers["svix-id"]
+
+
+def test_other_library_errors_are_not_turned_into_a_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only svix's verification error means "does not match"; a bug elsewhere stays a bug."""
+
+    def broken(self, data, headers):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Webhook, "verify", broken)
+    body, headers = signed({"type": "x"})
+    with pytest.raises(RuntimeError, match="bug"):
+        verify(body, headers, [SecretStr(SECRET)])

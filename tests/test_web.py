@@ -20,6 +20,7 @@ from instruqt_crm.journal import failures
 from instruqt_crm.receiver.app import create_app
 from samples.signing import OTHER_SECRET, SECRET, signed, track_event
 from tests.engine_helpers import inbox_events
+from tests.test_signature import signed_bytes
 
 URL = "/webhooks/instruqt"
 
@@ -150,20 +151,39 @@ def test_json_with_charset_is_fine(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"[1, 2]", b'{"no_type": 1}', b'{"type": 5}', b"not json", b'{"type": ""}']
+    ("raw", "reason"),
+    [
+        (b"[1, 2]", "body must be a JSON object"),
+        (b'{"no_type": 1}', "body must have a string 'type'"),
+        (b'{"type": 5}', "body must have a string 'type'"),
+        (b'{"type": ""}', "body must have a string 'type'"),
+        (b"not json", "body is not valid JSON"),
+        (b"{", "body is not valid JSON"),
+        ("\u00e9t\u00e9".encode(), "body is not valid JSON"),
+    ],
 )
-def test_verified_but_unusable_body_gets_400_and_is_kept(
-    client: FlaskClient, redis_conn: redis.Redis, raw: bytes
+def test_signed_but_unusable_body_gets_400_with_the_reason_and_is_kept(
+    client: FlaskClient, redis_conn: redis.Redis, raw: bytes, reason: str
 ) -> None:
+    """A genuine delivery that is not an event: ours to keep (400), not a bad signature."""
     body, headers = signed(raw)
     response = post(client, body, headers)
     assert response.status_code == 400
+    assert response.json == {"status": "invalid", "reason": reason, "id": headers["svix-id"]}
     assert queued(redis_conn) == 0
-    kept = failures.recent(redis_conn)
-    assert len(kept) == 1
-    assert kept[0].payload == raw.decode()
-    assert kept[0].message_id == headers["svix-id"]
-    assert kept[0].category == "invalid_body"
+    [kept] = failures.recent(redis_conn)
+    assert (kept.category, kept.reason) == ("invalid_body", reason)
+    assert (kept.message_id, kept.payload) == (headers["svix-id"], raw.decode())
+
+
+def test_signed_body_that_is_not_utf8_gets_401_and_stores_nothing(
+    client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    raw = b"\xff\xfe{}\x80"
+    response = post(client, raw, signed_bytes(raw))
+    assert response.status_code == 401
+    assert "not UTF-8" in response.json["reason"]
+    assert stored(redis_conn) == []
 
 
 def test_same_id_twice_is_one_job(client: FlaskClient, redis_conn: redis.Redis) -> None:

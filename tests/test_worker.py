@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from instruqt_crm.engine.queueing import FLUSH_JOB, QUEUE_NAME, queue
 from instruqt_crm.engine.worker import build_worker, release_stale_scheduler_locks
 from samples.signing import SECRET, track_event
 from tests.engine_helpers import engine_env, engine_runtime
+from tests.processes import start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,14 +35,7 @@ def test_simple_worker_drains_events(engine, redis_conn: redis.Redis) -> None:
 def test_worker_process_runs_jobs_and_stops_on_sigterm(
     redis_url: str, redis_conn: redis.Redis, tmp_path
 ) -> None:
-    env = {**os.environ, **engine_env(redis_url, tmp_path)}
-    process = subprocess.Popen(
-        [sys.executable, "worker.py"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = start_worker(engine_env(redis_url, tmp_path))
     try:
         enqueue_event(redis_conn, "msg_live", track_event(params={"email": "a@b.co"}), 3600)
         deadline = time.monotonic() + 30

@@ -12,7 +12,7 @@ import redis
 from instruqt_crm import keys
 from instruqt_crm.engine import identity, ledger
 from instruqt_crm.engine.inbox import enqueue_event
-from instruqt_crm.events import EventError, parse_event
+from instruqt_crm.events import EventError, check_readable
 from instruqt_crm.journal import trail
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import Mapping, cell_value
@@ -51,7 +51,7 @@ def replay(file: Path, id_field: str | None) -> None:
             try:
                 if item.error is not None:
                     raise EventError(item.error)
-                parse_event(message_id, item.body)
+                check_readable(item.body)  # what the receiver would refuse at the door
                 done = enqueue_event(conn, message_id, item.body, settings.dedupe_ttl_seconds)
             except EventError as exc:
                 invalid.append((item.where, str(exc)))

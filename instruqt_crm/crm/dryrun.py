@@ -2,7 +2,8 @@
 
 Used by the local run (no credentials needed) and by tests. It checks what a real CRM
 checks first, so mistakes show up before going live: an unknown property or a malformed
-email rejects that record (never its batch-mates).
+email rejects that record (never its batch-mates). Emails with characters beyond ASCII are
+refused too, as a Salesforce org without Email Address Internationalization refuses them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from instruqt_crm.mapping import Mapping
 
 from .base import ContactChange, Outcome, PropertyInfo
 
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+EMAIL = re.compile(r"^[!-?A-~]+@[!-?A-~]+\.[A-Za-z0-9-]{2,}$")  # printable ASCII, one @
 
 
 class DryRunAdapter:

@@ -3,7 +3,8 @@
 Every SDK or urllib3 failure is converted here into the engine's errors (see
 ``instruqt_crm.errors``): 429 → ``RateLimited`` (wait per ``policyName``), 5xx/423/connection
 trouble → ``RetryableError``, 401/403 → ``PermanentError`` naming the token or scope, and a
-400 that refuses the whole batch → ``BatchRejected`` naming the culprits when HubSpot says.
+400 or 409 that refuses the whole batch → ``BatchRejected`` naming the culprits when HubSpot
+says.
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ class HubSpotAdapter:
                 raw=True,
             )
         except PermanentError as exc:
-            if exc.category == Category.VALIDATION:
+            # 400, or 409 for a unique value another contact holds: one input's fault, but an
+            # email-keyed batch fails whole; send() sets the named inputs aside or splits it.
+            if exc.category in (Category.VALIDATION, Category.CONFLICT):
                 answer = str(getattr(exc.__cause__, "body", None) or exc.reason)
                 raise BatchRejected(
                     exc.reason, Category.VALIDATION, culprits(answer, by_id)

@@ -21,7 +21,7 @@ import redis
 from redis.client import Pipeline
 
 from instruqt_crm.errors import Category, MappingFailure
-from instruqt_crm.events import Event, parse_event
+from instruqt_crm.events import Event, EventError, check_body, parse_event
 from instruqt_crm.journal import counters, failures, trail
 from instruqt_crm.logs import CURRENT_EVENT
 from instruqt_crm.mapping import PropertyChange, apply_event, skip_reason
@@ -162,11 +162,12 @@ class Batch:
         """Give up on a learner's waiting events: each becomes a counted, visible failure."""
         events = identity.parked_events(self.conn, user_id)
         for event_id, body in events:
+            invalid = self._invalid_email(parse_event(event_id, body))
             failures.record(
                 self.conn,
                 failures.Kind.EVENT,
                 Category.IDENTITY,
-                reason,
+                reason if invalid is None else f"{reason}; its invalid email {invalid!r} unused",
                 event_id,
                 json.dumps(body),
             )
@@ -174,6 +175,10 @@ class Batch:
         self._unpark.append((user_id, [event_id for event_id, _ in events]))
         log.warning("%d event(s) of user %s expired: %s", len(events), user_id, reason)
         return len(events)
+
+    def _invalid_email(self, event: Event) -> str | None:
+        """An email parameter of the event that was not used because it is invalid."""
+        return identity.invalid_email_in(event.params, self.runtime.mapping.identity.email_params)
 
     def _count(self, outcome: str, event_type: str) -> None:
         counters.count_event(self.writes, outcome, event_type)
@@ -242,7 +247,9 @@ class Batch:
     def _park(self, event: Event) -> Handled:
         """Park an event whose learner has no email yet (or fail it if it never can have one)."""
         if not event.user_id:
-            reason = "event has no user_id and no email parameter: the learner cannot be identified"
+            invalid = self._invalid_email(event)
+            given = "no email parameter" if invalid is None else f"invalid email {invalid!r}"
+            reason = f"event has no user_id and {given}: the learner cannot be identified"
             failures.record(
                 self.conn,
                 failures.Kind.EVENT,
@@ -371,20 +378,51 @@ class Batch:
 
 
 def handle_batch(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> Counter[str]:
-    """Handle taken events; an event that raises becomes a visible failure, the rest go on.
-    How many events ended in each status."""
+    """Handle taken events; how many ended in each status. Every event ends somewhere: if the
+    batch as a whole raises (not only one event's step), its events are handled one by one,
+    and one that still raises is kept as a failure with its body and reason."""
+    try:
+        return _handle_together(conn, runtime, entries)
+    except TRANSIENT:
+        raise  # nothing is acknowledged: the batch is taken again
+    except Exception as exc:
+        if len(entries) == 1:
+            return Counter([_poisoned(conn, entries[0], exc).status])
+        log.exception("handling %d events together failed; one by one now", len(entries))
+        outcomes = Counter[str]()
+        for entry in entries:
+            outcomes.update(handle_batch(conn, runtime, [entry]))
+        return outcomes
+
+
+def _handle_together(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> Counter[str]:
+    """Handle events as one batch; an event whose own step raises becomes a failure."""
     batch = Batch(conn, runtime, (_user_id(entry.body) for entry in entries))
     for entry in entries:
         marker = CURRENT_EVENT.set(entry.message_id)
         try:
             batch.handle(parse_event(entry.message_id, entry.body))
         except TRANSIENT:
-            raise  # nothing is acknowledged: the batch is taken again
+            raise
         except Exception as exc:  # one broken event must not hold up the others
             batch.fail(entry.message_id, entry.body, exc)
         finally:
             CURRENT_EVENT.reset(marker)
     return Counter(outcome.status for outcome in batch.commit())
+
+
+def _poisoned(conn: redis.Redis, entry: Entry, exc: Exception) -> Handled:
+    """Keep an event that cannot be handled even alone as a failure (with its body), counted."""
+    reason = f"{type(exc).__name__}: {exc}"
+    log.error("event %s failed even on its own: %s", entry.message_id, reason, exc_info=exc)
+    body = json.dumps(entry.body)  # ASCII: text Redis could not take is escaped
+    failures.record(conn, failures.Kind.EVENT, Category.OTHER, reason, entry.message_id, body)
+    try:
+        event_type = check_body(entry.body)
+    except EventError:
+        event_type = "invalid"
+    counters.count_event(conn, "failed", event_type)
+    return Handled(entry.message_id, "failed", reason)
 
 
 def handle_event(conn: redis.Redis, runtime: Runtime, event: Event) -> Handled:
@@ -420,5 +458,8 @@ def retry_waiting(conn: redis.Redis, runtime: Runtime, now: float | None = None)
 
 
 def _user_id(body: dict[str, Any]) -> str | None:
+    """The event's learner id as ``parse_event`` reads it, if it has a usable one."""
     value = body.get("user_id")
-    return value if isinstance(value, str) and value else None
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        return None
+    return str(value)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
 import redis
@@ -23,7 +23,7 @@ from redis.client import Pipeline
 
 from instruqt_crm import keys
 from instruqt_crm.errors import Category, PermanentError, RetryableError
-from instruqt_crm.events import Event
+from instruqt_crm.events import Event, valid_email
 from instruqt_crm.instruqt_api import Profile
 from instruqt_crm.journal import counters, trail
 from instruqt_crm.keys import text
@@ -77,12 +77,22 @@ class Learner:
         )
 
 
-def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
-    """The first plausible email among the named custom parameters, lower-cased."""
+def invalid_email_in(params: dict[str, Any], keys: list[str]) -> str | None:
+    """The first named custom parameter that looks meant as an email but is not a valid one
+    (so a failure can say why the learner was not identified by it)."""
     for name in keys:
         value = params.get(name)
-        if isinstance(value, str) and "@" in value.strip():
-            return value.strip().lower()
+        if isinstance(value, str) and "@" in value and valid_email(value) is None:
+            return value
+    return None
+
+
+def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
+    """The first valid email among the named custom parameters (checked and normalised; an
+    invalid one counts as none)."""
+    for name in keys:
+        if (email := valid_email(params.get(name))) is not None:
+            return email
     return None
 
 
@@ -118,7 +128,15 @@ def _decoded(value: Any) -> Learner | Literal["none"] | None:
     """A cache value as a learner (``"none"``: no email is known; None: nothing cached)."""
     if value is None:
         return None
-    return "none" if text(value) == _NO_EMAIL else Learner.decode(text(value))
+    if text(value) == _NO_EMAIL:
+        return "none"
+    try:
+        learner = Learner.decode(text(value))
+        email = valid_email(learner.email)
+    except (ValueError, KeyError, TypeError, AttributeError):  # not written by this service
+        return None
+    # cached by a version that took any text with an @: invalid now, so look it up again
+    return None if email is None else replace(learner, email=email)
 
 
 def cached_email(conn: redis.Redis, user_id: str) -> str | None:

@@ -105,6 +105,9 @@ JOB_OPTIONS: dict[str, Any] = {
 DRAIN_JOB = "instruqt_crm.engine.jobs.process_inbox"
 FLUSH_JOB = "instruqt_crm.engine.jobs.flush_contacts"
 RETRY_PARKED_JOB = "instruqt_crm.engine.jobs.retry_parked"
+# The only functions our workers run (``worker.AppJob``): a job naming anything else is
+# refused before it is imported, whoever wrote it into Redis.
+ALLOWED_JOBS = frozenset({DRAIN_JOB, FLUSH_JOB, RETRY_PARKED_JOB})
 
 
 def enqueue_job(conn: redis.Redis, func: str, delay: float = 0) -> None:

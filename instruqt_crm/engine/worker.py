@@ -8,9 +8,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import redis
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import DeserializationError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
@@ -28,6 +29,7 @@ from instruqt_crm.mapping import MappingError
 from . import identity, inbox, ledger, plays
 from .flush import schedule_flush, wake_stalled
 from .queueing import (
+    ALLOWED_JOBS,
     QUEUE_NAMES,
     RETRY_PARKED_JOB,
     connect,
@@ -43,6 +45,89 @@ log = logging.getLogger(__name__)
 
 class StartupError(RuntimeError):
     """The worker must not start; the message says why and what to do."""
+
+
+class RefusedJob(Exception):
+    """A job that is not one of ours: it fails without anything it names being imported."""
+
+
+class AppJob(Job):
+    """A job as our workers read it from Redis: only our job functions run.
+
+    RQ imports and calls whatever dotted name a job holds, so anyone able to write to Redis
+    could queue ``os.system``. Here the name is checked against ``ALLOWED_JOBS`` before
+    anything is imported: any other function, a method of a stored object, callbacks or
+    webhooks make the job fail with ``RefusedJob`` (into RQ's failed registry, not retried).
+    Callbacks and webhooks are never loaded or sent for any job (ours register none), also
+    when RQ's registry clean-up handles a job it thinks a dead worker left.
+    """
+
+    def refusal(self) -> str | None:
+        """Why this job must not run; None for one of ours."""
+        try:
+            name, instance = self.func_name, self.instance
+        except DeserializationError:
+            return "its data is not a JSON job"
+        if not isinstance(name, str) or name not in ALLOWED_JOBS:
+            return "not one of our job functions"
+        if instance is not None:
+            return "our jobs are functions, not methods of a stored object"
+        callbacks = (self._success_callback_name, self._failure_callback_name)
+        if any(callbacks) or self._stopped_callback_name:
+            return "our jobs have no callbacks"
+        if self.webhooks:
+            return "our jobs have no webhooks"
+        return None
+
+    def _shown_name(self) -> str:
+        try:
+            return repr(self.func_name)[:200]
+        except DeserializationError:
+            return "(unreadable)"
+
+    @property
+    def func(self) -> Any:
+        """The job's function, imported only when it is one of ours."""
+        reason = self.refusal()
+        if reason is not None:
+            name = self._shown_name()
+            log.error("refused job %s naming %s: %s", self.id, name, reason)
+            raise RefusedJob(
+                f"refused job naming {name}: {reason} "
+                f"(a worker runs only {', '.join(sorted(ALLOWED_JOBS))})"
+            )
+        return super().func
+
+    @property
+    def should_retry(self) -> bool:
+        """A refused job is not retried: it would be refused again."""
+        return self.refusal() is None and bool(super().should_retry)
+
+    @property
+    def success_callback(self) -> None:
+        """Never a callback named in Redis (our jobs have none)."""
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        """Never a callback named in Redis (our jobs have none)."""
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        """Never a callback named in Redis (our jobs have none)."""
+        return None
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        """Nothing is sent: our jobs register no webhooks, and a URL in Redis is not ours."""
+
+
+def worker_queues(conn: redis.Redis) -> list[Queue]:
+    """The app's queues as a worker reads them: JSON, and jobs read as ``AppJob``."""
+    return [
+        Queue(name, connection=conn, serializer=JSONSerializer, job_class=AppJob)
+        for name in QUEUE_NAMES
+    ]
 
 
 class _Maintained:
@@ -74,12 +159,14 @@ class SimpleAppWorker(_Maintained, SimpleWorker):
 
 
 def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = None) -> BaseWorker:
-    """A worker on the app's queues; HerokuWorker forks per job, SimpleWorker runs in-process."""
+    """A worker on the app's queues; HerokuWorker forks per job, SimpleWorker runs in-process.
+    Either runs only our job functions (``AppJob``)."""
     worker_class = SimpleAppWorker if simple else AppWorker
     return worker_class(
-        queues(conn),
+        worker_queues(conn),
         connection=conn,
         serializer=JSONSerializer,
+        job_class=AppJob,
         name=name,
         maintenance_interval=15,  # safety nets and killed workers' jobs found sooner
         worker_ttl=30,  # idle workers wake every ~15 s, so maintenance runs when idle too

@@ -62,7 +62,13 @@ def record(
     """Store a failure for operators and count it by category."""
     text = payload.decode("utf-8", "backslashreplace") if isinstance(payload, bytes) else payload
     failure = Failure(
-        uuid.uuid4().hex[:16], Kind(kind), Category(category), reason, message_id, time.time(), text
+        uuid.uuid4().hex[:16],
+        Kind(kind),
+        Category(category),
+        _storable(reason),
+        _storable(message_id),
+        time.time(),
+        _storable(text),
     )
     with conn.pipeline(transaction=True) as pipe:
         pipe.hset(keys.failure(failure.id), mapping={k: str(v) for k, v in asdict(failure).items()})
@@ -70,6 +76,11 @@ def record(
         pipe.hincrby(keys.FAILURE_COUNTS, failure.category, 1)
         pipe.execute()
     return failure
+
+
+def _storable(value: str) -> str:
+    """Text Redis can store: anything UTF-8 cannot encode (lone surrogates) escaped."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def get(conn: redis.Redis, failure_id: str) -> Failure | None:

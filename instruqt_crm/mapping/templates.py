@@ -1,31 +1,28 @@
-"""Sandboxed Jinja2 templates: the filters mappings may use, load-time checks, safe rendering."""
+"""Sandboxed Jinja2 templates: the filters mappings may use, load-time checks, safe rendering.
+
+Templates run in the budgeted sandbox (``sandbox``): a render that would build something
+huge or run too long fails at once, and the event becomes a mapping failure.
+"""
 
 from __future__ import annotations
 
 import functools
-import operator
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from jinja2 import ChainableUndefined, Template, nodes
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 from jinja2.meta import find_undeclared_variables
-from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from instruqt_crm.events import Event, EventError, format_timestamp, parse_timestamp
 
 from .errors import suggest
+from .sandbox import INTERNAL_FILTERS, budgeted, generate, new_sandbox
 
 CONTEXT_NAMES: tuple[str, ...] = ("event", "type", "params", "user_id", "email")
-MAX_TEMPLATE_CHARS = 10_000
-MAX_OUTPUT_CHARS = 65_536
-MAX_EXPONENT = 100
-MAX_POWER_BITS = 4096
 EPOCH_MS_THRESHOLD = 100_000_000_000  # numbers above this are epoch milliseconds, not seconds
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_BINOPS: dict[str, Callable[[Any, Any], Any]] = {"*": operator.mul, "**": operator.pow}
+MAX_TEMPLATE_CHARS = 10_000  # longest template a mapping may hold
 
 
 def _is_empty(value: Any) -> bool:
@@ -75,44 +72,11 @@ def first_of(value: Any, *others: Any) -> Any:
     return ""
 
 
-class MappingSandbox(ImmutableSandboxedEnvironment):
-    """No mutation, no unsafe attributes (they raise), bounded repetition and powers."""
-
-    intercepted_binops = frozenset(_BINOPS)
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        """Refuse ``*`` and ``**`` whose results would be huge."""
-        if operator == "**" and isinstance(right, int | float):
-            bits = left.bit_length() if isinstance(left, int) else 1
-            if abs(right) > MAX_EXPONENT or bits * abs(right) > MAX_POWER_BITS:
-                raise SecurityError("power too large")
-        if operator == "*":
-            sequence, count = (
-                (left, right) if isinstance(left, str | list | tuple) else (right, left)
-            )
-            sized = isinstance(sequence, str | list | tuple) and isinstance(count, int)
-            if sized and len(sequence) * count > MAX_OUTPUT_CHARS:
-                raise SecurityError("repetition too large")
-        return _BINOPS[operator](left, right)
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        """Touching an unsafe attribute is an error, not a silent empty string."""
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} is unsafe"
-        )
-
-
-def _finalize(value: Any) -> Any:
-    """``None`` renders as nothing rather than the word "None"."""
-    return "" if value is None else value
-
-
-ENV = MappingSandbox(undefined=ChainableUndefined, autoescape=False, finalize=_finalize)
-ENV.filters.update(iso=iso_filter, epoch_ms=epoch_ms_filter, date=date_filter, first_of=first_of)
-ENV.filters.pop("random", None)  # not a function of the event: would break replay
-for _name in ("lipsum", "cycler", "joiner"):
-    ENV.globals.pop(_name, None)
-ENV.globals["first_of"] = first_of
+ENV = new_sandbox(
+    {"iso": iso_filter, "epoch_ms": epoch_ms_filter, "date": date_filter, "first_of": first_of},
+    {"first_of": first_of},
+)
+_USER_FILTERS = frozenset(ENV.filters) - INTERNAL_FILTERS
 
 
 def _syntax(exc: TemplateSyntaxError) -> ValueError:
@@ -130,14 +94,15 @@ def check_template(source: str) -> None:
         raise _syntax(exc) from None
     except Exception as exc:  # parser recursion on absurd nesting, and the like
         raise ValueError(f"template cannot be parsed: {type(exc).__name__}") from None
-    for kind, registry in ((nodes.Filter, ENV.filters), (nodes.Test, ENV.tests)):
+    for kind, registry in ((nodes.Filter, _USER_FILTERS), (nodes.Test, ENV.tests)):
         for node in ast.find_all(kind):
-            if node.name not in registry:
+            if node.name not in registry and node.name not in INTERNAL_FILTERS:
                 label = "filter" if kind is nodes.Filter else "test"
                 raise ValueError(f"unknown {label} {node.name!r}{suggest(node.name, registry)}")
     known = set(CONTEXT_NAMES) | set(ENV.globals)
     try:
-        unknown = sorted(find_undeclared_variables(ast) - known)
+        with budgeted():  # analysing folds constants: that runs filters
+            unknown = sorted(find_undeclared_variables(ast) - known)
     except TemplateSyntaxError as exc:
         raise _syntax(exc) from None
     if unknown:
@@ -156,8 +121,10 @@ def check_template(source: str) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def compile_template(source: str) -> Template:
-    """The compiled template for ``source`` (cached)."""
-    return ENV.from_string(source)
+    """The compiled template for ``source`` (cached); compiling folds constants, which runs
+    filters, so it has a budget of its own (an over-budget fold is left to render time)."""
+    with budgeted():
+        return ENV.from_string(source)
 
 
 def template_context(
@@ -183,19 +150,15 @@ class RenderError(Exception):
 
 
 def render(source: str, context: dict[str, Any]) -> str:
-    """Render a template to stripped text; raise RenderError on any failure."""
+    """Render a template to stripped text within the budgets; raise RenderError on any failure
+    (``SecurityError: budget MAX_... exceeded: ...`` when it went over a budget)."""
     try:
-        parts: list[str] = []
-        size = 0
-        for chunk in compile_template(source).generate(context):
-            size += len(chunk)
-            if size > MAX_OUTPUT_CHARS:
-                raise SecurityError(f"output longer than {MAX_OUTPUT_CHARS} characters")
-            parts.append(chunk)
+        text = generate(compile_template(source), context)
     except Exception as exc:  # a template must never crash the worker
         message = str(exc).splitlines()[0] if str(exc) else ""
-        raise RenderError(f"{type(exc).__name__}: {message}".rstrip(": ")) from exc
-    return "".join(parts).strip()
+        label = "SecurityError" if isinstance(exc, SecurityError) else type(exc).__name__
+        raise RenderError(f"{label}: {message}".rstrip(": ")) from exc
+    return text.strip()
 
 
 FALSY_TEXT = frozenset({"", "false", "no", "off", "0", "none", "null"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -10,11 +9,12 @@ from typing import Any
 import redis
 from flask import Flask, Response, current_app, jsonify, request
 
+from instruqt_crm import keys
 from instruqt_crm.config import Settings
 from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.errors import Category
-from instruqt_crm.events import EventError, check_body
+from instruqt_crm.events import EventError, decode_body
 from instruqt_crm.journal import counters, failures
 from instruqt_crm.logs import configure
 
@@ -81,21 +81,31 @@ def _is_json(content_type: str | None) -> bool:
 
 
 def _read_body(limit: int) -> bytes | None:
-    """The raw body, or None when it exceeds ``limit`` (read no further than limit + 1 bytes)."""
-    if request.content_length is not None:
-        return None if request.content_length > limit else request.get_data(cache=True)
-    if not request.environ.get("wsgi.input_terminated"):
-        return b""  # no length and no chunked framing: nothing can be read safely
-    stream = request.environ["wsgi.input"]
-    parts: list[bytes] = []
-    size = 0
-    while size <= limit:
-        part = stream.read(limit + 1 - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
+    """The raw body, or None when it exceeds ``limit`` (read no further than limit + 1 bytes).
+
+    Raises ``MalformedBody`` when the framing cannot be read (a broken chunked encoding).
+    """
+    try:
+        if request.content_length is not None:
+            return None if request.content_length > limit else request.get_data(cache=True)
+        if not request.environ.get("wsgi.input_terminated"):
+            return b""  # no length and no chunked framing: nothing can be read safely
+        stream = request.environ["wsgi.input"]
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit:
+            part = stream.read(limit + 1 - size)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except Exception as exc:  # each server reports broken framing its own way
+        raise MalformedBody(f"{type(exc).__name__}: {exc}") from exc
     return None if size > limit else b"".join(parts)
+
+
+class MalformedBody(Exception):
+    """The request body's framing could not be read."""
 
 
 def receive_webhook() -> tuple[Response, int]:
@@ -110,7 +120,11 @@ def receive_webhook() -> tuple[Response, int]:
             reason="content type must be application/json",
             outcome="unsupported_media_type",
         )
-    body = _read_body(settings.max_body_bytes)
+    try:
+        body = _read_body(settings.max_body_bytes)
+    except MalformedBody as exc:
+        log.info("webhook rejected, body framing unreadable: %s", exc)
+        return reply(400, status="rejected", reason="malformed body framing", outcome="malformed")
     if body is None:
         return reply(413, status="rejected", reason="body too large", outcome="too_large")
     try:
@@ -129,16 +143,17 @@ def receive_webhook() -> tuple[Response, int]:
 def _accept(
     conn: redis.Redis, message_id: str, body: bytes, settings: Settings
 ) -> tuple[Response, int]:
-    """Parse a verified body; keep it if unusable (400), else enqueue it once (202/200)."""
+    """Read a verified body; refuse it if a later stage could not (400, kept as a failure
+    once per message id), else enqueue it once (202/200)."""
     try:
-        decoded = json.loads(body)
-        event_type = check_body(decoded)
-    except (ValueError, RecursionError) as exc:
-        reason = str(exc) if isinstance(exc, EventError) else "body is not valid JSON"
-        failure = failures.record(
-            conn, failures.Kind.BODY, Category.INVALID_BODY, reason, message_id, body
-        )
-        log.warning("event %s kept as failure %s: %s", message_id, failure.id, reason)
+        event_type = decode_body(body)["type"]
+    except EventError as exc:
+        reason = str(exc)
+        if conn.set(keys.seen(message_id), "invalid", nx=True, ex=settings.dedupe_ttl_seconds):
+            failure = failures.record(
+                conn, failures.Kind.BODY, Category.INVALID_BODY, reason, message_id, body
+            )
+            log.warning("event %s kept as failure %s: %s", message_id, failure.id, reason)
         return reply(400, status="invalid", reason=reason, id=message_id)
     if not enqueue_event(conn, message_id, body, settings.dedupe_ttl_seconds):
         log.info("event %s (%s) is a duplicate delivery", message_id, event_type)

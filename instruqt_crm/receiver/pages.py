@@ -1,33 +1,35 @@
 """Operator pages: the RQ dashboard at /rq and the status page behind HTTP basic auth, and /metrics.
 
 No dashboard credentials configured → /rq and /status are not mounted (never open by default).
+Requests that change something there (any method but GET and HEAD) must come from the
+pages themselves (same Origin, or Referer). The dashboard itself: ``dashboard``.
 """
 
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 import redis
-from flask import Flask, Response, current_app, jsonify, render_template_string, request, url_for
-from redis.connection import SSLConnection
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    jsonify,
+    render_template_string,
+    request,
+    url_for,
+)
 
 from instruqt_crm.config import Settings
 from instruqt_crm.journal import trail
 from instruqt_crm.ops import metrics, status
 
+from .dashboard import mount_dashboard
+
 PROTECTED_PREFIXES = ("/rq", "/status")
-
-
-def shown_url(conn: redis.Redis) -> str:
-    """Where ``conn`` goes, as the dashboard shows it (never with the password)."""
-    kwargs = conn.connection_pool.connection_kwargs
-    db = kwargs.get("db", 0)
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}?db={db}"
-    scheme = (
-        "rediss" if issubclass(conn.connection_pool.connection_class, SSLConnection) else "redis"
-    )
-    return f"{scheme}://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
+SAFE_METHODS = ("GET", "HEAD")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def credentials_match(settings: Settings, username: str, password: str) -> bool:
@@ -69,6 +71,45 @@ def require_login() -> Response | None:
     return None
 
 
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of a URL, the default port filled in; None when it has none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if not scheme or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+def own_origin() -> tuple[str, str, int | None] | None:
+    """Where this request was sent: its Host, with the scheme the client used (the
+    X-Forwarded-Proto of the router in front, as on Heroku, else the connection's)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+    return _origin(f"{forwarded or request.scheme}://{request.host}")
+
+
+def require_same_origin() -> Response | None:
+    """Before each request: a request to the protected pages that can change something
+    comes from those pages, as its Origin (without one, its Referer) shows; 403 otherwise."""
+    if request.method in SAFE_METHODS or not request.path.startswith(PROTECTED_PREFIXES):
+        return None
+    origin = request.headers.get("Origin")
+    claimed = origin if origin is not None else request.headers.get("Referer")
+    sender = _origin(claimed) if claimed is not None else None
+    if sender is not None and sender == own_origin():
+        return None
+    response = jsonify(
+        status="forbidden",
+        reason="cross-origin request refused: send it from this site's own pages "
+        "(its Origin or Referer must be this host)",
+    )
+    response.status_code = 403
+    return response
+
+
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>instruqt-crm status</title>
 {% if not who %}<meta http-equiv="refresh" content="30">{% endif %}
@@ -80,7 +121,7 @@ pre{background:#f6f8fa;padding:1rem;overflow-x:auto}input{font:inherit;width:24r
 <pre>{% for line in lines %}{{ line }}
 {% endfor %}</pre>
 <h2>Trace a learner</h2>
-<form method="get"><input name="who" value="{{ who }}" placeholder="email or Instruqt user id">
+<form method="post"><input name="who" value="{{ who }}" placeholder="email or Instruqt user id">
 <button>Trace</button></form>
 {% if who %}<h3>{{ who }}</h3>
 {% if trail %}<pre>{% for line in trail %}{{ line }}
@@ -90,10 +131,11 @@ pre{background:#f6f8fa;padding:1rem;overflow-x:auto}input{font:inherit;width:24r
 
 
 def status_view() -> str:
-    """The status figures, and a learner's trail when one is searched for."""
+    """The status figures; with a POSTed ``who``, that learner's trail too (searched by
+    POST so that emails stay out of URLs and access logs; a ``who`` in the URL is ignored)."""
     settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
     conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
-    who = (request.args.get("who") or "").strip()[:200]
+    who = (request.form.get("who") or "").strip()[:200] if request.method == "POST" else ""
     found = [trail.describe(entry) for entry in trail.entries(conn, who)] if who else []
     lines = status.render(status.collect(conn, settings))
     return render_template_string(
@@ -111,38 +153,13 @@ def metrics_view() -> Response:
     return Response(metrics.render(conn), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
 
-def mount_dashboard(app: Flask, conn: redis.Redis) -> None:
-    """Register rq-dashboard at /rq, reading our queues with the JSON serializer."""
-    import rq_dashboard
-    from rq.serializers import JSONSerializer
-    from rq_dashboard.web import config as dashboard_config
-
-    app.config.from_object(rq_dashboard.default_settings)
-    app.config["RQ_DASHBOARD_REDIS_URL"] = (shown_url(conn),)  # shown on its pages only
-    dashboard_config.serializer = JSONSerializer
-    app.redis_conn = conn  # type: ignore[attr-defined]  # where rq-dashboard looks for it
-    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
-
-    def use_the_apps_connection() -> Response | None:
-        """In place of rq-dashboard's own hook, which builds a client from the URL on every
-        request: its pages use the app's connection (its TLS settings, its pool), never a
-        client a concurrent request could catch half set up. One Redis: instance 0 only."""
-        if (request.view_args or {}).get("instance_number", 0) != 0:
-            response = jsonify(status="not found", reason="one Redis instance: /rq/0/...")
-            response.status_code = 404
-            return response
-        app.redis_conn = conn  # type: ignore[attr-defined]
-        return None
-
-    app.before_request_funcs[rq_dashboard.blueprint.name] = [use_the_apps_connection]
-
-
 def init_app(app: Flask) -> None:
     """Add /metrics, and the login-protected dashboard when credentials are configured."""
     settings: Settings = app.extensions["instruqt_crm"]["settings"]
     conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
     app.add_url_rule("/metrics", view_func=metrics_view)
     app.before_request(require_login)
+    app.before_request(require_same_origin)  # after the login check: 401 before 403
     if settings.dashboard_username is not None:
         mount_dashboard(app, conn)
-        app.add_url_rule("/status", view_func=status_view)
+        app.add_url_rule("/status", view_func=status_view, methods=["GET", "POST"])
