@@ -66,6 +66,16 @@ def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return used
 
 
+def wait_until_idle(percent: float, limit: float = 300.0) -> float:
+    """Wait until the machine has been at least ``percent`` % idle for 3 s (other work on a
+    shared machine skews a measurement), at most ``limit`` s; the idle share seen last."""
+    deadline = time.monotonic() + limit
+    while True:
+        idle = 100.0 - psutil.cpu_percent(interval=3)
+        if idle >= percent or time.monotonic() > deadline:
+            return idle
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """A process and its descendants alive now (none if it is gone)."""
     try:
@@ -76,15 +86,22 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 
 def post_deliveries(
-    port: int, deliveries: list[Delivery], clients: int, seconds: float | None = None
+    port: int,
+    deliveries: list[Delivery],
+    clients: int,
+    seconds: float | None = None,
+    rate: float | None = None,
 ) -> list[Answer]:
     """POST deliveries in order from ``clients`` threads, each with one keep-alive
     ``http.client`` connection (a light client: its CPU competes with the server's), until
-    all are sent or ``seconds`` have passed."""
+    all are sent or ``seconds`` have passed. With ``rate`` (requests/s), delivery i is due at
+    start + i/rate: a client waits until then, and its latency counts from when it was due,
+    so a server that falls behind is not let off by being sent less."""
     answers: list[list[Answer]] = [[] for _ in range(clients)]
     counter = iter(range(len(deliveries)))
     lock = threading.Lock()
     stop = None if seconds is None else time.monotonic() + seconds
+    start = time.perf_counter()
 
     def client(slot: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -95,6 +112,10 @@ def post_deliveries(
                 break
             body, headers = deliveries[index]
             began = time.perf_counter()
+            if rate:
+                due = start + index / rate
+                time.sleep(max(0.0, due - began))
+                began = due
             try:
                 connection.request("POST", WEBHOOK_PATH, body=body, headers=headers)
                 reply = connection.getresponse()

@@ -1,20 +1,29 @@
-"""Receiver load benchmark: the production webhook route against a bare Flask route.
+"""Receiver load benchmark: the Procfile's ``web`` line against the simplest Flask deploy.
 
-    python -m bench.receiver [--seconds 10] [--warmup 2] [--clients 16] [--rounds 1]
+    python -m bench.receiver [--seconds 8] [--warmup 2] [--clients 16] [--rounds 3]
 
-Both run under the Procfile's ``web`` command (gunicorn, 2 workers x 4 threads, same
-timeouts, access log) on 127.0.0.1, one after the other in the same run; with ``--rounds N``
-they alternate N times (bare, production, bare, ...) so that a change in the machine's
-background load hits both. The production app gets its production settings (JSON logs, 256
-KiB limit, 72 h dedupe) and a private redis-server (tests/redis_process.py, AOF off); the
-bare app (``bare_app`` below) answers 202 to any POST without reading Redis. The load client
-is this process: ``--clients`` threads, each with one keep-alive ``http.client`` connection,
-sending pre-signed deliveries (every one a new svix-id, so each is verified, deduped and
-kept). It prints requests/s, p50 and p99 latency for each, the ratio production/bare
-(target >= 0.5), and the CPU time per request of the client, the gunicorn processes and
-redis-server, with the machine's idle share: on a small machine both targets are CPU-bound,
-and the ratio is then about the ratio of the CPU each request costs. No worker runs: this
-measures the receiver only. wrk is not needed (and not used).
+Two targets on 127.0.0.1, in the same run, alternating (bare, production, bare, ...) so that
+a change in the machine's background load hits both:
+
+- **bare**: a Flask route that answers 202 to any POST without reading Redis
+  (``bare_app`` below) on gunicorn's defaults: ``gunicorn -w 2``, sync workers (one request
+  at a time each, no keep-alive), no access log. The simplest way to deploy a Flask app.
+- **production**: ``app:app`` under the Procfile's ``web`` command (2 workers x 4 threads,
+  its timeouts and logger), production settings (JSON logs, 256 KiB limit, 30 h dedupe)
+  and a private redis-server (tests/redis_process.py, AOF off). No worker runs: this
+  measures the receiver only.
+
+Two phases, each of ``--rounds`` alternating rounds: **throughput**, ``--clients`` threads
+(one ``http.client`` connection each) posting as fast as answers come; then **latency** at
+half the bare target's throughput (the median of its rounds), paced: request i is due at
+start + i/rate and its latency counts from then, so a server that falls behind is not let
+off by being sent less. Every delivery is pre-signed with its own svix-id (each is verified,
+deduped and kept). It prints requests/s, p50 and p99 with the CPU time per request of the
+client, the gunicorn processes and redis-server and the machine's idle share, then the
+targets: throughput production/bare >= 0.5 (median of the rounds' ratios) and p99 at half
+the bare maximum <= 2x bare's. Exit 1 if either is missed. Before each target it waits (up
+to 5 min) until the machine has been ``--idle`` % idle for 3 s; the ``other`` column still
+shows what other processes took meanwhile. wrk is not needed (nor used).
 
 What-ifs: ``--env WEB_CONCURRENCY=3`` (or any setting, for both targets) and
 ``--web-command "gunicorn app:app ..."`` (instead of the Procfile's line; keep ``app:app``).
@@ -39,7 +48,14 @@ from pathlib import Path
 import psutil
 from flask import Flask
 
-from bench.common import WEBHOOK_PATH, Delivery, cpu_seconds, post_deliveries, process_tree
+from bench.common import (
+    WEBHOOK_PATH,
+    Delivery,
+    cpu_seconds,
+    post_deliveries,
+    process_tree,
+    wait_until_idle,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ROLES = ("client", "gunicorn", "redis", "irq", "steal", "other")
@@ -120,12 +136,15 @@ def expand(command: str, env: dict[str, str]) -> list[str]:
     return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", value, command))
 
 
+BARE_COMMAND = "gunicorn app:app --bind 0.0.0.0:$PORT -w 2"  # gunicorn's defaults otherwise
+
+
 def gunicorn(
-    app: str, port: int, env: dict[str, str], log: Path, command: str | None = None
+    app: str, port: int, env: dict[str, str], log: Path, command: str
 ) -> subprocess.Popen[bytes]:
-    """The Procfile's web command (or ``command``) for ``app``, bound to 127.0.0.1:port."""
+    """``command`` (a Procfile-style line naming ``app:app``) for ``app`` on 127.0.0.1:port."""
     full_env = {**os.environ, **env, "PORT": str(port)}
-    argv = expand((command or procfile_web()).replace("0.0.0.0:", "127.0.0.1:"), full_env)
+    argv = expand(command.replace("0.0.0.0:", "127.0.0.1:"), full_env)
     argv[argv.index("app:app")] = app
     return subprocess.Popen(
         argv,
@@ -171,15 +190,15 @@ def load(
     clients: int,
     seconds: float,
     processes: dict[str, list[psutil.Process]] | None = None,
+    rate: float | None = None,
 ) -> Result:
-    """Send requests from ``clients`` threads for ``seconds``; 2xx counts, the rest are errors.
-
-    ``processes`` (role -> processes) are measured for CPU with the client (this process).
-    """
+    """Send requests from ``clients`` threads for ``seconds`` (at ``rate`` per second, or as
+    fast as answers come); 2xx counts, the rest are errors. ``processes`` (role -> processes)
+    are measured for CPU with the client (this process)."""
     roles = {"client": [psutil.Process()], **(processes or {})}
     cpu_before = cpu_seconds(roles)
     began = time.monotonic()
-    answers = post_deliveries(port, requests, clients, seconds)
+    answers = post_deliveries(port, requests, clients, seconds, rate)
     elapsed = time.monotonic() - began
     cpu_after = cpu_seconds(roles)
     every = sorted(a.seconds for a in answers if 200 <= a.status < 300)
@@ -197,29 +216,43 @@ def load(
     )
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one target runs: its app and its gunicorn command."""
+
+    name: str
+    app: str
+    command: str
+
+
 def run_target(
-    name: str,
-    app: str,
+    target: Target,
     env: dict[str, str],
-    requests: list[Delivery],
     args: argparse.Namespace,
     log_dir: Path,
     redis_pid: int,
+    tag: str,
+    rate: float | None = None,
 ) -> Result:
-    """Start gunicorn for ``app``, warm it up, measure, stop it."""
+    """Wait for a quiet machine, sign fresh deliveries (valid 5 min, new svix-ids), start
+    gunicorn for the target, warm it up, measure (at ``rate``, or flat out), stop it."""
     from tests.redis_process import free_port
 
+    if args.idle:
+        wait_until_idle(args.idle)
+    count = int((rate or args.max_rps) * (args.seconds + args.warmup) * 1.05) + args.clients
+    requests = signed_requests(count, tag=f"{target.name}{tag}")
     port = free_port()
-    server = gunicorn(app, port, env, log_dir / f"{name}.log", args.web_command)
+    server = gunicorn(target.app, port, env, log_dir / f"{target.name}.log", target.command)
     try:
         wait_up(port)
         warm = int(len(requests) * args.warmup / (args.warmup + args.seconds))
-        load(name, port, requests[:warm], args.clients, args.warmup)
+        load(target.name, port, requests[:warm], args.clients, args.warmup, rate=rate)
         processes = {
             "gunicorn": process_tree(server.pid),
             "redis": [psutil.Process(redis_pid)],
         }
-        return load(name, port, requests[warm:], args.clients, args.seconds, processes)
+        return load(target.name, port, requests[warm:], args.clients, args.seconds, processes, rate)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
@@ -253,58 +286,91 @@ def median_result(name: str, results: list[Result]) -> Result:
     )
 
 
+def alternate(
+    targets: tuple[Target, Target],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    log_dir: Path,
+    redis_pid: int,
+    rate: float | None = None,
+) -> list[tuple[Result, Result]]:
+    """``--rounds`` rounds of (bare, production)."""
+    phase = "throughput" if rate is None else f"latency at {rate:.0f} req/s"
+    rounds: list[tuple[Result, Result]] = []
+    for number in range(1, args.rounds + 1):
+        tag = f"{'t' if rate is None else 'l'}{number}"
+        bare, prod = (
+            run_target(target, env, args, log_dir, redis_pid, tag, rate) for target in targets
+        )
+        rounds.append((bare, prod))
+        print(f"\n{phase}, round {number}\n{HEADER}\n{bare.line()}\n{prod.line()}", flush=True)
+    return rounds
+
+
+def summary(title: str, rounds: list[tuple[Result, Result]]) -> tuple[Result, Result]:
+    """Print and return the median of each figure over the rounds."""
+    bare = median_result("bare", [bare for bare, _ in rounds])
+    prod = median_result("production", [prod for _, prod in rounds])
+    print(f"\n{title}: median of {len(rounds)} round(s)\n{HEADER}\n{bare.line()}\n{prod.line()}")
+    return bare, prod
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run both targets (alternating, ``--rounds`` times) and print the comparison."""
+    """Both phases, alternating the targets; print the comparison; exit 1 if a target is missed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per target")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per target")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the targets N times")
-    parser.add_argument("--max-rps", type=int, default=4000, help="pre-signed requests per second")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent client connections")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the targets N times")
+    parser.add_argument("--max-rps", type=int, default=5000, help="pre-signed requests per second")
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="setting for both"
     )
     parser.add_argument("--web-command", help="instead of the Procfile's web line (what-ifs)")
+    parser.add_argument(
+        "--idle", type=float, default=85.0, help="wait for this %% idle before each target (0: no)"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from samples.signing import SECRET
     from tests.redis_process import RedisProcess
 
-    count = int(args.max_rps * (args.seconds + args.warmup))
+    targets = (
+        Target("bare", "bench.receiver:bare_app", BARE_COMMAND),
+        Target("production", "app:app", args.web_command or procfile_web()),
+    )
     log_dir = Path(tempfile.mkdtemp(prefix="bench-receiver-"))
     extra = dict(item.split("=", 1) for item in args.env)
-    print(f"command: {args.web_command or procfile_web()}  {extra or ''}", flush=True)
+    for target in targets:
+        print(f"{target.name}: {target.command}", flush=True)
+    if extra:
+        print(f"settings for both: {extra}")
     redis_server = RedisProcess().start()
-    rounds: list[tuple[Result, Result]] = []
     try:
         env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_server.url, **extra}
         pid = redis_server.process.pid if redis_server.process else os.getpid()
-        for number in range(1, args.rounds + 1):
-            requests = signed_requests(count, tag=f"r{number}")  # fresh: valid 5 min, new ids
-            bare = run_target(
-                "bare-flask", "bench.receiver:bare_app", env, requests, args, log_dir, pid
-            )
-            prod = run_target("production", "app:app", env, requests, args, log_dir, pid)
-            rounds.append((bare, prod))
-            print(f"\nround {number}\n{HEADER}\n{bare.line()}\n{prod.line()}")
-            print(
-                f"ratio production/bare: {prod.rps / bare.rps:.2f}"
-                f" (CPU per request, bare/production: {cpu_ratio(bare, prod):.2f})",
-                flush=True,
-            )
+        flat_out = alternate(targets, env, args, log_dir, pid)
+        rate = summary("throughput", flat_out)[0].rps / 2
+        paced = alternate(targets, env, args, log_dir, pid, rate)
+        paced_bare, paced_prod = summary(f"latency at {rate:.0f} req/s", paced)
     finally:
         redis_server.stop()
-    ratios = [prod.rps / bare.rps for bare, prod in rounds]
+    ratios = [prod.rps / bare.rps for bare, prod in flat_out]
     ratio = statistics.median(ratios)
-    if len(rounds) > 1:
-        print(f"\nmedian of {len(rounds)} rounds\n{HEADER}")
-        print(median_result("bare-flask", [bare for bare, _ in rounds]).line())
-        print(median_result("production", [prod for _, prod in rounds]).line())
-        print("ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
-        cpu_ratios = [cpu_ratio(bare, prod) for bare, prod in rounds]
-        print("CPU per request, bare/production: " + ", ".join(f"{r:.2f}" for r in cpu_ratios))
-    print(f"\nratio production/bare: {ratio:.2f} (target >= 0.5); logs in {log_dir}")
-    return 0 if ratio >= 0.5 else 1
+    p99_ratio = paced_prod.p99_ms / paced_bare.p99_ms
+    print("\nthroughput ratios by round: " + ", ".join(f"{r:.2f}" for r in ratios))
+    cpu_ratios = [cpu_ratio(bare, prod) for bare, prod in flat_out]
+    print("CPU per request, bare/production: " + ", ".join(f"{r:.2f}" for r in cpu_ratios))
+    print(
+        f"throughput production/bare: {ratio:.2f} (target >= 0.5: "
+        f"{'met' if ratio >= 0.5 else 'missed'})"
+    )
+    print(
+        f"p99 at {rate:.0f} req/s (half the bare maximum): production {paced_prod.p99_ms:.1f} ms,"
+        f" bare {paced_bare.p99_ms:.1f} ms, {p99_ratio:.2f}x (target <= 2x: "
+        f"{'met' if p99_ratio <= 2 else 'missed'}); logs in {log_dir}"
+    )
+    return 0 if ratio >= 0.5 and p99_ratio <= 2 else 1
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ from pydantic_settings import (
 
 DEFAULT_INSTRUQT_GRAPHQL_URL = "https://play.instruqt.com/graphql"
 DEFAULT_HUBSPOT_API_BASE = "https://api.hubapi.com"
+DEFAULT_HUBSPOT_DAILY_WARN_PERCENT = 80.0
 DEFAULT_SALESFORCE_LOGIN_URL = "https://login.salesforce.com"
 DEFAULT_SALESFORCE_API_VERSION = "62.0"
 DEFAULT_MAPPING_PATH = Path("mappings/hubspot.yaml")
 MIN_DEDUPE_SECONDS = 99_000  # Svix retries for about 27.5 hours
 MIN_DASHBOARD_PASSWORD = 12  # characters; the dashboard can requeue and delete jobs
+MIN_METRICS_TOKEN = 16  # characters
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("settings_environ", default=None)
 
@@ -102,18 +105,27 @@ class Settings(BaseSettings):
     hubspot_access_token: SecretStr | None = _env("HUBSPOT_ACCESS_TOKEN")
     hubspot_api_base: str = _env("HUBSPOT_API_BASE", DEFAULT_HUBSPOT_API_BASE)
     hubspot_requests_per_10s: int = _env("HUBSPOT_REQUESTS_PER_10S", 90, ge=1)
+    hubspot_daily_warn_percent: float = _env(
+        "HUBSPOT_DAILY_WARN_PERCENT", DEFAULT_HUBSPOT_DAILY_WARN_PERCENT, ge=1, le=100
+    )
     flush_window_seconds: float = _env("FLUSH_WINDOW_SECONDS", 1.0, ge=0)
     flush_hold_seconds: float = _env("FLUSH_HOLD_SECONDS", 4.0, ge=0)
     flush_lease_seconds: int = _env("FLUSH_LEASE_SECONDS", 30, ge=2)
     identity_wait_days: float = _env("IDENTITY_WAIT_DAYS", 7.0, ge=0)
+    state_idle_days: float = _env("STATE_IDLE_DAYS", 180.0, ge=0)  # 0: keep state for ever
     max_body_bytes: int = _env("MAX_BODY_BYTES", 256 * 1024, ge=1024)
-    dedupe_ttl_seconds: int = _env("DEDUPE_TTL_SECONDS", 72 * 3600, ge=MIN_DEDUPE_SECONDS)
+    dedupe_ttl_seconds: int = _env("DEDUPE_TTL_SECONDS", 30 * 3600, ge=MIN_DEDUPE_SECONDS)
+    trace_max_entries: int = _env("TRACE_MAX_ENTRIES", 50, ge=1)
+    trace_max_bytes: int = _env("TRACE_MAX_BYTES", 1024, ge=512)
+    trace_retention_days: float = _env("TRACE_RETENTION_DAYS", 7.0, gt=0)
     dry_run_path: Path = _env("DRY_RUN_PATH", Path("var/dry-run.jsonl"))
     dashboard_username: str | None = _env("RQ_DASHBOARD_USERNAME")
     dashboard_password: SecretStr | None = _env("RQ_DASHBOARD_PASSWORD")
+    metrics_token: SecretStr | None = _env("METRICS_TOKEN")  # unset: /metrics is open
     log_level: str = _env("LOG_LEVEL", "INFO")
-    log_format: Literal["json", "text"] = _env("LOG_FORMAT", "json")
+    log_format: Literal["auto", "json", "text"] = _env("LOG_FORMAT", "auto")  # auto: text on a tty
     log_emails: bool = _env("LOG_EMAILS", False)
+    web_access_log: bool = _env("WEB_ACCESS_LOG", False)  # platform routers log requests already
     sentry_dsn: SecretStr | None = _env("SENTRY_DSN")
     port: int = _env("PORT", 8000, ge=1)
     salesforce_login_url: str = _env("SALESFORCE_LOGIN_URL", DEFAULT_SALESFORCE_LOGIN_URL)
@@ -125,6 +137,7 @@ class Settings(BaseSettings):
     salesforce_access_token: SecretStr | None = _env("SALESFORCE_ACCESS_TOKEN")
     salesforce_api_version: str = _env("SALESFORCE_API_VERSION", DEFAULT_SALESFORCE_API_VERSION)
     salesforce_requests_per_minute: int = _env("SALESFORCE_REQUESTS_PER_MINUTE", 120, ge=1)
+    salesforce_allow_duplicate_save: bool = _env("SALESFORCE_ALLOW_DUPLICATE_SAVE", True)
 
     @classmethod
     def settings_customise_sources(
@@ -156,6 +169,11 @@ class Settings(BaseSettings):
             raise SettingsError(_one_line(cls, exc.errors()[0])) from None
         finally:
             _ENVIRON.reset(token)
+
+    @property
+    def state_idle_seconds(self) -> int:
+        """How long a learner's ledger state outlives their last event (0: for ever)."""
+        return round(self.state_idle_days * 86400)
 
     def require_webhook_secrets(self) -> tuple[SecretStr, ...]:
         """The webhook secrets, which the receiver cannot run without."""
@@ -209,6 +227,16 @@ class Settings(BaseSettings):
     def _dashboard_password(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_DASHBOARD_PASSWORD:
             raise ValueError(f"expected at least {MIN_DASHBOARD_PASSWORD} characters")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        token = value.get_secret_value() if value is not None else None
+        if token is not None and not BEARER_TOKEN.fullmatch(token):
+            raise ValueError("expected a bearer token: letters, digits and -._~+/ (no spaces)")
+        if token is not None and len(token) < MIN_METRICS_TOKEN:
+            raise ValueError(f"expected at least {MIN_METRICS_TOKEN} characters")
         return value
 
     @field_validator("log_level")
@@ -311,9 +339,13 @@ def _one_line(cls: type[Settings], error: ErrorDetails) -> str:
     context = error.get("ctx") or {}
     if error["type"] == "value_error":
         message = str(context.get("error", error["msg"]))
-    elif error["type"] in ("greater_than_equal", "greater_than"):
-        bound = context.get("ge", context.get("gt"))
-        message = f"expected at least {bound}, got {error['input']!r}"
+    elif error["type"] == "greater_than_equal":
+        message = f"expected at least {context.get('ge')}, got {error['input']!r}"
+    elif error["type"] == "greater_than":
+        message = f"expected more than {context.get('gt')}, got {error['input']!r}"
+    elif error["type"] in ("less_than_equal", "less_than"):
+        bound = context.get("le", context.get("lt"))
+        message = f"expected at most {bound}, got {error['input']!r}"
     elif error["type"] == "int_parsing":
         message = f"expected an integer, got {error['input']!r}"
     elif error["type"] == "float_parsing":

@@ -7,7 +7,8 @@
     │   └── RateLimited        try again after ``wait`` seconds (429, daily quota)
     └── PermanentError         retrying will not help; ``category`` files it for operators
         ├── BatchRejected      the CRM refused a whole batch because of some records in it
-        └── MappingFailure     the mapping cannot turn this one event into property values
+        ├── MappingFailure     the mapping cannot turn this one event into property values
+        └── NotReady           the CRM account is not set up for the mapping (fields, access)
 
 Vendor exceptions are converted to these at the adapter boundary with ``raise ... from exc``.
 """
@@ -83,3 +84,8 @@ class MappingFailure(PermanentError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, Category.MAPPING)
+
+
+class NotReady(PermanentError):
+    """The CRM account is not set up for the mapping: fields it lacks or hides, access the
+    user lacks. The reason names each problem and its fix; the worker does not start."""

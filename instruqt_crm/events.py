@@ -40,6 +40,33 @@ PARAM_KEYS: tuple[str, ...] = (
     "customParameters",
 )  # Instruqt's first
 
+# The top-level fields the documented types' events carry, as Instruqt's webhook docs and a
+# public Go client of its API (isovalent/instruqt-go, instruqt/webhook.go) name them: `check`
+# holds templates to them. Every field stays optional in code; a mapping lists fields its
+# events carry beyond these under `extra_event_fields`.
+_COMMON = ("type", "timestamp", "user_id", "organization_id")
+_PLAY = (
+    *("track_id", "track_slug", "participant_id", "invite_id", "claim_id"),
+    *("is_developer_play", "pooled", "reason", "duration", *PARAM_KEYS),
+)
+_CHALLENGE = ("challenge_id", "challenge_index", "total_challenges", "completed")
+_REVIEW = ("review_id", "track_id", "track_slug", "participant_id", "score", "content", *PARAM_KEYS)
+_INVITE = ("invite_id", "claim_id", "team_id", "team_slug", *PARAM_KEYS)
+
+
+def _documented_fields(event_type: str) -> frozenset[str]:
+    """The fields events of a documented type carry."""
+    if event_type.startswith("track.challenge_"):
+        return frozenset((*_COMMON, *_PLAY, *_CHALLENGE))
+    if event_type.startswith(("track.", "sandbox.")):
+        return frozenset((*_COMMON, *_PLAY))
+    if event_type.startswith("review."):
+        return frozenset((*_COMMON, *_REVIEW))
+    return frozenset((*_COMMON, *_INVITE))
+
+
+EVENT_FIELDS: dict[str, frozenset[str]] = {t: _documented_fields(t) for t in KNOWN_TYPES}
+
 _FRACTION = re.compile(r"(\.\d+)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -6,21 +6,26 @@ stage that writes them:
 
 ::
 
-    receiver   inbox (stream), seen:<sha256 of svix-id> (dedupe mark), pending:<job> (one queued)
+    receiver   inbox (stream), seen:<72-bit hash of svix-id> (dedupe mark), pending:<job>
+               (one queued)
     identity   identity:<user id> (email cache), parked:<user id> (+ :meta), parked_users (zset)
-    ledger     contact:<key> (+ :events), dirty (zset); play:<participant id>, plays:dirty (zset)
+    ledger     learner:<key> (packed state), schema:<id>, contact:<key>:events, dirty (zset);
+               play:<participant id>, plays:dirty (zset); contact:<key> (older versions' state)
     flush      flush:lock, flush:last_success
-    journal    stats (hash), metrics:<name> (hashes), failures (zset), failure:<id>,
-               failure_counts, trace:<email>, trace_user:<user id>
-    CRM        budget:{<name>} (+ :pause), salesforce:token, dryrun:records
+    journal    stats (hash), metrics:<name> (hashes), failure_counts, trace:<email> (found by
+               user id through identity:<user id>); failures are RQ jobs (``rq:failed:...``)
+    mapping    workers:mapping (hash), merged_under (hash)
+    CRM        budget:{<name>} (+ :pause, :daily), salesforce:token, dryrun:records
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from urllib.parse import quote
 
 PREFIX = "instruqt_crm:"
+SEEN_HASH_BYTES = 9  # 72 bits; the collision odds: README, "Redis memory and eviction"
 MAX_PART = 200  # a longer email or id is hashed into the key
 # Kept as they are: letters, digits and what an email's local part may hold, but ``%`` (the
 # escape), ``*`` and ``?`` (SCAN patterns); ``:`` (our separator) and the rest are escaped.
@@ -46,8 +51,17 @@ INBOX = f"{PREFIX}inbox"  # stream of accepted events, taken by worker jobs
 
 
 def seen(message_id: str) -> str:
-    """The mark remembering that a delivery (svix-id) was accepted."""
-    return f"{PREFIX}seen:{hashlib.sha256(message_id.encode()).hexdigest()}"
+    """The mark remembering a delivery (svix-id): its SHA-256 cut to 72 bits, base64url (12
+    characters, so the whole key stays under 32 bytes, Redis's smallest key header)."""
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).digest()
+    return f"{PREFIX}seen:{base64.urlsafe_b64encode(digest[:SEEN_HASH_BYTES]).decode()}"
+
+
+def legacy_seen(message_id: str) -> str:
+    """The dedupe mark as earlier versions named it (the full SHA-256 in hex), still honoured:
+    a delivery such a version accepted stays a repeat after the upgrade."""
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{PREFIX}seen:{digest}"
 
 
 def pending_job(func: str) -> str:
@@ -79,13 +93,23 @@ DIRTY_CONTACTS = f"{PREFIX}dirty"  # zset: contact key -> when it first changed 
 DIRTY_PLAYS = f"{PREFIX}plays:dirty"  # zset: participant id -> when it first changed unsent
 
 
+def learner(key: str) -> str:
+    """One learner's packed state: merged cells, unsent names, email, user id, version."""
+    return f"{PREFIX}learner:{part(key)}"
+
+
+def state_schema(schema: bytes) -> str:
+    """The property names a packed learner state refers to by position (JSON list)."""
+    return f"{PREFIX}schema:{schema.hex()}"
+
+
 def contact(key: str) -> str:
-    """One contact's merged cells, values last sent, email, user id and version (hash)."""
+    """One contact's state as versions before the packed state kept it (hash; read once)."""
     return f"{PREFIX}contact:{part(key)}"
 
 
 def contact_events(key: str) -> str:
-    """The ids of the events merged into one contact (set)."""
+    """The ids of the events recently merged into one learner (set, with a TTL)."""
     return f"{PREFIX}contact:{part(key)}:events"
 
 
@@ -100,7 +124,8 @@ LAST_FLUSH = f"{PREFIX}flush:last_success"
 
 # --- journal --------------------------------------------------------------------------------
 STATS = f"{PREFIX}stats"  # hash: events:<outcome>[:<type>], identity:<source>
-FAILURES = f"{PREFIX}failures"  # zset: failure id -> when recorded
+# Where versions before the RQ failed registry kept failures (moved into it when read).
+LEGACY_FAILURES = f"{PREFIX}failures"  # zset: failure id -> when recorded
 FAILURE_COUNTS = f"{PREFIX}failure_counts"  # hash: category -> failures ever recorded
 
 
@@ -109,8 +134,8 @@ def metric(name: str) -> str:
     return f"{PREFIX}metrics:{name}"
 
 
-def failure(failure_id: str) -> str:
-    """One recorded failure (hash)."""
+def legacy_failure(failure_id: str) -> str:
+    """One failure as versions before the RQ failed registry kept it (hash)."""
     return f"{PREFIX}failure:{failure_id}"
 
 
@@ -119,10 +144,9 @@ def trail(email: str) -> str:
     return f"{PREFIX}trace:{part(email.lower())}"
 
 
-def trail_user(user_id: str) -> str:
-    """The email a learner's trail is kept under, by Instruqt user id."""
-    return f"{PREFIX}trace_user:{part(user_id)}"
-
+# --- mapping --------------------------------------------------------------------------------
+WORKER_MAPPINGS = f"{PREFIX}workers:mapping"  # hash: worker name -> the mapping it runs (JSON)
+MERGED_UNDER = f"{PREFIX}merged_under"  # hash: property -> policy and type it was merged under
 
 # --- CRM ------------------------------------------------------------------------------------
 SALESFORCE_TOKEN = f"{PREFIX}salesforce:token"
@@ -137,3 +161,8 @@ def budget(name: str) -> str:
 def budget_pause(name: str) -> str:
     """A request budget's pause (hash: until, reason, policy)."""
     return f"{budget(name)}:pause"
+
+
+def daily_usage(name: str) -> str:
+    """A CRM account's daily request use (hash: used, limit, resets_at, warning, ...)."""
+    return f"{budget(name)}:daily"

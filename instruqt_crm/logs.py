@@ -1,9 +1,12 @@
 """Logging for the web app, the worker and the CLI: one JSON object per line, no raw emails.
 
 Each line carries the time, level, logger, message and, inside a worker job, the job id and
-the id of the event being handled.
+the id of the event being handled. On a terminal the lines are text instead (LOG_FORMAT
+chooses either way); colour codes that libraries put in messages never reach a JSON line.
 Email addresses are masked (``a***@example.com``) unless LOG_EMAILS is true, wherever a line
 carries text: the message, the ids, the exception with its traceback, and the stack.
+RQ's own loggers stay at WARNING (their INFO lines are housekeeping: registries cleaned every
+15 s, jobs taken and finished) unless LOG_LEVEL is DEBUG.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import re
 import time
 from contextvars import ContextVar
+from typing import TextIO
 
 from rq import get_current_job
 
@@ -22,6 +26,8 @@ _ADDRESS_CHAR = r"[^\s@'\"<>(),;:\[\]]"
 EMAIL = re.compile(rf"({_ADDRESS_CHAR}){_ADDRESS_CHAR}*@({_ADDRESS_CHAR}+)")
 CURRENT_EVENT: ContextVar[str | None] = ContextVar("current_event", default=None)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours (werkzeug's status codes, rq's)
+RQ_LOGGERS = ("rq.worker", "rq.job", "rq.scheduler", "rq.queue")
 
 
 def mask_emails(text: str) -> str:
@@ -57,11 +63,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         mask = _keep if self.show_emails else mask_emails  # cheap: no "@", no regex
+        message = record.getMessage()
+        if "\x1b" in message:
+            message = ANSI_CODE.sub("", message)
         entry = {
             "ts": self._timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "msg": mask(record.getMessage()),
+            "msg": mask(message),
         }
         for field in ("job_id", "event_id"):
             value = getattr(record, field, None)
@@ -99,12 +108,29 @@ class JobIdFilter(logging.Filter):
         return True
 
 
+def formatter_for(fmt: str, show_emails: bool, stream: TextIO) -> logging.Formatter:
+    """The formatter for ``fmt`` (``json``, ``text``, or ``auto``: text when ``stream`` is a
+    terminal, JSON otherwise)."""
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    return JsonFormatter(show_emails) if fmt == "json" else TextFormatter(show_emails)
+
+
+def rq_level(level: str) -> str:
+    """The level of RQ's loggers for LOG_LEVEL ``level``: at least WARNING, unless DEBUG."""
+    if level == "DEBUG":
+        return level
+    return max(level, "WARNING", key=logging.getLevelName)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", show_emails: bool = False) -> None:
-    """Send log lines to stderr at ``level``, as JSON or text (later calls reconfigure)."""
+    """Send log lines to stderr at ``level``, as JSON, text or ``auto`` (text on a terminal),
+    RQ's loggers at ``rq_level`` (later calls reconfigure)."""
     handler = logging.StreamHandler()
-    formatter = JsonFormatter if fmt == "json" else TextFormatter
-    handler.setFormatter(formatter(show_emails))
+    handler.setFormatter(formatter_for(fmt, show_emails, handler.stream))
     handler.addFilter(JobIdFilter())
+    for name in RQ_LOGGERS:
+        logging.getLogger(name).setLevel(rq_level(level))
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "instruqt_crm", False)]:
         root.removeHandler(old)

@@ -223,6 +223,14 @@ class RequestBudget:
         reply = keys.text(self._paused(keys=[self.pause_key], args=self._args()))
         return float(reply) if reply else None
 
+    def pause(self) -> tuple[float, str, str] | None:
+        """The current pause: (end epoch, reason, policy), or None if not paused."""
+        until = self.paused_until()
+        if until is None:
+            return None
+        reason, policy = self.conn.hmget(self.pause_key, ["reason", "policy"])
+        return until, keys.text(reason or ""), keys.text(policy or "")
+
     def observe_headers(
         self, max: int | None, remaining: int | None, interval_ms: int | None
     ) -> int:

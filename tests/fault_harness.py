@@ -39,6 +39,7 @@ from instruqt_crm.keys import text
 from instruqt_crm.mapping import load_mapping
 from samples.history import crm_records
 from samples.signing import SECRET, signed
+from tests.engine_helpers import merged_ids
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
 from tests.processes import Workers, start_web, wait_for
@@ -93,6 +94,9 @@ class Stack:
             "FLUSH_WINDOW_SECONDS": "0.3",
             "FLUSH_LEASE_SECONDS": "3",
             "LOG_FORMAT": "text",
+            # every learner's whole trail: which events were merged (``accounted_ids``)
+            "TRACE_MAX_ENTRIES": "100000",
+            "TRACE_MAX_BYTES": "100000000",
         }
         if self.instruqt is not None:
             values["INSTRUQT_API_KEY"] = self.instruqt.key
@@ -300,10 +304,11 @@ def duplicated_writes(fake: FakeHubSpot, kill_times: list[float]) -> tuple[int, 
 
 
 def accounted_ids(conn: redis.Redis, emails: Iterable[str]) -> set[str]:
-    """Event ids the engine can show for: merged into a ledger, parked, or in a failure."""
+    """Event ids the engine can show for: merged into a learner (its trail, whose bounds the
+    stack raises), parked, or in a failure."""
     ids: set[str] = set()
     for email in emails:
-        ids.update(ledger.event_ids(conn, email))
+        ids.update(merged_ids(conn, email))
     for failure in failures.recent(conn, limit=10_000):
         ids.add(failure.message_id)
         body = failure.body()

@@ -91,9 +91,7 @@ class Workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait(timeout=10)
-        wait_for(
-            lambda: not any(_alive(pid) for pid in family[1:]), 10, "the worker's children to die"
-        )
+        wait_for(lambda: gone(family[1:]), 10, "the worker's children to die")
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
@@ -113,6 +111,11 @@ def descendants(pid: int) -> list[int]:
         found += children
         frontier += children
     return found
+
+
+def gone(pids: list[int]) -> bool:
+    """Whether none of these processes is left (zombies count as gone)."""
+    return not any(_alive(pid) for pid in pids)
 
 
 def _alive(pid: int) -> bool:

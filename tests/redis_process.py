@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,12 +28,16 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """Start, stop and restart a private redis-server on a fixed port."""
+    """Start, stop and restart a private redis-server on a fixed port; ``options`` are added
+    to its command line (``--maxmemory 8mb``, ...)."""
 
-    def __init__(self, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, persistent: bool = False, options: Sequence[str] = ()
+    ) -> None:
         self.port = port or free_port()
         self.folder = tempfile.mkdtemp(prefix="instruqt-crm-redis-proc-")
         self.persistent = persistent
+        self.options = list(options)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,6 +60,7 @@ class RedisProcess:
                 "--dir",
                 self.folder,
                 *persistence,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

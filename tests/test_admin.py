@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 from pathlib import Path
@@ -18,6 +19,7 @@ from instruqt_crm.engine.queueing import QUEUE_NAME, RETRY_PARKED_JOB, queue
 from instruqt_crm.receiver.app import create_app
 from samples.signing import SECRET, signed, track_event
 from tests.engine_helpers import drain
+from tests.html_tables import row
 from tests.processes import start_web, wait_for
 from tests.redis_process import free_port
 
@@ -124,11 +126,11 @@ def test_status_page_shows_figures_and_traces_a_learner(
     page = client.get("/status", headers=basic("ops", PASSWORD))
     assert page.status_code == 200
     html = page.get_data(as_text=True)
-    assert "Contacts      0 waiting to be sent" in html
-    assert "Inbox         0 event(s) accepted, not yet handled" in html
-    assert "Plays         0 play record(s) waiting to be sent" in html
+    assert row(html, "pipeline", "Contacts to send")[1] == "0"
+    assert row(html, "pipeline", "Inbox")[1:] == ["0", "event(s) accepted, not yet handled"]
+    assert row(html, "pipeline", "Play records to send")[1] == "0"
     assert 'href="/rq/"' in html
-    assert '<form method="post">' in html
+    assert '<form method="post" action="/status#trace">' in html
     traced = client.post("/status", data={"who": "u7"}, headers={**LOGGED_IN, **SAME_ORIGIN})
     assert traced.status_code == 200
     assert "track.challenge_attempted" in traced.get_data(as_text=True)
@@ -148,7 +150,7 @@ def test_the_status_search_is_a_same_origin_post(redis_conn, redis_url, engine: 
     assert by_url.status_code == 200
     html = by_url.get_data(as_text=True)
     assert "grace@example.com" not in html and "track.challenge_attempted" not in html
-    assert "Contacts      0 waiting to be sent" in html  # the figures only
+    assert row(html, "pipeline", "Contacts to send")[1] == "0"  # the figures only
     found = client.post("/status", data={"who": "grace@example.com"}, headers=LOGGED_IN_HERE)
     assert "track.challenge_attempted" in found.get_data(as_text=True)
     for headers in ({}, {"Origin": "https://evil.example"}, {"Referer": "https://evil.example/"}):
@@ -249,11 +251,17 @@ def test_reading_pages_needs_no_origin(redis_conn, redis_url) -> None:
 
 
 @pytest.mark.slow
-def test_the_access_log_has_no_query_strings(redis_conn, redis_url, tmp_path: Path) -> None:
-    """The Procfile's gunicorn: one line per request (control characters escaped), paths
-    without their query strings."""
+@pytest.mark.parametrize("access_log", [False, True])
+def test_gunicorn_logs_json_lines_and_the_access_log_only_when_asked(
+    redis_conn, redis_url, tmp_path: Path, access_log: bool
+) -> None:
+    """The Procfile's gunicorn: its own lines JSON like ours; no access log unless
+    WEB_ACCESS_LOG, then one line per request (control characters escaped), paths without
+    their query strings."""
     port = free_port()
     env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url, **LOGIN}
+    if access_log:
+        env["WEB_ACCESS_LOG"] = "true"
     log_path = tmp_path / "web.log"
     web = start_web(port, env, log_path)
     url = f"http://127.0.0.1:{port}"
@@ -275,15 +283,21 @@ def test_the_access_log_has_no_query_strings(redis_conn, redis_url, tmp_path: Pa
     finally:
         os.killpg(web.pid, signal.SIGTERM)
         web.wait(timeout=30)
-    lines = log_path.read_text().splitlines()
-    for request_line in ('"GET /status HTTP/1.1" 200', '"GET /readyz HTTP/1.1" 200'):
-        assert len([line for line in lines if request_line in line]) == 1, request_line
-    assert len([line for line in lines if '"POST /status HTTP/1.1" 200' in line]) == 1
-    assert not [line for line in lines if "forged" in line and not line.startswith("127.0.0.1")]
-    assert [line for line in lines if "/healthz\\x0a1.2.3.4" in line]  # one line, escaped
-    text = "\n".join(lines)
+    text = log_path.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]  # every line: one JSON object
+    server = [line["msg"] for line in lines if line["logger"] == "gunicorn.error"]
+    assert any(msg.startswith("Booting worker") for msg in server), server
+    requests_logged = [line["msg"] for line in lines if line["logger"] == "gunicorn.access"]
     for leak in ("grace@example.com", "ada@example.com", "abc123", "?", "s3cret"):
         assert leak not in text, leak
+    if not access_log:
+        assert requests_logged == []
+        return
+    for request_line in ('"GET /status HTTP/1.1" 200', '"GET /readyz HTTP/1.1" 200'):
+        assert len([msg for msg in requests_logged if request_line in msg]) == 1, request_line
+    assert len([msg for msg in requests_logged if '"POST /status HTTP/1.1" 200' in msg]) == 1
+    (forged,) = [msg for msg in requests_logged if "forged" in msg]
+    assert forged.startswith("127.0.0.1 ") and "/healthz\\x0a1.2.3.4" in forged  # escaped
 
 
 def _answers(url: str) -> bool:

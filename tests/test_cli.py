@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +19,13 @@ from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.serving import make_server
 
 from instruqt_crm.cli import main
+from instruqt_crm.cli.devstack import DevStack
 from instruqt_crm.config import Settings
 from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.engine import identity, ledger, runtime
 from instruqt_crm.engine.queueing import QUEUE_NAME, queue
+from instruqt_crm.errors import Category
 from instruqt_crm.journal import failures
 from instruqt_crm.journal.failures import Kind
 from instruqt_crm.ops.examples import example_event, example_types
@@ -38,6 +42,7 @@ from tests.engine_helpers import (
     installed,
 )
 from tests.fakes.hubspot import FakeHubSpot
+from tests.redis_process import free_port
 from tests.test_fake_hubspot import create_property
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,14 +160,19 @@ def test_check_with_a_token_reports_missing_properties_then_passes(
 def test_check_reports_type_mismatches_as_setup_does(
     no_secret: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reported with the missing properties too (as `setup hubspot --dry-run`), and alone."""
+    mismatch = "type mismatch: instruqt_last_review_score: is string, the mapping needs number"
     with FakeHubSpot() as fake:
         monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", fake.token)
         monkeypatch.setenv("HUBSPOT_API_BASE", fake.url)
         create_property(HubSpotAdapter(fake.token, fake.url).client, "instruqt_last_review_score")
+        dry = run("setup", "hubspot", "--dry-run")
+        both = run("check")
         assert run("setup", "hubspot").exit_code == 1  # creates the others
         result = run("check")
-    assert result.exit_code == 1
-    assert "type mismatch: instruqt_last_review_score: is string" in result.output
+    assert dry.exit_code == both.exit_code == result.exit_code == 1
+    assert mismatch in dry.output and mismatch in both.output and mismatch in result.output
+    assert "HubSpot: the account lacks 9 mapped properties" in both.output
     assert "Fix these in HubSpot" in result.output
 
 
@@ -176,13 +186,100 @@ def test_check_with_a_bad_token_fails(no_secret: None, monkeypatch: pytest.Monke
     assert "wrong-token" not in result.output
 
 
+def edited_mapping(tmp_path: Path, *changes: tuple[str, str]) -> Path:
+    """The default mapping with each (old, new) text replaced once."""
+    text = DEFAULT_MAPPING.read_text()
+    for old, new in changes:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "edited.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_check_refuses_a_template_field_no_event_of_its_rule_carries(
+    no_secret: None, tmp_path: Path
+) -> None:
+    path = edited_mapping(tmp_path, ('"{{ event.score }}"', '"{{ event.scroe }}"'))
+    result = run("check", str(path), "--no-crm")
+    assert result.exit_code == 1
+    line = next(x for x in result.output.splitlines() if "event.scroe" in x)
+    assert re.fullmatch(r"\S+edited\.yaml:\d+: .+", line), line
+    assert line.split(": ", 1)[1] == (
+        "events.review.*.properties.instruqt_last_review_score: event.scroe: no 'review.*' "
+        "event carries it, so this never writes anything (did you mean 'score'?)"
+    )
+    elsewhere = edited_mapping(tmp_path, ('"{{ event.timestamp }}"', '"{{ event.score }}"'))
+    result = run("check", str(elsewhere), "--no-crm")
+    assert result.exit_code == 1
+    assert "event.score: no 'track.*' event carries it, so this never writes anything " in (
+        result.output
+    )
+    assert "(review.created, review.updated events carry it)" in result.output
+    declared = edited_mapping(
+        tmp_path,
+        ('"{{ event.timestamp }}"', '"{{ event.score }}"'),
+        ("skip_developer_plays: true", "skip_developer_plays: true\nextra_event_fields: [score]"),
+    )
+    assert run("check", str(declared), "--no-crm").exit_code == 0
+
+
+def test_check_warns_about_a_declared_property_no_rule_writes(
+    no_secret: None, tmp_path: Path
+) -> None:
+    path = edited_mapping(
+        tmp_path,
+        ('      instruqt_last_review_track: "{{ event.track_slug or event.track_id }}"\n', ""),
+    )
+    result = run("check", str(path), "--no-crm")
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in result.output.splitlines() if x.endswith("(warning)")]
+    assert line.split(": ", 1)[1] == (
+        "properties.instruqt_last_review_track: no rule under events writes it: it is never "
+        "sent (a rule could, or drop it) (warning)"
+    )
+
+
+def test_check_says_what_a_changed_merge_policy_or_type_does_to_stored_values(
+    env: Path, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    body = example_event("track.started", user_id="u1", email="ann@example.com")
+    enqueue_all(redis_conn, [("msg_1", body)])
+    drain(redis_conn)
+    same = run("check", "--no-crm")
+    assert same.exit_code == 0, same.output
+    assert "stored values: no property's merge policy or type changes" in same.output
+    path = edited_mapping(
+        tmp_path,
+        ('every track started."\n    merge: union', 'every track started."\n    merge: latest'),
+        (
+            "instruqt_first_activity_at:\n    type: datetime",
+            "instruqt_first_activity_at:\n    type: date",
+        ),
+    )
+    result = run("check", str(path), "--no-crm")
+    assert result.exit_code == 0, result.output
+    warnings = [x for x in result.output.splitlines() if x.startswith("stored values:")]
+    assert warnings == [
+        "stored values: instruqt_first_activity_at: its type changes from datetime to date: "
+        "stored values are read as date and sent with each contact's next change; a value that "
+        "is not a date is not sent (the CRM keeps what it has until an event writes one) "
+        "(warning)",
+        "stored values: instruqt_tracks_started: its merge changes from 'union' to 'latest': "
+        "values stored under 'union' are dropped, not converted. Each contact keeps its CRM "
+        "value until an event writes the property again; that sends the value of the newest "
+        "event merged after the change (earlier events no longer count) (warning)",
+    ]
+
+
 # ------------------------------------------------------------------ setup
 
 
 def test_setup_without_a_token_is_a_usage_error(no_secret: None) -> None:
     result = run("setup", "hubspot")
     assert result.exit_code == 2
-    assert "HUBSPOT_ACCESS_TOKEN" in result.output
+    assert result.output.startswith("Error: HUBSPOT_ACCESS_TOKEN is not set")
+    assert "Usage" not in result.output
 
 
 def test_setup_dry_run_creates_nothing_and_setup_is_idempotent(
@@ -482,7 +579,7 @@ def test_trace_after_processing_a_history(env: Path, redis_conn: redis.Redis) ->
     assert result.exit_code == 0, result.output
     assert "Learner learner00000@example.com (Instruqt user user00000)" in result.output
     assert " event " in result.output and " sent " in result.output
-    assert "instruqt_user_id" in result.output and "(sent)" in result.output
+    assert '"user00000"  (in the CRM)' in result.output
 
     data = json.loads(run("trace", "user00000", "--json").output)
     assert data["email"] == "learner00000@example.com"
@@ -500,6 +597,32 @@ def test_trace_after_processing_a_history(env: Path, redis_conn: redis.Redis) ->
     unknown = run("trace", "nobody@example.com")
     assert unknown.exit_code == 1
     assert "nothing known about nobody@example.com" in unknown.output
+
+
+def test_trace_shows_the_crms_value_when_a_mapping_change_dropped_the_stored_ones(
+    env: Path, redis_conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = example_event("track.started", user_id="u1", email="ann@example.com")
+    enqueue_all(redis_conn, [("msg_1", body)])
+    drain(redis_conn)
+    changed = DEFAULT_MAPPING.read_text().replace(
+        'Sorted, ;-separated slugs of every track started."\n    merge: union',
+        'Sorted, ;-separated slugs of every track started."\n    merge: latest',
+    )
+    assert "merge: latest" in changed
+    monkeypatch.setenv("MAPPING_PATH", str(tmp_path / "latest.yaml"))
+    (tmp_path / "latest.yaml").write_text(changed)
+
+    result = run("trace", "ann@example.com")
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in result.output.splitlines() if x.split()[:1] == ["instruqt_tracks_started"]]
+    assert line.split(maxsplit=1)[1] == (
+        '"getting-started-with-kubernetes"  (in the CRM; no stored value: the next event '
+        "writing it sets it)"
+    )
+    assert "null" not in result.output
+    data = json.loads(run("trace", "ann@example.com", "--json").output)
+    assert data["ledger"]["crm"]["instruqt_tracks_started"] == "getting-started-with-kubernetes"
 
 
 def test_status_json_has_every_figure(env: Path, redis_conn: redis.Redis) -> None:
@@ -608,3 +731,93 @@ def test_send_example_usage_errors(env: Path, monkeypatch: pytest.MonkeyPatch) -
     result = run("send-example", "track.started", "--url", "http://127.0.0.1:1/x")
     assert result.exit_code == 2
     assert "INSTRUQT_WEBHOOK_SECRET" in result.output
+
+
+def test_settings_errors_are_one_line_without_usage_text(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("INSTRUQT_WEBHOOK_SECRET")
+    missing = run("send-example", "track.started")
+    assert missing.exit_code == 2
+    assert missing.output.startswith("Error: INSTRUQT_WEBHOOK_SECRET: missing;")
+    assert len(missing.output.strip().splitlines()) == 1
+    monkeypatch.setenv("HUBSPOT_REQUESTS_PER_10S", "0")
+    malformed = run("status")
+    assert malformed.exit_code == 2
+    assert malformed.output.strip().splitlines() == [
+        "Error: HUBSPOT_REQUESTS_PER_10S: expected at least 1, got '0'"
+    ]
+
+
+def test_send_example_suggests_the_event_type_meant(env: Path) -> None:
+    result = run("send-example", "track.strated", "--url", "http://127.0.0.1:1/x")
+    assert result.exit_code == 2
+    assert "unknown event type 'track.strated' (did you mean 'track.started'?)" in result.output
+    assert "did you mean" not in run("send-example", "zzz").output
+
+
+def test_send_example_email_identifies_a_review_alone(
+    receiver: str, redis_conn: redis.Redis, env: Path
+) -> None:
+    result = run(
+        "send-example",
+        "review.created",
+        "--url",
+        receiver,
+        "--email",
+        "ada@example.com",
+        "--user-id",
+        "u-who-only-reviewed",
+    )
+    assert result.exit_code == 0, result.output
+    ((_, body),) = inbox_events(redis_conn)
+    assert body["custom_parameters"] == {"email": "ada@example.com"}
+    drain(redis_conn)
+    assert dry_run_records(redis_conn)["ada@example.com"]["instruqt_last_review_score"] == 5
+
+
+def test_send_example_says_whether_dev_runs_and_how_to_pass_the_url(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no `dev` started from here
+    url = f"http://127.0.0.1:{free_port()}/webhooks/instruqt"
+    refused = run("send-example", "track.started", "--url", url)
+    assert refused.exit_code == 1
+    assert refused.output.splitlines() == [
+        f"Error: cannot reach {url}: connection refused. instruqt-crm dev is not running "
+        "here: start it in another shell, or pass your receiver's webhook URL with --url"
+    ]
+    for noise in ("urllib3", "HTTPConnection", "Max retries", "Traceback"):
+        assert noise not in refused.output
+
+    dev_url = "http://127.0.0.1:8123/webhooks/instruqt"
+    DevStack({}, print).remember(dev_url)  # as a running `dev` leaves word in var/
+    hinted = run("send-example", "track.started", "--url", url)
+    assert f"instruqt-crm dev is running at {dev_url}: pass --url {dev_url}" in hinted.output
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a `dev` killed outright leaves its word behind
+    (tmp_path / "var/dev.json").write_text(json.dumps({"pid": ended.pid, "url": dev_url}))
+    assert "dev is not running here" in run("send-example", "track.started", "--url", url).output
+
+
+def test_failed_show_takes_the_events_message_id(
+    env: Path, tmp_path: Path, redis_url: str, redis_conn: redis.Redis
+) -> None:
+    runtime.install(engine_runtime(redis_url, tmp_path, MAPPING_PATH=str(broken_mapping(tmp_path))))
+    enqueue_all(redis_conn, [("msg_review7", review())])
+    drain(redis_conn)
+    (failure,) = failures.recent(redis_conn)
+    by_message = run("failed", "show", "msg_review7")
+    assert by_message.exit_code == 0, by_message.output
+    assert by_message.output == run("failed", "show", failure.id).output
+    assert json.loads(run("failed", "show", "msg_review7", "--json").output)["id"] == failure.id
+    missing = run("failed", "show", "msg_nope")
+    assert missing.exit_code == 1
+    assert "no failure with id or message id 'msg_nope'" in missing.output
+
+    for _ in range(2):
+        failures.record(redis_conn, Kind.FLUSH, Category.AUTH, "token refused", "flush", "{}")
+    several = run("failed", "show", "flush")
+    assert several.exit_code == 1
+    assert "message 'flush' has 2 failures:" in several.output

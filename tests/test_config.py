@@ -14,10 +14,12 @@ def test_defaults() -> None:
     settings = Settings.from_env(BASE)
     assert settings.redis_url is None
     assert settings.max_body_bytes == 256 * 1024
-    assert settings.dedupe_ttl_seconds >= 72 * 3600
+    assert settings.dedupe_ttl_seconds == 30 * 3600  # past Svix's last retry (27 h 37 min)
     assert settings.hubspot_requests_per_10s == 90
     assert settings.flush_window_seconds == 1.0
     assert str(settings.mapping_path) == "mappings/hubspot.yaml"
+    assert settings.log_format == "auto"  # text on a terminal, JSON otherwise
+    assert settings.web_access_log is False  # platform routers log requests
 
 
 def test_several_secrets_for_rotation() -> None:
@@ -35,6 +37,8 @@ def test_several_secrets_for_rotation() -> None:
         ({**BASE, "MAX_BODY_BYTES": "lots"}, "MAX_BODY_BYTES", "expected an integer"),
         ({**BASE, "MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES", "at least"),
         ({**BASE, "DEDUPE_TTL_SECONDS": "3600"}, "DEDUPE_TTL_SECONDS", "at least"),
+        ({**BASE, "TRACE_MAX_BYTES": "100"}, "TRACE_MAX_BYTES", "at least 512"),
+        ({**BASE, "TRACE_RETENTION_DAYS": "0"}, "TRACE_RETENTION_DAYS", "more than 0"),
         ({**BASE, "HUBSPOT_API_BASE": "api.hubapi.com"}, "HUBSPOT_API_BASE", "http"),
         ({**BASE, "FLUSH_WINDOW_SECONDS": "soon"}, "FLUSH_WINDOW_SECONDS", "expected a number"),
         ({**BASE, "FLUSH_HOLD_SECONDS": "-1"}, "FLUSH_HOLD_SECONDS", "at least"),
@@ -43,6 +47,7 @@ def test_several_secrets_for_rotation() -> None:
         ({**BASE, "RQ_DASHBOARD_USERNAME": "ops"}, "RQ_DASHBOARD_USERNAME", "both"),
         ({**BASE, "LOG_FORMAT": "xml"}, "LOG_FORMAT", "json, text"),
         ({**BASE, "LOG_EMAILS": "maybe"}, "LOG_EMAILS", "true or false"),
+        ({**BASE, "WEB_ACCESS_LOG": "maybe"}, "WEB_ACCESS_LOG", "true or false"),
         ({**BASE, "FLUSH_LEASE_SECONDS": "1"}, "FLUSH_LEASE_SECONDS", "at least"),
     ],
 )
@@ -153,3 +158,29 @@ def test_lookups_need_the_team_but_the_receiver_does_not() -> None:
     Settings.from_env(
         {**BASE, "INSTRUQT_API_KEY": "k", "INSTRUQT_TEAM_SLUG": "acme"}
     ).require_lookup_team()
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ("fifteen-chars-x", "METRICS_TOKEN: expected at least 16 characters"),
+        ("two words-of-a-long-token", "METRICS_TOKEN: expected a bearer token: letters, "
+         "digits and -._~+/ (no spaces)"),
+        ('quote"in-a-long-token', "METRICS_TOKEN: expected a bearer token: letters, digits "
+         "and -._~+/ (no spaces)"),
+    ],
+)  # fmt: skip
+def test_a_metrics_token_that_cannot_be_a_bearer_token_stops_start_up(
+    token: str, expected: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({**BASE, "METRICS_TOKEN": token})
+    assert str(caught.value) == expected  # never the token itself
+
+
+def test_a_metrics_token_is_optional_and_kept_secret() -> None:
+    assert Settings.from_env(BASE).metrics_token is None  # /metrics is open
+    settings = Settings.from_env({**BASE, "METRICS_TOKEN": "abcDEF0123456789+/=="})
+    assert settings.metrics_token is not None
+    assert settings.metrics_token.get_secret_value() == "abcDEF0123456789+/=="
+    assert "abcDEF" not in repr(settings)

@@ -12,7 +12,14 @@ from instruqt_crm.crm.dryrun import dry_run_records
 from instruqt_crm.engine import identity, ledger
 from instruqt_crm.journal import failures
 from samples.history import deliveries, expected_records, history
-from tests.engine_helpers import drain, dry_run_batches, engine_runtime, enqueue_all, installed
+from tests.engine_helpers import (
+    drain,
+    dry_run_batches,
+    engine_runtime,
+    enqueue_all,
+    installed,
+    merged_ids,
+)
 
 
 def started(user_id: str, email: str | None = None, **extra: object) -> dict[str, object]:
@@ -136,7 +143,7 @@ def test_template_error_fails_that_event_only(
     assert "c@d.co" in dry_run_records(redis_conn)
 
 
-def test_rejected_record_lands_in_registry_with_events(
+def test_rejected_record_lands_in_registry_with_what_was_sent(
     engine: Path, redis_conn: redis.Redis
 ) -> None:
     bad = started("u1", "rejected@example.рф")
@@ -146,5 +153,7 @@ def test_rejected_record_lands_in_registry_with_events(
     [failure] = failures.recent(redis_conn)
     assert failure.category == "validation"
     assert "invalid email" in failure.reason
-    assert json.loads(failure.payload)["events"] == ["m-bad"]
+    payload = json.loads(failure.payload)
+    assert payload["email"] == "rejected@example.рф" and payload["properties"]
+    assert merged_ids(redis_conn, "rejected@example.рф") == {"m-bad"}  # the trail has its events
     assert ledger.dirty_count(redis_conn) == 0

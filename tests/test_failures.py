@@ -8,13 +8,12 @@ import pytest
 import redis
 
 from instruqt_crm import keys
-from instruqt_crm.engine import ledger, plays
+from instruqt_crm.engine import ledger, plays, requeue
 from instruqt_crm.engine.inbox import take
 from instruqt_crm.engine.queueing import FLUSH_JOB
 from instruqt_crm.errors import Category
 from instruqt_crm.journal import failures
 from instruqt_crm.journal.failures import Kind
-from instruqt_crm.ops import requeue
 
 
 def test_a_failure_keeps_its_kind_and_category(redis_conn: redis.Redis) -> None:
@@ -83,9 +82,15 @@ def test_a_body_that_is_not_an_event_cannot_be_requeued(redis_conn: redis.Redis)
 def test_a_failure_recorded_without_a_kind_reads_it_off_its_payload(
     redis_conn: redis.Redis, payload: str, message_id: str, kind: Kind
 ) -> None:
-    """Failures kept by versions that recorded no kind stay readable and requeueable."""
+    """Failures kept by versions before the RQ registry (some recorded no kind) move into it
+    when first read, readable and requeueable."""
     fields = {"id": "old1", "category": "other", "reason": "r", "message_id": message_id}
-    redis_conn.hset(keys.failure("old1"), mapping={**fields, "at": "1.0", "payload": payload})
-    redis_conn.zadd(keys.FAILURES, {"old1": 1.0})
+    redis_conn.hset(
+        keys.legacy_failure("old1"), mapping={**fields, "at": "1.0", "payload": payload}
+    )
+    redis_conn.zadd(keys.LEGACY_FAILURES, {"old1": 1.0})
     [failure] = failures.every(redis_conn)
     assert failure.kind == kind and failure.category == Category.OTHER
+    assert (failure.id, failure.at, failure.payload) == ("old1", 1.0, payload)
+    assert not redis_conn.exists(keys.LEGACY_FAILURES, keys.legacy_failure("old1"))
+    assert failures.registry(redis_conn).get_job_ids() == ["old1"]

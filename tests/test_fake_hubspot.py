@@ -46,12 +46,23 @@ def client(fake: FakeHubSpot) -> HubSpot:
     return HubSpot(access_token=fake.token, host=fake.url)
 
 
-def upsert(client: HubSpot, *inputs: tuple[str, dict[str, Any]], id_property: str = "email"):
-    """Batch-upsert (id, properties) pairs through the SDK."""
+def upsert(
+    client: HubSpot,
+    *inputs: tuple[str, dict[str, Any]],
+    id_property: str = "email",
+    traced: bool = False,
+):
+    """Batch-upsert (id, properties) pairs through the SDK (``traced``: the n-th input with
+    ``objectWriteTraceId`` ``tn``)."""
     batch = BatchInputSimplePublicObjectBatchInputUpsert(
         inputs=[
-            SimplePublicObjectBatchInputUpsert(id=i, id_property=id_property, properties=p)
-            for i, p in inputs
+            SimplePublicObjectBatchInputUpsert(
+                id=i,
+                id_property=id_property,
+                properties=p,
+                object_write_trace_id=f"t{n}" if traced else None,
+            )
+            for n, (i, p) in enumerate(inputs)
         ]
     )
     return client.crm.contacts.batch_api.upsert(
@@ -208,11 +219,58 @@ def test_unique_property_as_id_allows_partial_success(fake: FakeHubSpot, client:
     )
     assert result.num_errors == 1
     assert result.errors[0].category == "CONFLICT"
-    assert result.errors[0].context == {"ids": ["u2"]}
+    assert result.errors[0].context == {}  # the input had no trace id: nothing names it
     assert "Existing ID" in result.errors[0].message
     assert sorted(r.properties["instruqt_user_id"] for r in result.results) == ["u1", "u3"]
     assert fake.contacts["new@x.com"]["instruqt_user_id"] == "u1"
     assert "instruqt_user_id" not in fake.contacts["taken@x.com"]
+
+
+def test_a_207_names_failed_inputs_by_trace_id_and_never_by_email(
+    fake: FakeHubSpot, client: HubSpot
+) -> None:
+    create_property(client, "instruqt_user_id", has_unique_value=True)
+    upsert(client, ("taken@x.com", {}))
+    inputs = [(f"u{n}", {"email": f"n{n}@x.com"}) for n in range(6)]
+    inputs[2] = ("u2", {"email": "taken@x.com"})
+    result = upsert(client, *inputs, id_property="instruqt_user_id", traced=True)
+    [error] = result.errors
+    assert error.context == {"objectWriteTraceId": ["t2"]}
+    assert "taken@x.com" not in json.dumps(error.context)
+    traces = {r.object_write_trace_id: r.properties["instruqt_user_id"] for r in result.results}
+    assert traces == {f"t{n}": f"u{n}" for n in (0, 1, 3, 4, 5)}
+    assert [r.properties["instruqt_user_id"] for r in result.results] != [
+        "u0",
+        "u1",
+        "u3",
+        "u4",
+        "u5",
+    ]
+
+
+def test_switches_for_rare_answers(fake: FakeHubSpot, client: HubSpot) -> None:
+    """An error naming no input; an input in neither list (and not written); results
+    without trace ids."""
+    create_property(client, "instruqt_user_id", has_unique_value=True)
+    upsert(client, ("taken@x.com", {}))
+    fake.errors_without_ids(1)
+    fake.lose_inputs("U3@X.com", times=1)
+    fake.echo_trace_ids = False
+    result = upsert(
+        client,
+        ("u1", {"email": "taken@x.com"}),
+        ("u2", {"email": "two@x.com"}),
+        id_property="instruqt_user_id",
+        traced=True,
+    )
+    assert [e.context for e in result.errors] == [{}]
+    assert [r.object_write_trace_id for r in result.results] == [None]
+    lost = upsert(client, ("u3@x.com", {}), ("u4@x.com", {}), traced=True)
+    assert [r.properties["email"] for r in lost.results] == ["u4@x.com"]
+    assert fake.requests[-1].status == 200
+    assert "u3@x.com" not in fake.contacts
+    again = upsert(client, ("u3@x.com", {}), traced=True)  # only the next `times` upserts
+    assert [r.properties["email"] for r in again.results] == ["u3@x.com"]
 
 
 def test_reads_single_batch_and_pages(fake: FakeHubSpot, client: HubSpot) -> None:
@@ -292,7 +350,7 @@ def test_rolling_window_limit_answers_429_then_recovers() -> None:
 
 
 def test_daily_limit_answers_429_daily() -> None:
-    with FakeHubSpot(daily_limit=2) as fake:
+    with FakeHubSpot(daily_limit=2, daily_headers=True) as fake:
         client = HubSpot(access_token=fake.token, host=fake.url)
         info = client.crm.properties.core_api.get_all_with_http_info("contacts")
         assert info[2]["X-HubSpot-RateLimit-Daily"] == "2"
@@ -302,6 +360,51 @@ def test_daily_limit_answers_429_daily() -> None:
             client.crm.properties.core_api.get_all("contacts")
         assert caught.value.status == 429
         assert error_json(caught.value)["policyName"] == "DAILY"
+
+
+def test_no_daily_headers_unless_asked(fake: FakeHubSpot, client: HubSpot) -> None:
+    """HubSpot documents the -Daily headers for API keys only; a private app's fake omits them."""
+    headers = client.crm.properties.core_api.get_all_with_http_info("contacts")[2]
+    assert "X-HubSpot-RateLimit-Max" in headers and "X-HubSpot-RateLimit-Daily" not in headers
+
+
+def usage(fake: FakeHubSpot) -> dict[str, Any]:
+    """The fake's answer to the daily usage endpoint (read with urllib, as any client would)."""
+    request = urllib.request.Request(
+        f"{fake.url}/account-info/v3/api-usage/daily/private-apps",
+        headers={"Authorization": f"Bearer {fake.token}"},
+    )
+    with urllib.request.urlopen(request) as answer:
+        return json.loads(answer.read())
+
+
+def test_the_daily_limit_resets_at_the_accounts_midnight_not_utcs() -> None:
+    """The usage endpoint and the DAILY 429 share one counter, which starts again at midnight
+    in the account's time zone; resetsAt says when."""
+    now = [datetime(2026, 12, 7, 22, 30, tzinfo=UTC).timestamp()]  # 17:30 in Chicago
+    with FakeHubSpot(
+        daily_limit=3,
+        time_zone="America/Chicago",
+        clock=lambda: now[0],
+        wall_clock=lambda: datetime.fromtimestamp(now[0], UTC),
+    ) as fake:
+        client = HubSpot(access_token=fake.token, host=fake.url)
+        for _ in range(3):
+            client.crm.properties.core_api.get_all("contacts")
+        with pytest.raises(PropertiesApiException):
+            client.crm.properties.core_api.get_all("contacts")
+        [item] = usage(fake)["results"]  # the usage endpoint still answers
+        fields = "name usageLimit currentUsage collectedAt fetchStatus resetsAt"
+        assert set(item) == set(fields.split())
+        assert (item["usageLimit"], item["currentUsage"]) == (3, 4)
+        assert item["resetsAt"] == "2026-12-08T06:00:00Z"  # Chicago's midnight (UTC-6)
+        now[0] = datetime(2026, 12, 8, 0, 30, tzinfo=UTC).timestamp()  # past UTC's midnight
+        with pytest.raises(PropertiesApiException):
+            client.crm.properties.core_api.get_all("contacts")
+        now[0] = datetime(2026, 12, 8, 6, 0, tzinfo=UTC).timestamp()
+        client.crm.properties.core_api.get_all("contacts")
+        [item] = usage(fake)["results"]
+        assert item["currentUsage"] == 2 and item["resetsAt"] == "2026-12-09T06:00:00Z"
 
 
 def test_injected_errors_come_after_auth_and_run_out(fake: FakeHubSpot, client: HubSpot) -> None:

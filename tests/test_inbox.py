@@ -13,13 +13,12 @@ from rq.worker import SimpleWorker
 
 from instruqt_crm import keys
 from instruqt_crm.crm.dryrun import dry_run_records
-from instruqt_crm.engine import handling, identity, inbox, jobs, ledger
+from instruqt_crm.engine import handling, identity, inbox, jobs, requeue
 from instruqt_crm.engine.queueing import QUEUE_NAME, queue
 from instruqt_crm.engine.worker import build_worker
 from instruqt_crm.journal import failures
-from instruqt_crm.ops import requeue
 from samples.signing import track_event
-from tests.engine_helpers import drain, enqueue_all
+from tests.engine_helpers import drain, enqueue_all, merged_ids
 
 
 def challenge(number: int, learner: int | None = None) -> tuple[str, dict[str, object]]:
@@ -186,7 +185,7 @@ def test_events_released_by_a_failed_batch_stay_parked_until_merged(
     inbox.wake(redis_conn)
     drain(redis_conn)
     assert identity.parked_events(redis_conn, "u-late") == []
-    assert set(ledger.event_ids(redis_conn, "late@x.co")) == {"msg_waiting", "msg_reveal"}
+    assert merged_ids(redis_conn, "late@x.co") == {"msg_waiting", "msg_reveal"}
 
 
 def test_an_unreadable_inbox_entry_becomes_a_failure(engine: Path, redis_conn: redis.Redis) -> None:

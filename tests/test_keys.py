@@ -17,7 +17,6 @@ BUILDERS = (
     keys.contact,
     keys.contact_events,
     keys.play,
-    keys.trail_user,
 )
 
 

@@ -41,11 +41,7 @@ def runtime(redis_url: str) -> Runtime:
 
 def snapshot(conn: redis.Redis) -> dict[str, Any]:
     """Every contact's cells and unsent values: the whole state the CRM will be told."""
-    keys = sorted(
-        k.decode().split(":", 2)[2]
-        for k in conn.scan_iter("instruqt_crm:contact:*")
-        if not k.endswith(b":events")
-    )
+    keys = sorted(k.decode().split(":", 2)[2] for k in conn.scan_iter("instruqt_crm:learner:*"))
     return {
         key: (ledger.cells(conn, key), ledger.pending(conn, key, MAPPING).change) for key in keys
     }
@@ -160,7 +156,8 @@ def test_a_merge_during_a_flush_keeps_the_contact_dirty(
     later = next_day_event("track.completed")
     handle_event(redis_conn, run, parse_event("later", later))  # arrives while "sending"
     assert seen.change is not None
-    assert not ledger.settle(redis_conn, "u0@example.com", seen.version, seen.change.properties)
+    accepted = seen.change.properties
+    assert not ledger.settle(redis_conn, "u0@example.com", seen.version, accepted, MAPPING)
     assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
     remaining = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
     assert remaining is not None and "instruqt_tracks_completed" in remaining.properties
@@ -187,10 +184,12 @@ def test_a_stale_batch_landing_last_makes_the_contact_dirty_again(
     handle_event(redis_conn, run, parse_event("later", later))
     new = ledger.pending(redis_conn, "u0@example.com", MAPPING)
     assert old.change is not None and new.change is not None
-    assert ledger.settle(redis_conn, "u0@example.com", new.version, new.change.properties)
+    assert ledger.settle(redis_conn, "u0@example.com", new.version, new.change.properties, MAPPING)
     assert ledger.dirty(redis_conn, 10) == []
     # the older batch's answer arrives last: the CRM now holds its values, so resend the newer
-    assert not ledger.settle(redis_conn, "u0@example.com", old.version, old.change.properties)
+    assert not ledger.settle(
+        redis_conn, "u0@example.com", old.version, old.change.properties, MAPPING
+    )
     assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
     resend = ledger.pending(redis_conn, "u0@example.com", MAPPING).change
     assert resend is not None  # only what the stale batch overwrote goes again
@@ -251,19 +250,20 @@ def test_pending_many_reads_what_pending_reads(redis_url: str, redis_conn: redis
     assert ledger.pending_many(redis_conn, keys, MAPPING) == [
         ledger.pending(redis_conn, key, MAPPING) for key in keys
     ]
-    assert ledger.pending_many(redis_conn, keys, MAPPING)[1] == ledger.Pending(None, "0")
+    assert ledger.pending_many(redis_conn, keys, MAPPING)[1] == ledger.Unsent(None, "0", True)
 
 
-def test_a_queued_settle_acts_like_settle(redis_url: str, redis_conn: redis.Redis) -> None:
+def test_settle_many_acts_like_settle(redis_url: str, redis_conn: redis.Redis) -> None:
     run = runtime(redis_url)
     dirty_contacts(redis_conn, run, 2)
     first, second = (ledger.pending(redis_conn, f"u{n}@example.com", MAPPING) for n in (0, 1))
     assert first.change is not None and second.change is not None
     handle_event(redis_conn, run, parse_event("later", next_day_event("track.completed")))
-    with redis_conn.pipeline(transaction=False) as pipe:
-        ledger.queue_settle(pipe, "u0@example.com", first.version, first.change.properties)
-        ledger.queue_settle(pipe, "u1@example.com", second.version, second.change.properties)
-        assert pipe.execute() == [0, 1]  # u0 merged meanwhile: stays dirty
+    settles = [
+        ledger.Settle("u0@example.com", first.version, first.change.properties),
+        ledger.Settle("u1@example.com", second.version, second.change.properties),
+    ]
+    assert ledger.settle_many(redis_conn, settles, MAPPING) == 1  # u0 merged meanwhile: dirty
     assert ledger.dirty(redis_conn, 10) == ["u0@example.com"]
     assert ledger.pending(redis_conn, "u1@example.com", MAPPING).change is None
 
@@ -344,7 +344,9 @@ def test_plays_that_spend_the_time_budget_leave_new_contacts_to_the_window(
     clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
     monkeypatch.setattr(flush_module, "time", clock)
 
-    def plays_using_the_budget(conn: redis.Redis, adapter: Any, deadline: float) -> PlaysFlushed:
+    def plays_using_the_budget(
+        conn: redis.Redis, adapter: Any, deadline: float, idle_seconds: int
+    ) -> PlaysFlushed:
         now[0] = deadline + 1
         ledger.mark_dirty(conn, ["late@example.com"])  # a contact changed meanwhile
         return PlaysFlushed(Tally())

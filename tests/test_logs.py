@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import pty
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import redis
+from rq.worker import Worker
 
-from instruqt_crm.logs import JsonFormatter, configure_logging, mask_emails
+from instruqt_crm.engine.flush import flush
+from instruqt_crm.engine.runtime import current
+from instruqt_crm.logs import JsonFormatter, configure_logging, mask_emails, rq_level
+from instruqt_crm.ops.examples import example_event
 from samples.signing import SECRET
-from tests.engine_helpers import drain, enqueue_all
+from tests.engine_helpers import drain, engine_env, enqueue_all
+from tests.processes import start_worker, wait_for
 
 
 def test_mask_emails() -> None:
@@ -127,3 +139,77 @@ def test_log_emails_true_shows_them_everywhere(fmt: str, capfd: pytest.CaptureFi
     err = _failure_logged(fmt, True, capfd)
     assert "ValueError: bad ada.lovelace@example.com" in err
     assert "failed for grace.hopper@example.com" in err
+
+
+def _logged_through(stream: str) -> str:
+    """What a process logs with LOG_FORMAT unset when its stderr is a terminal or a pipe."""
+    code = (
+        "import logging; from instruqt_crm.config import Settings; "
+        "from instruqt_crm.logs import configure; configure(Settings.from_env({})); "
+        "logging.getLogger('x').info('hello \\x1b[33mthere\\x1b[0m')"
+    )
+    if stream == "pipe":
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+        return done.stderr.decode()
+    leader, follower = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=follower)
+    os.close(follower)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has exited and closed it
+        while chunk := os.read(leader, 4096):
+            chunks.append(chunk)
+    child.wait(timeout=30)
+    os.close(leader)
+    return b"".join(chunks).decode()
+
+
+def test_text_on_a_terminal_json_otherwise_and_no_colour_codes_in_json() -> None:
+    on_a_terminal = _logged_through("terminal")
+    assert " INFO x hello " in on_a_terminal and not on_a_terminal.startswith("{")
+    (line,) = _logged_through("pipe").splitlines()
+    assert json.loads(line)["msg"] == "hello there"  # colour codes dropped
+
+
+def test_rq_logs_from_warning_unless_debugging() -> None:
+    assert [rq_level(level) for level in ("DEBUG", "INFO", "WARNING", "ERROR")] == [
+        "DEBUG",
+        "WARNING",
+        "WARNING",
+        "ERROR",
+    ]
+
+
+@pytest.mark.slow
+def test_an_idle_worker_logs_no_rq_housekeeping(redis_url: str, tmp_path: Path) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    worker = start_worker(engine_env(redis_url, tmp_path))
+    try:
+        wait_for(lambda: _idle(conn, worker.pid), 60, "the worker to wait for jobs")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output = worker.communicate(timeout=30)[0].decode()
+    lines = [json.loads(line) for line in output.splitlines()]  # not a terminal: JSON
+    assert any("listening on" in line["msg"] for line in lines), output
+    rq_info = [x for x in lines if x["logger"].startswith("rq.") and x["level"] == "INFO"]
+    assert rq_info == []
+
+
+def _idle(conn: redis.Redis, pid: int) -> bool:
+    """Whether the worker with this pid has registered and waits for jobs (its first
+    maintenance, which cleans RQ's registries, is done by then)."""
+    return any(w.pid == pid and w.get_state() == "idle" for w in Worker.all(connection=conn))
+
+
+def test_an_empty_flush_logs_at_debug_a_flush_that_sent_at_info(
+    engine: Path, redis_conn: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="instruqt_crm.engine.flush")
+    run = current()
+    flush(redis_conn, run.adapter(redis_conn), run.mapping)
+    (empty,) = [r for r in caplog.records if r.getMessage().startswith("flush: ")]
+    assert empty.levelno == logging.DEBUG
+    caplog.clear()
+    enqueue_all(redis_conn, [("m1", example_event("track.started", email="ada@example.com"))])
+    drain(redis_conn)
+    sent = [r for r in caplog.records if r.getMessage().startswith("flush: 1 synced")]
+    assert sent and all(r.levelno == logging.INFO for r in sent)

@@ -418,7 +418,7 @@ properties:
     merge: min
 events:
   track.*:
-    properties: {a: "{{ event.score }}", b: "{{ event.score }}"}
+    properties: {a: "{{ event.duration }}", b: "{{ event.duration }}"}
 """
     mapping = parse_mapping(text)
     assert mapping.properties["b"].type == "number"

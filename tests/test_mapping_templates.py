@@ -195,6 +195,7 @@ events:
     properties:
       instruqt_score: "{{ event.score }}"
 ignore: ["sandbox.*"]
+extra_event_fields: [score]  # the sample challenge event carries one
 """
 
 

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from instruqt_crm import keys
 from instruqt_crm.config import Settings
+from instruqt_crm.crm.hubspot import hubspot_budget
+from instruqt_crm.engine import inbox
 from instruqt_crm.engine.queueing import connect
-from instruqt_crm.journal import counters
+from instruqt_crm.errors import Category
+from instruqt_crm.journal import counters, failures
 from instruqt_crm.journal.counters import Tally
+from instruqt_crm.journal.failures import Kind
 from instruqt_crm.keys import text
 from instruqt_crm.ops import metrics
+from instruqt_crm.receiver.app import create_app
 from samples.signing import OTHER_SECRET, SECRET, signed, track_event
+from tests.engine_helpers import drain, engine_runtime, installed
 from tests.processes import ROOT, start_web, wait_for
 from tests.redis_process import free_port
 
@@ -183,3 +193,116 @@ def test_observe_adds_to_cumulative_buckets_and_the_sum(redis_conn: redis.Redis)
     assert stored.pop("sum") == pytest.approx(4004.9)
     assert stored == {"0.5": 1, "1": 2, "2": 2, "5": 3, "10": 3, "30": 3, "60": 3, "300": 3,
                       "900": 3, "3600": 3, "+Inf": 4}  # fmt: skip
+
+
+def gauges(exposition: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition by (name, sorted labels)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for sample in family.samples
+    }
+
+
+def one(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str):
+    """The value of one sample, or None when it is not exposed."""
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+def test_the_gauges_alerts_watch(redis_conn: redis.Redis, redis_url: str, tmp_path) -> None:
+    """Open failures by category, the inbox's lag and the time since the last good flush."""
+    empty = gauges(metrics.render(redis_conn))
+    assert {one(empty, "instruqt_crm_failures_open", category=c.value) for c in Category} == {0}
+    assert one(empty, "instruqt_crm_inbox_lag_seconds") == 0
+    assert one(empty, "instruqt_crm_seconds_since_last_flush") == math.inf  # none yet
+
+    for number in range(2):
+        failures.record(redis_conn, Kind.EVENT, Category.MAPPING, "boom", f"m{number}", "{}")
+    failures.record(redis_conn, Kind.CONTACT, Category.VALIDATION, "bad", "a@b.co", "{}")
+    body = {**track_event(user_id="u1"), "custom_parameters": {"email": "ann@example.com"}}
+    an_hour_ago = int((time.time() - 3600) * 1000)  # accepted an hour ago, not handled since
+    redis_conn.xadd(keys.INBOX, {"id": "msg_1", "body": json.dumps(body)}, id=f"{an_hour_ago}-0")
+
+    found = gauges(metrics.render(redis_conn))
+    assert one(found, "instruqt_crm_failures_open", category="mapping") == 2
+    assert one(found, "instruqt_crm_failures_open", category="validation") == 1
+    assert one(found, "instruqt_crm_failures_open", category="auth") == 0
+    assert 3600 <= one(found, "instruqt_crm_inbox_lag_seconds") < 3600 + 600
+    assert one(found, "instruqt_crm_seconds_since_last_flush") == math.inf
+
+    inbox.wake(redis_conn)
+    with installed(engine_runtime(redis_url, tmp_path)):
+        drain(redis_conn)  # merged and sent (dry run): a successful flush
+    handled = gauges(metrics.render(redis_conn))
+    assert one(handled, "instruqt_crm_inbox_lag_seconds") == 0
+    assert 0 <= one(handled, "instruqt_crm_seconds_since_last_flush") < 600
+    assert one(handled, "instruqt_crm_parked_learners") == 0  # learners waiting for an email
+    failures.purge(redis_conn, Category.MAPPING)
+    after = gauges(metrics.render(redis_conn))
+    assert one(after, "instruqt_crm_failures_open", category="mapping") == 0  # never stale
+
+
+def test_the_crm_request_budget_left(redis_conn: redis.Redis, redis_url: str, tmp_path) -> None:
+    """For the CRM the mapping file picks, when it has credentials; none in a dry run."""
+    hubspot = Settings.from_env({"REDIS_URL": redis_url, "HUBSPOT_ACCESS_TOKEN": "pat-1"})
+    found = gauges(metrics.render(redis_conn, hubspot))
+    assert one(found, "instruqt_crm_crm_budget_remaining", adapter="hubspot") == 90
+    assert one(found, "instruqt_crm_crm_budget_limit", adapter="hubspot") == 90
+
+    budget = hubspot_budget(redis_conn, hubspot.hubspot_requests_per_10s)
+    budget.acquire(3)
+    shown = one(gauges(metrics.render(redis_conn, hubspot)), "instruqt_crm_crm_budget_remaining",
+                adapter="hubspot")  # fmt: skip
+    assert 87 <= shown <= budget.remaining()  # the requests leave the window as time passes
+    budget.pause_for(600, "HubSpot's daily API limit is spent", "DAILY")
+    paused = gauges(metrics.render(redis_conn, hubspot))
+    assert one(paused, "instruqt_crm_crm_budget_remaining", adapter="hubspot") == 0
+
+    dry_run = Settings.from_env({"REDIS_URL": redis_url})
+    names = {name for name, _ in gauges(metrics.render(redis_conn, dry_run))}
+    assert "instruqt_crm_crm_budget_remaining" not in names
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("crm: [")
+    unloadable = Settings.from_env({"HUBSPOT_ACCESS_TOKEN": "pat-1", "MAPPING_PATH": str(broken)})
+    names = {name for name, _ in gauges(metrics.render(redis_conn, unloadable))}
+    assert "instruqt_crm_crm_budget_remaining" not in names and "instruqt_crm_inbox_depth" in names
+
+
+TOKEN = "metrics-token-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (None, "bearer token required (METRICS_TOKEN is set)"),
+        ("Bearer ", "bearer token required (METRICS_TOKEN is set)"),
+        ("Basic b3BzOnMzY3JldA==", "bearer token required (METRICS_TOKEN is set)"),
+        (f"Bearer {TOKEN}x", "wrong bearer token"),
+        (f"Bearer {TOKEN[:-1]}", "wrong bearer token"),
+    ],
+)
+def test_metrics_need_the_bearer_token_when_one_is_set(
+    redis_conn: redis.Redis, redis_url: str, authorization: str | None, reason: str
+) -> None:
+    env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url, "METRICS_TOKEN": TOKEN}
+    client = create_app(Settings.from_env(env), conn=redis_conn).test_client()
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    refused = client.get("/metrics", headers=headers)
+    assert refused.status_code == 401
+    assert refused.json == {"status": "unauthorized", "reason": reason}
+    assert refused.headers["WWW-Authenticate"].startswith('Bearer realm="instruqt-crm metrics"')
+    assert ('error="invalid_token"' in refused.headers["WWW-Authenticate"]) == (
+        reason == "wrong bearer token"
+    )
+    assert TOKEN not in refused.get_data(as_text=True)
+    for scheme in ("Bearer", "bearer"):
+        shown = client.get("/metrics", headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert shown.status_code == 200
+        assert "instruqt_crm_inbox_depth 0.0" in shown.get_data(as_text=True)
+
+
+def test_metrics_are_open_without_a_token(redis_conn: redis.Redis, redis_url: str) -> None:
+    env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
+    client = create_app(Settings.from_env(env), conn=redis_conn).test_client()
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200

@@ -34,7 +34,7 @@ from instruqt_crm.journal import failures
 from instruqt_crm.keys import text
 from instruqt_crm.receiver.app import create_app
 from samples.signing import SECRET, signed
-from tests.engine_helpers import drain, enqueue_all
+from tests.engine_helpers import drain, enqueue_all, merged_ids
 from tests.fakes.instruqt import FakeInstruqt
 from tests.fault_harness import Stack
 from tests.processes import wait_for
@@ -119,10 +119,11 @@ def stats(conn: redis.Redis) -> dict[str, int]:
 
 
 def merged_or_parked(conn: redis.Redis) -> set[str]:
-    """Ids of events merged into any contact or waiting for a learner's email."""
+    """Ids of events merged into any learner (their trails, whose bounds the tests raise) or
+    waiting for a learner's email."""
     ids: set[str] = set()
-    for key in conn.scan_iter(f"{keys.PREFIX}contact:*:events"):
-        ids.update(text(member) for member in conn.smembers(key))
+    for key in conn.scan_iter(f"{keys.PREFIX}trace:*"):
+        ids.update(merged_ids(conn, text(key)[len(keys.trail("")) :]))
     for key in conn.scan_iter(f"{keys.PREFIX}parked:*"):
         if not text(key).endswith(":meta"):
             ids.update(text(event_id) for event_id in conn.hkeys(key))

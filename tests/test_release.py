@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner, Result
 
+from instruqt_crm import keys
 from instruqt_crm.cli import main
 from instruqt_crm.config import Settings
 from instruqt_crm.crm import salesforce_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
-from instruqt_crm.engine import queueing
+from instruqt_crm.engine import mapping_record, queueing
 from instruqt_crm.mapping import load_mapping
 from samples.signing import SECRET
 from tests.fakes.hubspot import FakeHubSpot
@@ -96,24 +98,36 @@ def test_the_procfile_release_phase_runs_the_release_command(
     assert "release phase creates" in env["HUBSPOT_ACCESS_TOKEN"]["description"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert lines(result)[-1] == "release: ok (mapping, settings, Redis, HubSpot)"
+    assert lines(result)[-1] == "release: ok (mapping, settings, Redis, HubSpot, learner state)"
 
 
 # ------------------------------------------------------------------ without CRM credentials
+
+
+def test_learner_state_an_earlier_version_kept_is_converted(redis_conn: redis.Redis) -> None:
+    redis_conn.hset(keys.contact("old@x.co"), mapping={"email": "old@x.co", "version": "1"})
+    result = run()
+    assert result.exit_code == 0, result.output
+    assert "Learner state: ok (1 learner(s) converted to the packed form)" in lines(result)
+    assert not redis_conn.exists(keys.contact("old@x.co"))
+    assert redis_conn.exists(keys.learner("old@x.co"))
 
 
 def test_dry_run_passes_and_says_the_crm_is_not_checked() -> None:
     mapping = load_mapping(HUBSPOT_MAPPING)
     result = run()
     assert result.exit_code == 0, result.output
+    redis_line = lines(result)[2]  # with how full Redis is and its eviction policy
+    assert redis_line.startswith(f"Redis: ok ({Settings.from_env().redis_url} answers; memory ")
     assert lines(result) == [
         f"mappings/hubspot.yaml: ok (hubspot contact, {len(mapping.properties)} properties, "
         f"{len(mapping.events)} rules)",
         "settings: ok",
-        f"Redis: ok ({Settings.from_env().redis_url} answers)",
+        redis_line,
         "HubSpot: not checked, dry run (no HUBSPOT_ACCESS_TOKEN: the worker writes what it "
         f"would send to {Settings.from_env().dry_run_path})",
-        "release: ok (mapping, settings, Redis, HubSpot)",
+        "Learner state: ok (nothing to convert)",
+        "release: ok (mapping, settings, Redis, HubSpot, learner state)",
     ]
 
 
@@ -164,7 +178,7 @@ def test_heroku_redis_with_the_app_json_settings(
     monkeypatch.setenv("REDIS_TLS_VERIFY", "false")  # as app.json sets it
     result = run()
     assert result.exit_code == 0, result.output
-    assert f"Redis: ok ({where} answers)" in result.output
+    assert f"Redis: ok ({where} answers; memory " in result.output
 
     monkeypatch.setenv("REDIS_URL", tls_redis.url.replace(tls_redis.password, "wrong"))
     refused = run()
@@ -243,6 +257,29 @@ def test_an_invalid_mapping_fails_with_file_and_line(
     assert lines(result)[-1] == "release: failed (mapping)"
 
 
+def test_a_merge_policy_change_is_a_warning_saying_what_happens_to_stored_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = queueing.connect(Settings.from_env())
+    with conn.pipeline() as pipe:  # what a worker of the deployed mapping recorded
+        mapping_record.note_merged(pipe, load_mapping(HUBSPOT_MAPPING), ["instruqt_tracks_started"])
+        pipe.execute()
+    text = HUBSPOT_MAPPING.read_text()
+    union = 'every track started."\n    merge: union'
+    assert union in text
+    changed = tmp_path / "latest.yaml"
+    changed.write_text(text.replace(union, 'every track started."\n    merge: latest'))
+    monkeypatch.setenv("MAPPING_PATH", str(changed))
+    result = run()
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in lines(result) if line.startswith("stored values:")]
+    assert warning.startswith(
+        "stored values: instruqt_tracks_started: its merge changes from 'union' to 'latest': "
+        "values stored under 'union' are dropped, not converted."
+    )
+    assert warning.endswith("(warning)")
+
+
 def test_a_missing_mapping_file_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAPPING_PATH", "mappings/nope.yaml")
     assert run().exit_code == 2
@@ -266,7 +303,7 @@ def test_hubspot_missing_properties_are_created_once(hubspot: FakeHubSpot) -> No
     assert second.exit_code == 0, second.output
     mapped = len(load_mapping(HUBSPOT_MAPPING).properties)
     assert f"HubSpot: every mapped property exists ({mapped}), nothing created" in second.output
-    assert lines(second)[-1] == "release: ok (mapping, settings, Redis, HubSpot)"
+    assert lines(second)[-1] == "release: ok (mapping, settings, Redis, HubSpot, learner state)"
     methods = ["GET"] * 2 + ["POST"] * (1 + MAPPED) + ["GET"] * 2  # group, properties
     assert [r.method for r in hubspot.requests] == methods
     assert CliRunner().invoke(main, ["check"]).exit_code == 0
@@ -355,4 +392,4 @@ def test_salesforce_with_every_field_passes(salesforce: FakeSalesforce) -> None:
     result = run()
     assert result.exit_code == 0, result.output
     assert "Salesforce: every mapped field exists" in result.output
-    assert lines(result)[-1] == "release: ok (mapping, settings, Redis, Salesforce)"
+    assert lines(result)[-1] == "release: ok (mapping, settings, Redis, Salesforce, learner state)"

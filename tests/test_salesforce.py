@@ -12,10 +12,17 @@ from instruqt_crm.crm.salesforce_auth import Connection, Credentials
 from instruqt_crm.crm.salesforce_plays import PLAY_KEY, PLAY_OBJECT, REQUIRED_FIELDS
 from instruqt_crm.crm.salesforce_routing import Target, field_name, format_value, soql_quote
 from instruqt_crm.crm.salesforce_setup import missing_fields, package
-from instruqt_crm.errors import BatchRejected, PermanentError, RateLimited, RetryableError
+from instruqt_crm.errors import (
+    BatchRejected,
+    NotReady,
+    PermanentError,
+    RateLimited,
+    RetryableError,
+)
 from instruqt_crm.mapping import Mapping, load_mapping
 from instruqt_crm.ratelimit import RequestBudget
 from tests.fakes.salesforce import URL, FakeSalesforce
+from tests.fakes.salesforce_org import INTEGRATION
 
 MAPPING = load_mapping("mappings/salesforce.yaml")
 FIELDS = set(MAPPING.properties)
@@ -24,8 +31,12 @@ NO_PLAYS = MAPPING.model_copy(
 )
 
 
-def adapter(fake: FakeSalesforce, mapping: Mapping = MAPPING, **kwargs) -> SalesforceAdapter:
-    fake.deploy(package(mapping))
+def adapter(
+    fake: FakeSalesforce, mapping: Mapping = MAPPING, assign_to: str | None = INTEGRATION, **kwargs
+) -> SalesforceAdapter:
+    """An adapter on the fake org, with the package deployed (its permission set assigned to
+    ``assign_to``)."""
+    fake.deploy(package(mapping), assign_to)
     creds = Credentials(instance_url=URL, access_token=SecretStr(fake.issue_token()))
     return SalesforceAdapter(Connection(creds), mapping, sleep=lambda _: None, **kwargs)
 
@@ -214,12 +225,13 @@ def test_describe_lists_missing_play_fields() -> None:
             "Instruqt_Last_Track__c",
             f"{PLAY_OBJECT}.Minutes_Spent__c",
         ]
-        with pytest.raises(PermanentError) as caught:
+        with pytest.raises(NotReady) as caught:
             sf.describe()  # the worker's start check compares learner fields only: say it here
-        assert "lacks 2 field(s): Instruqt_Last_Track__c, Instruqt_Play__c.Minutes_Spent__c" in (
-            caught.value.reason
+        assert caught.value.reason == (
+            "Salesforce: 2 mapped field(s) missing in the org: Instruqt_Last_Track__c, "
+            "Instruqt_Play__c.Minutes_Spent__c. Create them with: instruqt-crm setup salesforce "
+            "--deploy (or --out DIR, then deploy that folder)"
         )
-        assert "instruqt-crm setup salesforce" in caught.value.reason
         del fake.custom_objects[PLAY_OBJECT]  # not deployed at all: every play field is missing
         assert missing_fields(sf)[1:] == [f"{PLAY_OBJECT}.{name}" for name in REQUIRED_FIELDS]
         without = SalesforceAdapter(sf.connection, NO_PLAYS)

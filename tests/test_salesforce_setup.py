@@ -73,9 +73,9 @@ def test_golden_field_file() -> None:
     assert files[FIELDS.format("Contact", "Instruqt_Last_Track__c")].decode() == (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<CustomField xmlns="http://soap.sforce.com/2006/04/metadata">\n'
+        "    <fullName>Instruqt_Last_Track__c</fullName>\n"
         "    <description>Slug (or id) of the track of the most recent track event.</description>\n"
         "    <externalId>false</externalId>\n"
-        "    <fullName>Instruqt_Last_Track__c</fullName>\n"
         "    <label>Instruqt: last track</label>\n"
         "    <length>255</length>\n"
         "    <required>false</required>\n"
@@ -101,19 +101,31 @@ def object_permissions(files: dict[str, bytes]) -> dict[str, dict[str, str]]:
     }
 
 
-def test_permission_set_grants_every_field() -> None:
+def granted(files: dict[str, bytes], sobject: str) -> set[str]:
+    """The object permissions the permission set grants on ``sobject``."""
+    return {flag for flag, value in object_permissions(files)[sobject].items() if value == "true"}
+
+
+def test_permission_set_grants_what_the_sync_user_needs() -> None:
     files = salesforce_setup.package(MAPPING)
     learners = {f"{o}.{n}" for o in ("Contact", "Lead") for n in MAPPING.properties}
     plays = {f"{PLAY_OBJECT}.{n}" for n in REQUIRED_FIELDS}
     assert granted_fields(files) == learners | plays
-    access = object_permissions(files)
-    assert access["Lead"]["allowCreate"] == "true"
-    play = access[PLAY_OBJECT]
-    assert (play["allowCreate"], play["allowEdit"], play["allowRead"]) == ("true",) * 3
-    assert play["allowDelete"] == "false" and play["modifyAllRecords"] == "false"
+    every_record = {"allowRead", "allowEdit", "viewAllRecords", "modifyAllRecords", "allowDelete"}
+    assert granted(files, "Lead") == every_record | {"allowCreate"}  # auto creates Leads
+    assert granted(files, "Contact") == every_record  # Modify All needs Delete; never used
+    assert granted(files, "Account") == {"allowRead"}  # Contact access depends on it
+    assert granted(files, PLAY_OBJECT) == {"allowCreate", "allowEdit", "allowRead"}
+    users = parse(files[PERMISSIONS]).findall("m:userPermissions", NS)
+    assert [
+        (u.findtext("m:name", namespaces=NS), u.findtext("m:enabled", namespaces=NS)) for u in users
+    ] == [("ViewSetup", "true")]
+    contacts = salesforce_setup.package(MAPPING.model_copy(update={"object": "Contact"}))
+    assert granted(contacts, "Contact") == every_record | {"allowCreate"}
+    assert granted(contacts, "Lead") == every_record
     without = salesforce_setup.package(NO_PLAYS)
     assert granted_fields(without) == learners
-    assert set(object_permissions(without)) == {"Contact", "Lead"}
+    assert set(object_permissions(without)) == {"Account", "Contact", "Lead"}
 
 
 def test_play_object_and_its_fields() -> None:
@@ -267,6 +279,6 @@ def test_cli_check_and_dry_run_list_missing_play_fields(tmp_path: Path, monkeypa
         args = ["setup", "salesforce", "--mapping", "mappings/salesforce.yaml"]
         dry = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--dry-run"])
     assert check.exit_code == 1, check.output
-    assert "1 mapped field(s) missing: Instruqt_Play__c.Track__c" in check.output
+    assert "1 mapped field(s) missing in the org: Instruqt_Play__c.Track__c" in check.output
     assert dry.exit_code == 0, dry.output
     assert "deploy would create (1): Instruqt_Play__c.Track__c" in dry.output

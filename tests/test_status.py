@@ -10,7 +10,9 @@ from pydantic import SecretStr
 
 from instruqt_crm import keys
 from instruqt_crm.config import Settings
+from instruqt_crm.engine import mapping_record
 from instruqt_crm.engine.runtime import Runtime
+from instruqt_crm.engine.worker import build_worker
 from instruqt_crm.journal import failures
 from instruqt_crm.journal.failures import Kind
 from instruqt_crm.mapping import load_mapping
@@ -97,3 +99,22 @@ def test_a_salesforce_mapping_with_credentials_shows_the_salesforce_adapter(
     assert figures["crm"]["budget"]["window_seconds"] == 60
     assert "60 of 60 requests left per 60 s" in "\n".join(status.render(figures))
     assert status.collect(redis_conn, run.settings)["crm"]["adapter"] == "salesforce"
+
+
+def test_the_mapping_the_workers_run_is_compared_with_the_file(redis_conn: redis.Redis) -> None:
+    worker = build_worker(redis_conn, simple=True, name="w1")
+    worker.register_birth()
+    on_file = load_mapping(ROOT / "mappings" / "hubspot.yaml")
+    other = on_file.model_copy(update={"skip_developer_plays": False})
+    mapping_record.record_running(redis_conn, "stopped", other, gone=lambda name: False)
+    mapping_record.record_running(redis_conn, "w1", on_file, gone=lambda name: False)
+    figures = status.collect(redis_conn, settings())
+    assert figures["mapping"]["digest"] == on_file.digest != other.digest
+    assert figures["mapping"]["running"] == {on_file.digest: ["w1"]}  # a stopped one: not shown
+    assert f"Workers run   {on_file.digest} (the file's) on 1 worker(s)" in status.render(figures)
+
+    mapping_record.record_running(redis_conn, "w1", other, gone=lambda name: name == "stopped")
+    assert set(mapping_record.running(redis_conn)) == {"w1"}  # the stopped one is forgotten
+    lines = status.render(status.collect(redis_conn, settings()))
+    assert f"Workers run   {other.digest} (NOT the file's: restart them) on 1 worker(s)" in lines
+    worker.register_death()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
 
 import redis
+from rq.job import Job
 from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
 
 from instruqt_crm import keys
-from instruqt_crm.engine import runtime
+from instruqt_crm.crm import hubspot_setup
+from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.engine import mapping_record, runtime
 from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.engine.queueing import FLUSH_JOB, QUEUE_NAME, queue
 from instruqt_crm.engine.worker import build_worker, release_stale_scheduler_locks
+from instruqt_crm.mapping import load_mapping
 from samples.signing import SECRET, track_event
-from tests.engine_helpers import engine_env, engine_runtime
+from tests.engine_helpers import drain, engine_env, engine_runtime, installed
+from tests.fakes.hubspot import FakeHubSpot
 from tests.processes import start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +49,9 @@ def test_worker_process_runs_jobs_and_stops_on_sigterm(
         while time.monotonic() < deadline and not redis_conn.hget(keys.STATS, "events:merged"):
             time.sleep(0.1)
         assert redis_conn.hget(keys.STATS, "events:merged") == b"1"
+        [(name, entry)] = mapping_record.running(redis_conn).items()
+        digest = load_mapping("mappings/hubspot.yaml").digest
+        assert (entry["digest"], entry["path"]) == (digest, "mappings/hubspot.yaml")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
@@ -49,6 +59,7 @@ def test_worker_process_runs_jobs_and_stops_on_sigterm(
             process.kill()
         output = process.stdout.read().decode() if process.stdout else ""
     assert SECRET not in output
+    assert f"worker {name} runs mapping mappings/hubspot.yaml ({digest})" in output
 
 
 def test_maintenance_frees_a_scheduler_lock_nobody_refreshes(redis_conn: redis.Redis) -> None:
@@ -77,3 +88,30 @@ def test_maintenance_queues_a_flush_for_contacts_left_waiting(
     worker.run_maintenance_tasks()
     assert queue(QUEUE_NAME, redis_conn).count == 1  # pending: not queued twice
     runtime.install(None)
+
+
+def test_jobs_end_with_descriptions_saying_what_they_did(
+    redis_url: str, redis_conn: redis.Redis, tmp_path
+) -> None:
+    with FakeHubSpot() as fake:
+        run = engine_runtime(
+            redis_url, tmp_path, HUBSPOT_ACCESS_TOKEN=fake.token, HUBSPOT_API_BASE=fake.url
+        )
+        adapter = HubSpotAdapter(fake.token, fake.url)
+        hubspot_setup.apply(adapter, run.mapping, hubspot_setup.plan(adapter, run.mapping))
+        for number in range(2):
+            body = track_event(user_id=f"u{number}", params={"email": f"u{number}@example.com"})
+            enqueue_event(redis_conn, f"msg_{number}", body, 3600)
+        enqueue_event(redis_conn, "msg_bad", track_event(user_id=["not", "an", "id"]), 3600)
+        waiting = queue(QUEUE_NAME, redis_conn).jobs
+        assert [job.description for job in waiting] == ["process_inbox: handle accepted events"]
+        with installed(run):
+            drain(redis_conn)
+    finished = queue(QUEUE_NAME, redis_conn).finished_job_registry.get_job_ids()
+    described = {
+        Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).description
+        for job_id in finished
+    }
+    assert "process_inbox: 3 events, 1 failed" in described
+    [flushed] = described - {"process_inbox: 3 events, 1 failed"}
+    assert re.fullmatch(r"flush: 2 contacts → HubSpot \(\d+ requests?\)", flushed), flushed

@@ -19,9 +19,15 @@ DEFAULT_URL = "http://127.0.0.1:8000/webhooks/instruqt"
 LOCAL_REDIS = Path("var/redis")  # the embedded Redis `dev` uses when REDIS_URL is unset
 
 
+class SettingProblem(click.ClickException):
+    """A setting is missing or malformed: one line naming it (no usage text), exit 2."""
+
+    exit_code = 2
+
+
 def settings_error(exc: SettingsError) -> NoReturn:
     """Stop with a setting's one-line error (exit 2, as for wrong usage)."""
-    raise click.UsageError(str(exc)) from None
+    raise SettingProblem(str(exc)) from None
 
 
 def settings_or_exit() -> Settings:

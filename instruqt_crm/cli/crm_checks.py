@@ -1,5 +1,6 @@
-"""The CRM steps `check`, `setup hubspot` and `release` share: compare the account with the
-mapping, create what is missing (HubSpot), and report problems in the same lines everywhere.
+"""The CRM steps `check`, `setup` and `release` share: compare the account with the mapping,
+create what is missing (HubSpot), check the Salesforce user's access and assign its permission
+set, and report problems in the same lines everywhere.
 
 Each raises ``click.ClickException`` (the CRM could not be read or written: one line) or
 ``click.exceptions.Exit(1)`` (what was checked failed, its lines already printed).
@@ -11,9 +12,10 @@ from dataclasses import dataclass, field
 
 import click
 
-from instruqt_crm.crm import hubspot_setup, salesforce_setup
+from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
 from instruqt_crm.crm.salesforce import SalesforceAdapter
+from instruqt_crm.crm.salesforce_access import PERMISSION_SET, assign_permission_set, user_named
 from instruqt_crm.errors import SyncError
 from instruqt_crm.mapping import Mapping
 
@@ -78,19 +80,33 @@ def fail_on_mismatches(steps: hubspot_setup.Plan) -> None:
 
 
 def check_salesforce(mapping: Mapping, adapter: object) -> None:
-    """Every mapped field on Contact and Lead (and the play-record fields); exit 1 listing the
-    missing ones and the command that deploys them."""
+    """Every mapped field on Contact and Lead (and the play-record fields) visible to the user,
+    and its access to every Contact and Lead; exit 1 printing each problem with its fix."""
     if not isinstance(adapter, SalesforceAdapter):
         click.echo("Salesforce: fields not checked (no SALESFORCE_* credentials are set)")
         return
     try:
-        missing = salesforce_setup.missing_fields(adapter)
+        problems = adapter.problems()
     except SyncError as exc:
-        raise click.ClickException(
-            f"Salesforce: cannot describe the objects: {exc.reason}"
-        ) from None
-    if missing:
-        click.echo(f"Salesforce: {len(missing)} mapped field(s) missing: {', '.join(missing)}")
-        click.echo("Create them with: instruqt-crm setup salesforce --deploy (or deploy --out DIR)")
+        raise click.ClickException(f"Salesforce: cannot check the org: {exc.reason}") from None
+    for line in problems:
+        click.echo(line)
+    if problems:
         raise click.exceptions.Exit(1)
     click.echo(f"Salesforce: every mapped field exists ({len(mapping.properties)})")
+    click.echo(
+        f"Salesforce: {adapter.connection.running_user()} may find and update every Contact "
+        "and Lead (View All, Modify All)"
+    )
+
+
+def assign(adapter: SalesforceAdapter, username: str | None) -> str:
+    """Assign the permission set to the user named ``username`` (None: the credentials' user);
+    the line that says so."""
+    try:
+        user = user_named(adapter.call, username) if username else adapter.connection.running_user()
+        assigned = assign_permission_set(adapter.call, user)
+    except SyncError as exc:
+        raise click.ClickException(exc.reason.removeprefix("Salesforce: ")) from None
+    done = "assigned to" if assigned else "was already assigned to"
+    return f"Salesforce: permission set {PERMISSION_SET} {done} {user}"

@@ -6,11 +6,13 @@ import dataclasses
 import json
 
 import click
+import redis
 
+from instruqt_crm.engine import requeue
 from instruqt_crm.errors import Category
 from instruqt_crm.journal import failures
 from instruqt_crm.journal.trail import when
-from instruqt_crm.ops import requeue, status
+from instruqt_crm.ops import status
 
 from .common import (
     json_option,
@@ -60,22 +62,38 @@ def failed_list(category: Category | None, limit: int, as_json: bool) -> None:
             click.echo(_failure_line(failure))
         if len(items) > limit:
             click.echo(f"  ... {len(items) - limit} more (use --limit)")
-    rq_failed = {k: v["failed"] for k, v in status.queue_figures(conn).items() if v["failed"]}
-    if rq_failed:
-        click.echo(f"RQ's failed registry (see the dashboard): {status.pairs(rq_failed)}")
+    jobs_failed = status.queue_figures(conn)["jobs"]["failed"]  # the failed queue's are those above
+    if jobs_failed:
+        click.echo(f"and {jobs_failed} job(s) in the jobs queue's failed registry (dashboard)")
+
+
+def _one_failure(conn: redis.Redis, wanted: str) -> failures.Failure:
+    """The failure with this id, else the one of this message (svix-id); ClickException if
+    there is none, or if several share the message id (their ids are listed)."""
+    failure = failures.get(conn, wanted)
+    if failure is not None:
+        return failure
+    found = [f for f in failures.every(conn) if f.message_id == wanted]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise click.ClickException(
+            f"message {wanted!r} has {len(found)} failures: "
+            f"{', '.join(f.id for f in found)} (show one by its id)"
+        )
+    raise click.ClickException(
+        f"no failure with id or message id {wanted!r} (see: instruqt-crm failed list)"
+    )
 
 
 @failed_group.command("show")
-@click.argument("failure_id")
+@click.argument("failure_id", metavar="ID")
 @json_option
 def failed_show(failure_id: str, as_json: bool) -> None:
-    """Show one failure's reason and payload (exit 1 if there is no such failure)."""
+    """Show one failure's reason and payload, by its id or its event's message id (svix-id);
+    exit 1 if there is no such failure."""
     conn = redis_for(settings_or_exit())
-    failure = failures.get(conn, failure_id)
-    if failure is None:
-        raise click.ClickException(
-            f"no failure with id {failure_id!r} (see: instruqt-crm failed list)"
-        )
+    failure = _one_failure(conn, failure_id)
     if as_json:
         print_json({**dataclasses.asdict(failure), "payload": failure.body()})
         return

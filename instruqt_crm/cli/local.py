@@ -2,63 +2,87 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
-import signal
-import subprocess
-import sys
+import re
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 import requests
 from svix.webhooks import Webhook
 
-from instruqt_crm.engine.queueing import EmbeddedRedis
+from instruqt_crm.config import Settings
+from instruqt_crm.engine.queueing import connect
+from instruqt_crm.mapping.errors import suggest
 from instruqt_crm.ops.examples import example_event, example_types
 from instruqt_crm.receiver import create_app
 
 from .common import DEFAULT_URL, LOCAL_REDIS, settings_or_exit, webhook_secret_or_exit
+from .devstack import (
+    DEV_DIR,
+    SECRET_FILE,
+    DevError,
+    DevStack,
+    Stopped,
+    dev_secret,
+    running_dev,
+    stop_signals,
+)
+
+EXAMPLE_EMAIL = "ada@example.com"
 
 
 @click.command(short_help="Run receiver + worker + embedded Redis locally.")
 @click.option("--port", default=8000, show_default=True, help="Port for the local receiver.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 def dev(port: int, host: str) -> None:
-    """Run receiver + worker + embedded Redis locally (CRM: dry run unless credentials are set)."""
+    """Run receiver + worker + embedded Redis locally (CRM: dry run unless credentials are set).
+
+    The worker restarts with the mapping when its file changes and passes the check.
+    Ctrl-C, SIGTERM or SIGHUP stop every process it started.
+    """
     env = dict(os.environ)
+    origin = "from INSTRUQT_WEBHOOK_SECRET"
     if not env.get("INSTRUQT_WEBHOOK_SECRET"):
-        env["INSTRUQT_WEBHOOK_SECRET"] = (
-            "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        )
-    embedded = None
-    if not env.get("REDIS_URL"):
-        embedded = EmbeddedRedis(LOCAL_REDIS)
-        env["REDIS_URL"] = embedded.url
-    os.environ.update(env)
-    settings = settings_or_exit()
-    app = create_app(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "instruqt_crm.engine.worker"], env=env)
-    click.echo(f"Webhook URL:    http://{host}:{port}/webhooks/instruqt")
-    click.echo(f"Signing secret: {env['INSTRUQT_WEBHOOK_SECRET']}  (local test secret)")
-    click.echo(f"Redis:          {env['REDIS_URL']}")
-    click.echo(
-        f"Try:            INSTRUQT_WEBHOOK_SECRET={env['INSTRUQT_WEBHOOK_SECRET']} "
-        f"instruqt-crm send-example track.started --url http://{host}:{port}/webhooks/instruqt"
-    )
-    try:
-        app.run(host=host, port=port, threaded=True, use_reloader=False)
-    finally:
-        worker.send_signal(signal.SIGTERM)
         try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        if embedded is not None:
-            embedded.stop()
+            env["INSTRUQT_WEBHOOK_SECRET"] = dev_secret()
+        except DevError as exc:
+            raise click.ClickException(str(exc)) from None
+        origin = f"local test secret, kept in {DEV_DIR / SECRET_FILE}"
+    os.environ.update(env)
+    settings_or_exit()  # a bad setting stops `dev` before it starts anything
+    stack = DevStack(env, click.echo)
+    webhook_url = f"http://{host}:{port}/webhooks/instruqt"
+    try:
+        with stop_signals():
+            try:
+                os.environ["REDIS_URL"] = stack.redis_url(LOCAL_REDIS)
+                settings = settings_or_exit()
+                app = create_app(settings)
+                stack.start_worker()
+                stack.watch_mapping(settings.mapping_path, connect(settings))
+                stack.remember(webhook_url)
+                _banner(webhook_url, env["INSTRUQT_WEBHOOK_SECRET"], origin, settings)
+                app.run(host=host, port=port, threaded=True, use_reloader=False)
+            finally:
+                stack.stop()
+    except Stopped as exc:
+        click.echo(f"dev: stopped by {exc}", err=True)
+
+
+def _banner(webhook_url: str, secret: str, origin: str, settings: Settings) -> None:
+    """What `dev` serves, and a line to paste into a second shell."""
+    click.echo(f"Webhook URL:    {webhook_url}")
+    click.echo(f"Signing secret: {secret}  ({origin})")
+    click.echo(f"Redis:          {settings.redis_url}")
+    click.echo(f"Mapping:        {settings.mapping_path} (reloaded when the file changes)")
+    click.echo(
+        f"Try:            INSTRUQT_WEBHOOK_SECRET={secret} instruqt-crm "
+        f"send-example track.started --email {EXAMPLE_EMAIL} --url {webhook_url}"
+    )
 
 
 def sign_body(secret: str, body: bytes, msg_id: str | None = None) -> dict[str, str]:
@@ -73,12 +97,53 @@ def sign_body(secret: str, body: bytes, msg_id: str | None = None) -> dict[str, 
     }
 
 
+class EventType(click.Choice):
+    """A known event type; a misspelt one is refused with the closest match."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.choices:
+            return value
+        self.fail(
+            f"unknown event type {value!r}{suggest(value, self.choices)}; "
+            "the known types are listed by: instruqt-crm send-example --help",
+            param,
+            ctx,
+        )
+
+
+_OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def unreachable_message(url: str, exc: requests.RequestException) -> str:
+    """One line: why ``url`` could not be reached, whether `dev` runs here, and --url."""
+    if isinstance(exc, requests.Timeout):
+        why = "no answer within 15 s"
+    elif isinstance(exc, requests.ConnectionError):
+        found = _OS_ERROR.search(str(exc))
+        why = found.group(1).strip().lower() if found else "the connection failed"
+    else:
+        why = str(exc).splitlines()[0] or type(exc).__name__
+    running = running_dev()
+    if running is None:
+        hint = (
+            "instruqt-crm dev is not running here: start it in another shell, "
+            "or pass your receiver's webhook URL with --url"
+        )
+    elif running == url:
+        hint = "instruqt-crm dev serves this URL but does not answer: look at its output"
+    else:
+        hint = f"instruqt-crm dev is running at {running}: pass --url {running}"
+    return f"cannot reach {url}: {why}. {hint}"
+
+
 @click.command("send-example", short_help="Sign and POST a realistic test event.")
-@click.argument("event_type", required=False, type=click.Choice(example_types()))
+@click.argument("event_type", required=False, type=EventType(example_types()))
 @click.option("--all", "send_all", is_flag=True, help="Send one event of every known type.")
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
 @click.option("--user-id", default="gOGhYjyoPJhINJFOugIgiL4pdzu2", show_default=True)
-@click.option("--email", default=None, help="Put this email in the event's custom parameters.")
+@click.option(
+    "--email", default=None, help="Put this email in the event's custom parameters (any type)."
+)
 def send_example(
     event_type: str | None, send_all: bool, url: str, user_id: str, email: str | None
 ) -> None:
@@ -92,7 +157,7 @@ def send_example(
         try:
             response = requests.post(url, data=body, headers=sign_body(secret, body), timeout=15)
         except requests.RequestException as exc:
-            raise click.ClickException(f"could not reach {url}: {exc}") from None
+            raise click.ClickException(unreachable_message(url, exc)) from None
         click.echo(f"{kind}: {response.status_code} {response.text.strip()}")
         failed += response.status_code >= 300
         time.sleep(0.01)

@@ -9,13 +9,11 @@ from pathlib import Path
 import click
 import redis
 
-from instruqt_crm import keys
 from instruqt_crm.engine import identity, ledger
 from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.events import EventError, check_readable
 from instruqt_crm.journal import trail
-from instruqt_crm.keys import text
-from instruqt_crm.mapping import Mapping, cell_value
+from instruqt_crm.mapping import Mapping
 from instruqt_crm.ops import preview, status
 
 from .common import (
@@ -71,18 +69,42 @@ def replay(file: Path, id_field: str | None) -> None:
         raise click.exceptions.Exit(1)
 
 
+def crm_values(entries: list[dict]) -> dict[str, object]:
+    """The value the CRM last accepted for each property, from the trail's ``sent`` entries."""
+    found: dict[str, object] = {}
+    for entry in entries:  # oldest first: later sends win
+        if entry.get("kind") == "sent" and isinstance(entry.get("properties"), dict):
+            found.update(entry["properties"])
+    return found
+
+
 def _ledger_view(conn: redis.Redis, key: str, mapping: Mapping | None) -> dict[str, dict]:
-    """A contact's merged values and which of them are not yet sent."""
-    cells = ledger.cells(conn, key)
+    """A contact's merged values, which of them are not yet sent, and the CRM's values."""
+    state = ledger.state(conn, key)
+    cells, crm = state.cells, crm_values(trail.entries(conn, key))
     if mapping is None:
-        return {"values": {}, "pending": {}, "cells": cells}
-    values = {}
-    for name, cell in cells.items():
-        spec = mapping.properties.get(name)
-        if spec is not None:
-            values[name] = cell_value(spec.merge, cell, spec.type)
+        return {"values": {}, "pending": {}, "cells": cells, "crm": crm}
+    values = ledger.current_values(state, mapping)
     found = ledger.pending(conn, key, mapping).change
-    return {"values": values, "pending": found.properties if found else {}, "cells": cells}
+    pending = found.properties if found else {}
+    return {"values": values, "pending": pending, "cells": cells, "crm": crm}
+
+
+def value_line(name: str, view: dict[str, dict]) -> str:
+    """One property as trace shows it: the CRM's value (as last accepted), and the ledger's
+    when it differs or is not sent yet."""
+    value, pending = view["values"].get(name), view["pending"]
+    if name not in view["crm"]:
+        shown = view["values"].get(name, view["cells"].get(name))
+        return f"{json.dumps(shown)}  ({'not sent yet' if name in pending else 'sent'})"
+    crm = json.dumps(view["crm"][name])
+    if name in pending:
+        return f"{crm}  (in the CRM; {json.dumps(pending[name])} not sent yet)"
+    if value is None:
+        return f"{crm}  (in the CRM; no stored value: the next event writing it sets it)"
+    if value != view["crm"][name]:
+        return f"{crm}  (in the CRM; the ledger holds {json.dumps(value)})"
+    return f"{crm}  (in the CRM)"
 
 
 @click.command("trace", short_help="Show a learner's trail, values and waiting events.")
@@ -94,15 +116,13 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
     settings = settings_or_exit()
     conn = redis_for(settings)
     mapping = optional_mapping(settings)
-    email = trail.resolve(conn, who)
+    email = identity.email_of(conn, who)
     user_id = None if "@" in who else who.strip()
     if email and user_id is None:
-        stored = conn.hget(keys.contact(email), "user_id")
-        user_id = text(stored) if stored else None
-    entries = trail.entries(conn, who, limit)
-    view = (
-        _ledger_view(conn, email, mapping) if email else {"values": {}, "pending": {}, "cells": {}}
-    )
+        user_id = ledger.state(conn, email).user_id
+    entries = trail.entries(conn, email, limit) if email else []
+    empty: dict[str, dict] = {"values": {}, "pending": {}, "cells": {}, "crm": {}}
+    view = _ledger_view(conn, email, mapping) if email else empty
     waiting = identity.parked_events(conn, user_id) if user_id else []
     if not entries and not view["cells"] and not waiting:
         raise click.ClickException(
@@ -126,13 +146,12 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
     click.echo("Trail, oldest first:" if entries else "Trail: empty")
     for entry in entries:
         click.echo(trail.describe(entry))
-    if view["values"] or view["cells"]:
-        shown = view["values"] or view["cells"]
-        width = max(len(name) for name in shown)
-        click.echo("Values in the ledger:")
-        for name, value in shown.items():
-            state = "not sent yet" if name in view["pending"] else "sent"
-            click.echo(f"  {name:<{width}}  {json.dumps(value)}  ({state})")
+    names = sorted({*view["crm"], *(view["values"] or view["cells"])})
+    if names:
+        width = max(len(name) for name in names)
+        click.echo("Values (the CRM's as it last accepted them, and what the ledger holds):")
+        for name in names:
+            click.echo(f"  {name:<{width}}  {value_line(name, view)}")
     if waiting:
         click.echo(f"Waiting for the learner's email: {len(waiting)} event(s)")
         for event_id, body in waiting:

@@ -18,6 +18,7 @@ import redis
 from instruqt_crm.config import Settings, SettingsError
 from instruqt_crm.crm import hubspot_setup
 from instruqt_crm.crm.hubspot import HubSpotAdapter
+from instruqt_crm.engine import ledger, memory
 from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.mapping import Mapping
 
@@ -30,6 +31,7 @@ from .crm_checks import (
     hubspot_properties,
     lacks,
 )
+from .mapping_commands import stored_value_lines
 
 T = TypeVar("T")
 
@@ -70,7 +72,8 @@ def redis_location(url: str) -> str:
 
 
 def redis_answers(settings: Settings) -> None:
-    """Redis at REDIS_URL answers a PING (with the TLS settings the processes use)."""
+    """Redis at REDIS_URL answers (with the TLS settings the processes use) and its eviction
+    policy cannot drop queued events or state; how full it is."""
     if settings.redis_url is None:
         raise click.UsageError(
             "Redis: REDIS_URL is not set: a deployment needs REDIS_URL (the platform's Redis "
@@ -83,11 +86,16 @@ def redis_answers(settings: Settings) -> None:
         raise click.UsageError(f"Redis: REDIS_URL is not usable ({where}): {exc}") from None
     try:
         conn.ping()
+        found = memory.read(conn)
     except redis.RedisError as exc:
         raise click.ClickException(f"Redis: cannot reach {where}: {unreachable(exc)}") from None
     finally:
         conn.close()
-    click.echo(f"Redis: ok ({where} answers)")
+    if refusal := found.refusal():
+        raise click.ClickException(f"Redis: {refusal}")
+    click.echo(f"Redis: ok ({where} answers; {found.summary()})")
+    if warning := found.warning():
+        click.echo(f"Redis: warning: {warning}")
 
 
 def crm_ready(settings: Settings, mapping: Mapping, create: bool) -> None:
@@ -136,13 +144,29 @@ def hubspot_lines(found: HubSpotProperties, mapped: int) -> list[str]:
     return [f"HubSpot: every mapped property exists ({mapped}), nothing created"]
 
 
-@click.command(short_help="The release phase: mapping, settings, Redis, CRM properties.")
+def converted_state(settings: Settings) -> None:
+    """Learners' state an earlier version kept (one hash per contact) rewritten packed."""
+    conn = connect(settings)
+    try:
+        count = ledger.migrate(conn, settings.state_idle_seconds)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Learner state: not converted: {unreachable(exc)}") from None
+    finally:
+        conn.close()
+    found = f"{count} learner(s) converted to the packed form" if count else "nothing to convert"
+    click.echo(f"Learner state: ok ({found})")
+
+
+@click.command(
+    short_help="The release phase: mapping, settings, Redis, CRM properties, learner state."
+)
 @mapping_option
 def release(mapping_path: str) -> None:
     """Check that a deploy can run before it goes live (the Procfile's release phase): the
     mapping, every setting, that Redis answers, and the CRM. With HUBSPOT_ACCESS_TOKEN the
     missing mapped properties are created (as `setup hubspot` does; existing ones are never
-    changed); with SALESFORCE_* credentials missing fields are reported. Exit 0 when every
+    changed); with SALESFORCE_* credentials missing fields are reported. Then learners' state
+    an earlier version kept is rewritten in the packed form. Exit 0 when every
     step passed, 1 when one failed, 2 when a setting is missing or malformed."""
     results: dict[str, int] = {}
     mapping = run_step(results, "mapping", lambda: checked_mapping(mapping_path))
@@ -151,11 +175,16 @@ def release(mapping_path: str) -> None:
         click.echo("Redis: not checked (the settings are not valid)")
     else:
         run_step(results, "Redis", lambda: redis_answers(settings))
+        if mapping is not None and results["Redis"] == 0:  # warnings: they fail nothing
+            for line in stored_value_lines(mapping, warnings_only=True):
+                click.echo(line)
     if settings is None or mapping is None:
         click.echo("CRM: not checked (the mapping or the settings are not valid)")
     else:
         passed = not any(results.values())  # a release that fails creates nothing
         run_step(results, crm_name(mapping), lambda: crm_ready(settings, mapping, passed))
+        if not any(results.values()):
+            run_step(results, "learner state", lambda: converted_state(settings))
     failed = [name for name, code in results.items() if code]
     if not failed:
         click.echo(f"release: ok ({', '.join(results)})")

@@ -2,7 +2,7 @@
 
 The mapping names the CRM; its credentials decide whether the real adapter runs or the dry
 run (which writes what it would send to a file). The worker, ``status``, the status page and
-the CLI's checks and setup all ask here.
+the CLI's checks and setup all ask here, and /metrics for the budget left.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import redis
 
 from instruqt_crm.config import Settings
 from instruqt_crm.mapping import Mapping
+from instruqt_crm.ratelimit import RequestBudget
 
 from .base import CrmAdapter
 from .dryrun import DryRunAdapter
@@ -32,6 +33,19 @@ def adapter_name(settings: Settings, mapping: Mapping) -> AdapterName:
     return "dry-run"
 
 
+def request_budget_for(
+    settings: Settings, mapping: Mapping, conn: redis.Redis
+) -> RequestBudget | None:
+    """The request budget all workers share for the adapter ``adapter_name`` picks (None for
+    the dry run, which spends none); building it sends nothing to the CRM."""
+    name = adapter_name(settings, mapping)
+    if name == "hubspot":
+        return hubspot_budget(conn, settings.hubspot_requests_per_10s)
+    if name == "salesforce":
+        return salesforce_budget(conn, settings.salesforce_requests_per_minute)
+    return None
+
+
 def build_adapter(
     settings: Settings, mapping: Mapping, conn: redis.Redis | None, attempts: int = 5
 ) -> CrmAdapter:
@@ -44,14 +58,21 @@ def build_adapter(
         return HubSpotAdapter(
             settings.hubspot_access_token.get_secret_value(),
             settings.hubspot_api_base,
-            hubspot_budget(conn, settings.hubspot_requests_per_10s) if conn else None,
+            request_budget_for(settings, mapping, conn) if conn else None,
             attempts=attempts,
             id_property=mapping.upsert_key,
+            daily_warn_percent=settings.hubspot_daily_warn_percent,
         )
     if name == "salesforce":
-        budget = salesforce_budget(conn, settings.salesforce_requests_per_minute) if conn else None
+        budget = request_budget_for(settings, mapping, conn) if conn else None
         connection = Connection(credentials_from(settings), cache=conn)
-        return SalesforceAdapter(connection, mapping, budget, attempts=attempts)
+        return SalesforceAdapter(
+            connection,
+            mapping,
+            budget,
+            attempts=attempts,
+            allow_duplicate_save=settings.salesforce_allow_duplicate_save,
+        )
     if conn is None:
         raise ValueError(f"no credentials for the {mapping.crm} CRM: only a dry run, with Redis")
     return DryRunAdapter(conn, mapping, settings.dry_run_path)

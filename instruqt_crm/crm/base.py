@@ -80,6 +80,27 @@ class PlayRecords(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CurrentValues:
+    """What the CRM holds for some learners: per change key, the record's values as text
+    (None: no such record), and how many requests reading them took."""
+
+    found: dict[str, dict[str, str] | None]
+    requests: int
+
+
+@runtime_checkable
+class ReadsCurrentValues(Protocol):
+    """Optional: an adapter that can read records' current values (to continue a learner
+    whose ledger state expired from what the CRM holds)."""
+
+    def current_values(
+        self, changes: Sequence[ContactChange], names: Sequence[str]
+    ) -> CurrentValues:
+        """The ``names`` properties of the records the changes would write, within the budget."""
+        ...
+
+
 def request_budget(adapter: object) -> RequestBudget | None:
     """The shared request budget an adapter spends (None for one without: the dry run)."""
     budget = getattr(adapter, "budget", None)

@@ -2,10 +2,15 @@
 
 Per batch: ``salesforce_routing`` finds each change's record (one SOQL query per object);
 matched records are updated by Id, new ones are upserted by the external id (≤ 200 per
-request, ``allOrNone: false``). Per-record errors become outcomes (UNABLE_TO_LOCK_ROW is
-retried, the rest rejected with Salesforce's message); whole-request failures become the
-engine's errors. Play records (``Instruqt_Play__c``) go through the same writes: see
-``salesforce_plays``.
+request, ``allOrNone: false``), with ``Sforce-Duplicate-Rule-Header: allowSave=true`` unless
+SALESFORCE_ALLOW_DUPLICATE_SAVE is false (duplicate rules that only alert then save). Per-record
+errors become outcomes (``salesforce_results``); whole-request failures become the engine's
+errors. Play records (``Instruqt_Play__c``) go through the same writes: see
+``salesforce_plays``. ``current_values`` reads the mapped fields of learners new to the ledger
+with that lookup (``salesforce_reads``); the write that follows reuses what it found.
+``describe`` is the worker's start check: it raises ``NotReady`` naming the mapped fields the
+org lacks or hides from the user, and the access to Contacts and Leads the user lacks
+(``salesforce_access``).
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ import redis
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceResourceNotFound
 
-from instruqt_crm.errors import BatchRejected, Category, PermanentError, RateLimited
+from instruqt_crm.errors import BatchRejected, Category, NotReady, PermanentError, RateLimited
 from instruqt_crm.journal import counters
 from instruqt_crm.mapping import Mapping
 from instruqt_crm.ratelimit import RequestBudget
 from instruqt_crm.retry import retrying
 
-from .base import ContactChange, Outcome, PropertyInfo
+from .base import ContactChange, CurrentValues, Outcome, PropertyInfo
+from .salesforce_access import FieldReport, access_problem, classify_fields
 from .salesforce_auth import Connection
-from .salesforce_plays import SalesforcePlays
+from .salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS, SalesforcePlays
+from .salesforce_reads import record_values
+from .salesforce_results import DUPLICATE_RULE_HEADER, outcome
 from .salesforce_routing import BATCH_SIZE, Router, Target, field_name
 
 log = logging.getLogger(__name__)
-RETRYABLE_CODES = {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}
+Described = dict[str, dict[str, PropertyInfo] | None]  # object -> its fields (None: unreadable)
 LOCK_RETRIES = 2
 LIMIT_RESERVE = 0.05  # keep this share of the daily API quota for the org's other integrations
 RESERVE_WAIT = 900.0  # seconds to hold off once only the reserve is left
@@ -50,8 +58,10 @@ class SalesforceAdapter:
         budget: RequestBudget | None = None,
         attempts: int = 5,
         sleep: Callable[[float], None] = time.sleep,
+        allow_duplicate_save: bool = True,
     ) -> None:
         self.connection = connection
+        self.allow_duplicate_save = allow_duplicate_save
         self.mapping = mapping
         self.budget = budget
         self.attempts = attempts
@@ -59,7 +69,8 @@ class SalesforceAdapter:
         self.router = Router(mapping, self.call, connection.creds.api_version)
         self.object = self.router.object
         self.api_usage: tuple[int, int] | None = None
-        self.placed: dict[str, tuple[str, str]] = {}  # learner key -> (object, Id) written
+        self.placed: dict[str, tuple[str, str]] = {}  # learner key -> (object, Id) written/found
+        self.unplaced: set[str] = set()  # learner keys this flush's read found no record for
         connection.on_response = self._observe
 
     def __repr__(self) -> str:
@@ -122,25 +133,50 @@ class SalesforceAdapter:
     # -- lookup (Router, salesforce_routing) -----------------------------------------------
 
     def located(self, learners: Sequence[ContactChange]) -> dict[str, tuple[str, str]]:
-        """(object, Id) of each learner's existing record, by key: written in this flush, else
-        found by the usual lookup (one query per object); learners without a record are left out.
-        """
+        """(object, Id) of each learner's existing record, by key: written or found in this
+        flush, else found by the usual lookup (one query per object); learners without a record
+        are left out."""
         unknown = [c for c in learners if c.key not in self.placed]
-        for target in self.router.route(unknown) if unknown else []:
-            if target.record_id:
-                self.placed[target.key] = (target.sobject, target.record_id)
+        found = self.router.lookup(unknown).records if unknown else {}
+        self.placed.update({key: record.place for key, record in found.items() if record})
         return {c.key: self.placed[c.key] for c in learners if c.key in self.placed}
+
+    def current_values(
+        self, changes: Sequence[ContactChange], names: Sequence[str]
+    ) -> CurrentValues:
+        """The ``names`` properties of the Contact or Lead each change would update (None: no
+        record), read by the lookup itself: one query per object, within the budget. What it
+        found is kept for the write that follows, which then looks nothing up."""
+        fields = {name: field_name(name) for name in names}
+        lookup = self.router.lookup(changes, sorted(set(fields.values())))
+        found: dict[str, dict[str, str] | None] = {}
+        for key, record in lookup.records.items():
+            if record is None:
+                self.unplaced.add(key)
+                found[key] = None
+            else:
+                self.placed[key] = record.place
+                self.unplaced.discard(key)
+                found[key] = record_values(record, fields, self.mapping)
+        return CurrentValues(found, lookup.queries)
 
     # -- writes ----------------------------------------------------------------------------
 
     def upsert(self, changes: Sequence[ContactChange]) -> list[Outcome]:
-        """Write a batch: one outcome per change (synced, rejected with a reason, or retry)."""
-        targets = self.router.route(changes)
+        """Write a batch: one outcome per change (synced, rejected with a reason, or retry); a
+        learner whose record this flush already found (or found missing) is not looked up."""
+        known = {
+            c.key: self.placed.get(c.key)
+            for c in changes
+            if c.key in self.placed or c.key in self.unplaced
+        }
+        targets = self.router.route(changes, known)
         outcomes = self.write(targets)
         for target in targets:
             outcome = outcomes[target.key]
             if outcome.status == "synced" and outcome.record_id:
                 self.placed[target.key] = (target.sobject, outcome.record_id)
+                self.unplaced.discard(target.key)
         return [outcomes[change.key] for change in changes]
 
     def write(self, targets: Sequence[Target]) -> dict[str, Outcome]:
@@ -152,9 +188,9 @@ class SalesforceAdapter:
             locked: list[Target] = []
             for group in self._groups(pending):
                 for target, result in zip(group, self._send(group), strict=True):
-                    outcome = self._outcome(target, result)
-                    outcomes[target.key] = outcome
-                    if outcome.status == "retry":
+                    found = outcome(target, result, self.allow_duplicate_save)
+                    outcomes[target.key] = found
+                    if found.status == "retry":
                         locked.append(target)
             if not locked or attempt == LOCK_RETRIES:
                 break
@@ -196,8 +232,9 @@ class SalesforceAdapter:
             "create": ("POST", "composite/sobjects"),
         }[kind]
         what = f"{kind} {sobject}s"
+        headers = {DUPLICATE_RULE_HEADER: "allowSave=true"} if self.allow_duplicate_save else {}
         try:
-            results = self.call(what, method, path, json=body)
+            results = self.call(what, method, path, json=body, headers=headers)
         except PermanentError as exc:
             if exc.category == Category.VALIDATION:
                 raise BatchRejected(exc.reason, Category.VALIDATION) from exc
@@ -205,21 +242,6 @@ class SalesforceAdapter:
         if not isinstance(results, list) or len(results) != len(group):
             raise BatchRejected(f"Salesforce {what}: unexpected response", Category.VALIDATION)
         return results
-
-    def _outcome(self, target: Target, result: dict[str, Any]) -> Outcome:
-        """The outcome of one record's result."""
-        key = target.key
-        if result.get("success"):
-            return Outcome(key, "synced", record_id=result.get("id") or target.record_id)
-        errors = result.get("errors") or [{}]
-        codes = {str(e.get("statusCode", "")) for e in errors}
-        reason = "; ".join(
-            f"{e.get('statusCode', 'ERROR')}: {e.get('message', '')}".strip(": ") for e in errors
-        )
-        reason = f"{target.sobject} {target.record_id or '(new)'}: {reason}"
-        if codes & RETRYABLE_CODES:
-            return Outcome(key, "retry", reason)
-        return Outcome(key, "rejected", reason, Category.VALIDATION)
 
     # -- describe --------------------------------------------------------------------------
 
@@ -236,30 +258,65 @@ class SalesforceAdapter:
             for f in data.get("fields") or []
         }
 
-    def learner_fields(self) -> dict[str, PropertyInfo]:
-        """Fields on every learner object this mapping writes, under our property names too."""
-        objects = ["Contact", "Lead"] if self.object == "auto" else [self.object]
-        found = [self.fields_of(sobject) or {} for sobject in objects]
-        common = set.intersection(*(set(fields) for fields in found))
-        known = {name: found[0][name] for name in common}
+    def described(self) -> Described:
+        """The fields of every object this mapping writes (the learner objects, the play object),
+        by object; None for an object the org lacks or the user may not read."""
+        objects: list[str] = ["Contact", "Lead"] if self.object == "auto" else [self.object]
+        if self.mapping.plays is not None:
+            objects.append(PLAY_OBJECT)
+        return {sobject: self.fields_of(sobject) for sobject in objects}
+
+    def learner_fields(self, found: Described | None = None) -> dict[str, PropertyInfo]:
+        """Fields on every learner object this mapping writes, under our property names too
+        (``found``: ``described``, when already asked)."""
+        found = self.described() if found is None else found
+        learners = [fields or {} for sobject, fields in found.items() if sobject != PLAY_OBJECT]
+        common = set.intersection(*(set(fields) for fields in learners))
+        known = {name: learners[0][name] for name in common}
         for prop in self.mapping.properties:
             if field_name(prop) in common:
                 known[prop] = known[field_name(prop)]
         return known
 
-    def _missing_learner_fields(self, known: dict[str, PropertyInfo]) -> list[str]:
-        """Mapped properties not in ``known``, with their API names when those differ."""
-        return sorted(
-            f"{prop} ({field_name(prop)})" if field_name(prop) != prop else prop
-            for prop in self.mapping.properties
-            if prop not in known
-        )
+    def absent(self, found: Described) -> dict[str, dict[str, str]]:
+        """The mapped fields describe does not show, by object: API name -> the name operators
+        know (a property with its API name when they differ, ``Instruqt_Play__c.Track__c``)."""
+        absent: dict[str, dict[str, str]] = {}
+        for sobject, fields in found.items():
+            if sobject == PLAY_OBJECT:
+                wanted = {name: f"{PLAY_OBJECT}.{name}" for name in REQUIRED_FIELDS}
+            else:
+                wanted = {
+                    field_name(p): f"{p} ({field_name(p)})" if field_name(p) != p else p
+                    for p in sorted(self.mapping.properties)
+                }
+            lacking = {name: label for name, label in wanted.items() if name not in (fields or {})}
+            if lacking:
+                absent[sobject] = lacking
+        return absent
 
     def missing_fields(self) -> list[str]:
-        """Mapped fields on Contact/Lead and play-record fields the org lacks, for operators."""
-        plays = self.play_adapter()
-        lacking = plays.missing_fields() if plays is not None else []
-        return self._missing_learner_fields(self.learner_fields()) + lacking
+        """Mapped fields on Contact/Lead (sorted) and play-record fields describe does not show."""
+        labels = [
+            label for names in self.absent(self.described()).values() for label in names.values()
+        ]
+        return list(dict.fromkeys(labels))
+
+    def field_report(self, found: Described | None = None) -> FieldReport:
+        """The fields describe does not show: missing in the org, or hidden from the user."""
+        absent = self.absent(self.described() if found is None else found)
+        return classify_fields(self.call, absent) if absent else FieldReport()
+
+    def problems(self, found: Described | None = None) -> list[str]:
+        """What keeps the sync from working, one line each with its fix: mapped fields missing
+        or hidden, and access to Contacts and Leads the user lacks."""
+        lines = self.field_report(found).lines()
+        try:
+            user = self.connection.running_user()
+        except PermanentError as exc:
+            return [*lines, f"Salesforce: cannot check the user's access: {exc.reason}"]
+        access = access_problem(self.call, user, self.object)
+        return [*lines, access] if access else lines
 
     def play_adapter(self) -> SalesforcePlays | None:
         """Play records (``Instruqt_Play__c``) through this adapter, if the mapping has plays."""
@@ -268,19 +325,13 @@ class SalesforceAdapter:
         return SalesforcePlays(self)
 
     def describe(self) -> dict[str, PropertyInfo]:
-        """The learner fields (``learner_fields``). The engine's start check compares only
-        those, so a play object lacking fields raises PermanentError listing every missing one."""
-        known = self.learner_fields()
-        plays = self.play_adapter()
-        lacking = plays.missing_fields() if plays is not None else []
-        if lacking:
-            missing = self._missing_learner_fields(known) + lacking
-            raise PermanentError(
-                f"the Salesforce org lacks {len(missing)} field(s): {', '.join(missing)}. "
-                "Create them with: instruqt-crm setup salesforce",
-                Category.VALIDATION,
-            )
-        return known
+        """The learner fields (``learner_fields``) once the org is ready for the mapping (the
+        worker's start check); NotReady naming every problem (``problems``) otherwise."""
+        found = self.described()
+        problems = self.problems(found)
+        if problems:
+            raise NotReady(" | ".join(problems))
+        return self.learner_fields(found)
 
 
 def salesforce_budget(conn: redis.Redis, requests_per_minute: int) -> RequestBudget:

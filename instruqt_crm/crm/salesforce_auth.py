@@ -5,6 +5,9 @@ Domain login URL), JWT bearer (client id + username + RS256 private key), or a r
 (instance URL + access token, never refreshed). Tokens are fetched with plain ``requests``
 (POST ``{login}/services/oauth2/token``) and handed to simple-salesforce with a session whose
 every request has a timeout. A 401 INVALID_SESSION_ID gets exactly one new token and one retry.
+``running_user`` names the user the credentials act as: the token answer's identity URL
+(``.../id/<org id>/<user id>``) says it for the login flows, ``/services/oauth2/userinfo`` for
+a ready session.
 """
 
 from __future__ import annotations
@@ -51,6 +54,26 @@ class TimeoutSession(requests.Session):
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.default_timeout
         return super().request(method, url, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class RunningUser:
+    """The Salesforce user the credentials act as (its username when known)."""
+
+    id: str
+    username: str | None = None
+
+    def __str__(self) -> str:
+        return f"the user {self.username} ({self.id})" if self.username else f"the user {self.id}"
+
+
+@dataclass(frozen=True)
+class Login:
+    """A token answer: the access token, the instance it is for, and its user's Id."""
+
+    token: str
+    instance: str
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +154,9 @@ def token_request(creds: Credentials) -> dict[str, str]:
     )
 
 
-def fetch_token(creds: Credentials, session: requests.Session) -> tuple[str, str]:
-    """POST the token endpoint; (access token, instance URL). Never puts a secret in an error."""
+def fetch_token(creds: Credentials, session: requests.Session) -> Login:
+    """POST the token endpoint; the token, its instance URL and its user (the last part of the
+    identity URL ``id``). Never puts a secret in an error."""
     url = f"{creds.login_url}/services/oauth2/token"
     try:
         response = session.post(url, data=token_request(creds), timeout=TIMEOUT)
@@ -156,7 +180,8 @@ def fetch_token(creds: Credentials, session: requests.Session) -> tuple[str, str
         )
     instance = str(body.get("instance_url") or creds.instance_url or creds.login_url)
     log.info("salesforce: new access token (%s flow) for %s", creds.flow, instance)
-    return str(body["access_token"]), instance
+    user = str(body.get("id") or "").rstrip("/").rsplit("/", 1)[-1]
+    return Login(str(body["access_token"]), instance, user or None)
 
 
 def _error_code(exc: SalesforceError) -> tuple[str, str]:
@@ -207,6 +232,7 @@ class Connection:
         self.cache = cache
         self.session = session or TimeoutSession()
         self._client: Salesforce | None = None
+        self._user: RunningUser | None = None
         self.on_response: Callable[[Salesforce], None] | None = None
 
     def __repr__(self) -> str:
@@ -215,16 +241,18 @@ class Connection:
     def client(self, fresh: bool = False) -> Salesforce:
         """The simple-salesforce client (a new token when ``fresh``)."""
         if self._client is None or fresh:
-            token, instance = self._token(fresh)
+            login = self._token(fresh)
+            if login.user_id:
+                self._user = RunningUser(login.user_id, self.creds.username)
             self._client = Salesforce(
-                instance_url=instance,
-                session_id=token,
+                instance_url=login.instance,
+                session_id=login.token,
                 version=self.creds.api_version,
                 session=self.session,
             )
         return self._client
 
-    def _token(self, fresh: bool) -> tuple[str, str]:
+    def _token(self, fresh: bool) -> Login:
         """A cached token, the configured session, or a new one from the token endpoint."""
         if self.creds.flow == "session":
             assert self.creds.access_token is not None and self.creds.instance_url is not None
@@ -234,20 +262,22 @@ class Connection:
                     "or configure a login flow (client credentials or JWT)",
                     Category.AUTH,
                 )
-            return self.creds.access_token.get_secret_value(), self.creds.instance_url
+            return Login(self.creds.access_token.get_secret_value(), self.creds.instance_url)
         if self.cache is not None and not fresh:
             cached = self.cache.get(keys.SALESFORCE_TOKEN)
             if cached:
                 data = json.loads(cached)
-                return str(data["token"]), str(data["instance"])
-        token, instance = fetch_token(self.creds, self.session)
+                return Login(str(data["token"]), str(data["instance"]), data.get("user"))
+        login = fetch_token(self.creds, self.session)
         if self.cache is not None:
             self.cache.set(
                 keys.SALESFORCE_TOKEN,
-                json.dumps({"token": token, "instance": instance}),
+                json.dumps(
+                    {"token": login.token, "instance": login.instance, "user": login.user_id}
+                ),
                 ex=TOKEN_TTL,
             )
-        return token, instance
+        return login
 
     def call(self, what: str, function: Callable[[Salesforce], T]) -> T:
         """Run ``function(client)``; on an expired session log in again once and retry once."""
@@ -262,3 +292,17 @@ class Connection:
         if self.on_response is not None and self._client is not None:
             self.on_response(self._client)
         return result
+
+    def running_user(self) -> RunningUser:
+        """The user the credentials act as: from the login, else asked of ``userinfo``."""
+        self.client()
+        if self._user is None:
+            info = self.call("find the session's user", lambda sf: sf.oauth2("userinfo"))
+            if not isinstance(info, dict) or not info.get("user_id"):
+                raise PermanentError(
+                    "Salesforce: cannot tell which user the session belongs to (userinfo "
+                    "answered no user_id); use a login flow or name the user with --assign-to",
+                    Category.AUTH,
+                )
+            self._user = RunningUser(str(info["user_id"]), info.get("preferred_username"))
+        return self._user

@@ -97,8 +97,3 @@ class SalesforcePlays:
     def describe(self) -> dict[str, PropertyInfo]:
         """The play object's fields by API name (none when the org has no such object)."""
         return self.learners.fields_of(PLAY_OBJECT) or {}
-
-    def missing_fields(self) -> list[str]:
-        """Play-record fields the org lacks, as ``Instruqt_Play__c.Track__c``."""
-        known = self.describe()
-        return [f"{PLAY_OBJECT}.{name}" for name in REQUIRED_FIELDS if name not in known]

@@ -4,6 +4,9 @@
 folder (idempotent: same bytes, unchanged files untouched); ``mdapi_zip`` converts them to a
 Metadata API zip, which ``deploy`` sends through simple-salesforce and polls to the end. The
 ``Instruqt_Play__c`` object (fields, permissions) is included when the mapping writes plays.
+The permission set grants what the sync user needs (``salesforce_access.needed_access``):
+every mapped field, every Contact and Lead whoever owns it, Account read (Contacts depend on
+it) and View Setup and Configuration (to read its own access).
 """
 
 from __future__ import annotations
@@ -24,26 +27,18 @@ from instruqt_crm.errors import Category, PermanentError
 from instruqt_crm.mapping import Mapping
 
 from .salesforce import SalesforceAdapter
+from .salesforce_access import PERMISSION_SET, needed_access
 from .salesforce_auth import Connection
 from .salesforce_plays import PLAY_OBJECT, REQUIRED_FIELDS
 from .salesforce_routing import EXTERNAL_ID, field_name
-from .salesforce_xml import (
-    NS,
-    Block,
-    document,
-    element,
-    elements,
-    field_body,
-    play_field_body,
-    play_object_body,
-)
+from .salesforce_xml import NS, block, document, field_items, play_field_items, play_object_items
 
 __all__ = [
     "NS",
     "PERMISSION_SET",
     "changes",
     "deploy",
-    "field_bodies",
+    "field_definitions",
     "mdapi_zip",
     "missing_fields",
     "package",
@@ -51,7 +46,6 @@ __all__ = [
     "write",
 ]
 OBJECTS = ("Contact", "Lead")
-PERMISSION_SET = "Instruqt_CRM_Integration"
 ROOT = "force-app/main/default"
 MODIFY_METADATA = (
     "the integration user lacks the 'Modify Metadata Through Metadata API Functions' "
@@ -65,48 +59,74 @@ def _external(mapping: Mapping, name: str) -> bool:
     return field_name(name) == (field_name(key) if key else EXTERNAL_ID)
 
 
-def field_bodies(mapping: Mapping, indent: int = 4) -> dict[str, dict[str, str]]:
-    """Every CustomField's inner elements, by object and field API name."""
-    bodies = {
+def field_definitions(mapping: Mapping, indent: int = 4) -> dict[str, dict[str, dict[str, object]]]:
+    """Every CustomField's elements, by object and field API name (``indent``: where nested
+    elements are written)."""
+    definitions = {
         sobject: {
-            field_name(name): field_body(name, spec, _external(mapping, name), indent)
+            field_name(name): field_items(name, spec, _external(mapping, name))
             for name, spec in mapping.properties.items()
         }
         for sobject in OBJECTS
     }
     if mapping.plays is not None:
-        bodies[PLAY_OBJECT] = {name: play_field_body(name, indent) for name in REQUIRED_FIELDS}
-    return bodies
+        definitions[PLAY_OBJECT] = {
+            name: play_field_items(name, indent) for name in REQUIRED_FIELDS
+        }
+    return definitions
 
 
 def _members(mapping: Mapping) -> list[str]:
     """Every field as ``Object.Field``, sorted."""
-    return sorted(f"{o}.{n}" for o, fields in field_bodies(mapping).items() for n in fields)
+    return sorted(f"{o}.{n}" for o, fields in field_definitions(mapping).items() for n in fields)
+
+
+def object_grants(mapping: Mapping) -> dict[str, dict[str, bool]]:
+    """The permission set's object permissions, by object: Contact and Lead as the sync needs
+    them (Salesforce grants Modify All only with Delete; the sync never deletes), Account read
+    (Contact access depends on it), play records created and edited by the sync itself."""
+    grants = {"Account": {"allowRead": True}}
+    for sobject, needed in needed_access(mapping.object).items():
+        grants[sobject] = {
+            "allowCreate": "Create" in needed,
+            "allowDelete": "Modify All" in needed,
+            "allowEdit": "Edit" in needed,
+            "allowRead": "Read" in needed,
+            "modifyAllRecords": "Modify All" in needed,
+            "viewAllRecords": "View All" in needed,
+        }
+    if mapping.plays is not None:
+        grants[PLAY_OBJECT] = {"allowCreate": True, "allowEdit": True, "allowRead": True}
+    return grants
 
 
 def permission_set_xml(mapping: Mapping) -> bytes:
-    """A permission set: edit every field, read/edit Contacts, create/read/edit Leads (and
-    play records)."""
-    parts = [element("description", "Access for the Instruqt CRM sync integration user.")]
-    for member in _members(mapping):
-        grant = {"editable": True, "field": member, "readable": True}
-        parts.append(element("fieldPermissions", Block(elements(grant, 8))))
-    parts.append(element("hasActivationRequired", False))
-    parts.append(element("label", "Instruqt CRM Integration"))
-    creates = {"Contact": mapping.object == "Contact", "Lead": True, PLAY_OBJECT: True}
-    objects = [*OBJECTS, PLAY_OBJECT] if mapping.plays is not None else list(OBJECTS)
-    for sobject in sorted(objects):
-        flags = {
-            "allowCreate": creates[sobject],
-            "allowDelete": False,
-            "allowEdit": True,
-            "allowRead": True,
-            "modifyAllRecords": False,
-            "object": sobject,
-            "viewAllRecords": False,
-        }
-        parts.append(element("objectPermissions", Block(elements(flags, 8, ordered=False))))
-    return document("PermissionSet", "".join(parts))
+    """The sync user's permission set (``object_grants``, every field, View Setup)."""
+    fields = [
+        block("PermissionSetFieldPermissions", {"editable": True, "field": m, "readable": True}, 8)
+        for m in _members(mapping)
+    ]
+    flags = dict.fromkeys(("allowCreate", "allowDelete", "allowEdit", "allowRead"), False)
+    flags |= {"modifyAllRecords": False, "viewAllRecords": False}
+    objects = [
+        block("PermissionSetObjectPermissions", {**flags, **granted, "object": sobject}, 8)
+        for sobject, granted in sorted(object_grants(mapping).items())
+    ]
+    items: dict[str, object] = {
+        "description": (
+            "Instruqt CRM sync user: its fields; every Contact and Lead, whoever owns it (View "
+            "All, Modify All; the sync never deletes); Account read; View Setup and "
+            "Configuration, to check its own access."
+        ),
+        "fieldPermissions": fields,
+        "hasActivationRequired": False,
+        "label": "Instruqt CRM Integration",
+        "objectPermissions": objects,
+        "userPermissions": [
+            block("PermissionSetUserPermission", {"enabled": True, "name": "ViewSetup"}, 8)
+        ],
+    }
+    return document("PermissionSet", items)
 
 
 def package(
@@ -114,14 +134,14 @@ def package(
 ) -> dict[str, bytes]:
     """Every file of the sfdx source-format project, by relative path."""
     files: dict[str, bytes] = {}
-    for sobject, fields in field_bodies(mapping).items():
-        for name, body in fields.items():
+    for sobject, fields in field_definitions(mapping).items():
+        for name, items in fields.items():
             files[f"{ROOT}/objects/{sobject}/fields/{name}.field-meta.xml"] = document(
-                "CustomField", body
+                "CustomField", items
             )
     if mapping.plays is not None:
         path = f"{ROOT}/objects/{PLAY_OBJECT}/{PLAY_OBJECT}.object-meta.xml"
-        files[path] = document("CustomObject", play_object_body())
+        files[path] = document("CustomObject", play_object_items())
     path = f"{ROOT}/permissionsets/{PERMISSION_SET}.permissionset-meta.xml"
     files[path] = permission_set_xml(mapping)
     project = {
@@ -162,14 +182,11 @@ def _manifest(mapping: Mapping, api_version: str) -> bytes:
     types = {"CustomField": _members(mapping), "PermissionSet": [PERMISSION_SET]}
     if mapping.plays is not None:
         types["CustomObject"] = [PLAY_OBJECT]
-    body = "".join(
-        element(
-            "types",
-            Block("".join(element("members", m, 8) for m in members) + element("name", kind, 8)),
-        )
+    listed: list[object] = [
+        block("PackageTypeMembers", {"members": members, "name": kind}, 8)
         for kind, members in sorted(types.items())
-    )
-    return document("Package", body + element("version", api_version))
+    ]
+    return document("Package", {"types": listed, "version": api_version})
 
 
 def mdapi_zip(mapping: Mapping, api_version: str = DEFAULT_SALESFORCE_API_VERSION) -> bytes:
@@ -177,10 +194,10 @@ def mdapi_zip(mapping: Mapping, api_version: str = DEFAULT_SALESFORCE_API_VERSIO
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("package.xml", _manifest(mapping, api_version))
-        for sobject, fields in field_bodies(mapping, 8).items():
-            nested = "".join(element("fields", Block(fields[n])) for n in sorted(fields))
-            body = play_object_body(nested) if sobject == PLAY_OBJECT else nested
-            archive.writestr(f"objects/{sobject}.object", document("CustomObject", body))
+        for sobject, fields in field_definitions(mapping, 8).items():
+            nested = [block("CustomField", fields[n], 8) for n in sorted(fields)]
+            items = play_object_items(nested) if sobject == PLAY_OBJECT else {"fields": nested}
+            archive.writestr(f"objects/{sobject}.object", document("CustomObject", items))
         archive.writestr(
             f"permissionsets/{PERMISSION_SET}.permissionset", permission_set_xml(mapping)
         )

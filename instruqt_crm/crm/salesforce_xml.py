@@ -1,12 +1,14 @@
 """Metadata XML for the Salesforce package: custom fields, the play object, element helpers.
 
-Elements are written sorted by tag, as sfdx writes them (the Metadata API reads them in its
-schema's order, which is alphabetical for the types used here).
+Every element is written in the order of Salesforce's metadata schema (the Metadata API's
+``metadata.wsdl``): ``fullName``, which every type inherits from ``Metadata``, first, then the
+type's own sequence. ``ORDER`` lists, per schema type, the elements this package writes, in
+that order; an element it does not list is a programming error (``KeyError``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -18,6 +20,67 @@ from .salesforce_routing import field_name
 NS = "http://soap.sforce.com/2006/04/metadata"
 HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n'
 STEP = 4  # spaces per nesting level
+ORDER: dict[str, tuple[str, ...]] = {  # schema type -> the elements written, in schema order
+    "CustomField": (
+        "fullName",
+        "caseSensitive",
+        "defaultValue",
+        "deleteConstraint",
+        "description",
+        "displayFormat",
+        "externalId",
+        "label",
+        "length",
+        "precision",
+        "referenceTo",
+        "relationshipLabel",
+        "relationshipName",
+        "required",
+        "scale",
+        "type",
+        "unique",
+        "valueSet",
+        "visibleLines",
+    ),
+    "CustomObject": (
+        "fullName",
+        "deploymentStatus",
+        "description",
+        "enableActivities",
+        "enableReports",
+        "enableSearch",
+        "fields",
+        "label",
+        "nameField",
+        "pluralLabel",
+        "sharingModel",
+    ),
+    "CustomValue": ("fullName", "default", "label"),
+    "ValueSet": ("restricted", "valueSetDefinition"),
+    "ValueSetValuesDefinition": ("sorted", "value"),
+    "PermissionSet": (
+        "fullName",
+        "description",
+        "fieldPermissions",
+        "hasActivationRequired",
+        "label",
+        "objectPermissions",
+        "userPermissions",
+    ),
+    "PermissionSetFieldPermissions": ("editable", "field", "readable"),
+    "PermissionSetObjectPermissions": (
+        "allowCreate",
+        "allowDelete",
+        "allowEdit",
+        "allowRead",
+        "modifyAllRecords",
+        "object",
+        "viewAllRecords",
+    ),
+    "PermissionSetUserPermission": ("enabled", "name"),
+    "Package": ("fullName", "types", "version"),
+    "PackageTypeMembers": ("members", "name"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,19 +99,31 @@ def element(tag: str, value: object, indent: int = STEP) -> str:
     return f"{pad}<{tag}>{text}</{tag}>\n"
 
 
-def elements(items: Mapping[str, object], indent: int = STEP, ordered: bool = True) -> str:
-    """Several elements, sorted by tag unless ``ordered`` is False."""
-    tags = sorted(items) if ordered else list(items)
-    return "".join(element(tag, items[tag], indent) for tag in tags)
+def elements(kind: str, items: Mapping[str, object], indent: int = STEP) -> str:
+    """The children of one ``kind`` (a schema type) in its schema order; a list value is a
+    repeated element, one per item."""
+    rank = {tag: position for position, tag in enumerate(ORDER[kind])}
+    out = []
+    for tag in sorted(items, key=rank.__getitem__):
+        value = items[tag]
+        values = value if isinstance(value, list) else [value]
+        out += [element(tag, one, indent) for one in values]
+    return "".join(out)
 
 
-def document(root: str, body: str) -> bytes:
-    """A metadata file: the XML header and ``root`` in the metadata namespace around ``body``."""
-    return f'{HEADER}<{root} xmlns="{NS}">\n{body}</{root}>\n'.encode()
+def block(kind: str, items: Mapping[str, object], indent: int) -> Block:
+    """A nested element of schema type ``kind`` whose children sit at ``indent``."""
+    return Block(elements(kind, items, indent))
 
 
-def field_body(name: str, spec: PropertySpec, external: bool, indent: int = STEP) -> str:
-    """The inner elements of one CustomField, from a declared property."""
+def document(root: str, items: Mapping[str, object]) -> bytes:
+    """A metadata file: the XML header and ``root`` (a schema type, in the metadata namespace)
+    around its children."""
+    return f'{HEADER}<{root} xmlns="{NS}">\n{elements(root, items)}</{root}>\n'.encode()
+
+
+def field_items(name: str, spec: PropertySpec, external: bool) -> dict[str, object]:
+    """The elements of one CustomField, from a declared property."""
     items: dict[str, object] = {"fullName": field_name(name), "label": spec.label[:40]}
     if spec.description:
         items["description"] = spec.description[:1000]
@@ -66,35 +141,32 @@ def field_body(name: str, spec: PropertySpec, external: bool, indent: int = STEP
         items.update(type="Text", length=255, required=False, externalId=external, unique=external)
         if external:
             items["caseSensitive"] = False
-    return elements(items, indent)
+    return items
 
 
-def _status_body(indent: int) -> str:
+def _status_items(indent: int) -> dict[str, object]:
     """Status__c: a restricted picklist of the play statuses."""
-    values = "".join(
-        element(
-            "value",
-            Block(
-                elements({"fullName": s, "default": False, "label": s}, indent + 3 * STEP, False)
-            ),
-            indent + 2 * STEP,
-        )
+    value_indent = indent + 3 * STEP
+    values: list[object] = [
+        block("CustomValue", {"fullName": s, "default": False, "label": s}, value_indent)
         for s in STATUSES
+    ]
+    definition = block(
+        "ValueSetValuesDefinition", {"sorted": False, "value": values}, indent + 2 * STEP
     )
-    definition = Block(element("sorted", False, indent + 2 * STEP) + values)
-    value_set = Block(
-        elements({"restricted": True, "valueSetDefinition": definition}, indent + STEP)
+    value_set = block(
+        "ValueSet", {"restricted": True, "valueSetDefinition": definition}, indent + STEP
     )
     spec = PLAY_FIELDS[STATUS_FIELD]
     items: dict[str, object] = {"description": spec.description, "fullName": STATUS_FIELD}
     items.update(label=spec.label, required=False, type="Picklist", valueSet=value_set)
-    return elements(items, indent)
+    return items
 
 
-def _lookup_body(name: str, indent: int) -> str:
+def _lookup_items(name: str) -> dict[str, object]:
     """Contact__c / Lead__c: a lookup to the learner's record, cleared if it is deleted."""
     target = next(sobject for sobject, lookup in LOOKUPS.items() if lookup == name)
-    items: dict[str, object] = {
+    return {
         "deleteConstraint": "SetNull",
         "description": f"The learner's {target}, when the learner is one.",
         "externalId": False,
@@ -106,21 +178,20 @@ def _lookup_body(name: str, indent: int) -> str:
         "required": False,
         "type": "Lookup",
     }
-    return elements(items, indent)
 
 
-def play_field_body(name: str, indent: int = STEP) -> str:
-    """The inner elements of one ``Instruqt_Play__c`` field."""
+def play_field_items(name: str, indent: int = STEP) -> dict[str, object]:
+    """The elements of one ``Instruqt_Play__c`` field (``indent``: where they are written)."""
     if name == STATUS_FIELD:
-        return _status_body(indent)
+        return _status_items(indent)
     if name in LOOKUPS.values():
-        return _lookup_body(name, indent)
-    return field_body(name, PLAY_FIELDS[name], name == PLAY_KEY, indent)
+        return _lookup_items(name)
+    return field_items(name, PLAY_FIELDS[name], name == PLAY_KEY)
 
 
-def play_object_body(fields: str = "", indent: int = STEP) -> str:
-    """The inner elements of the ``Instruqt_Play__c`` CustomObject (``fields``: rendered
-    ``<fields>`` elements, for the Metadata API format)."""
+def play_object_items(fields: Sequence[Block] = (), indent: int = STEP) -> dict[str, object]:
+    """The elements of the ``Instruqt_Play__c`` CustomObject (``fields``: its ``<fields>``, for
+    the Metadata API format)."""
     name_field = {"displayFormat": "PLAY-{000000}", "label": "Play number", "type": "AutoNumber"}
     items: dict[str, object] = {
         "deploymentStatus": "Deployed",
@@ -129,10 +200,10 @@ def play_object_body(fields: str = "", indent: int = STEP) -> str:
         "enableReports": True,
         "enableSearch": True,
         "label": "Instruqt Play",
-        "nameField": Block(elements(name_field, indent + STEP)),
+        "nameField": block("CustomField", name_field, indent + STEP),
         "pluralLabel": "Instruqt Plays",
         "sharingModel": "Read",
     }
-    before = {tag: value for tag, value in items.items() if tag < "fields"}
-    after = {tag: value for tag, value in items.items() if tag > "fields"}
-    return elements(before, indent) + fields + elements(after, indent)
+    if fields:
+        items["fields"] = list(fields)
+    return items

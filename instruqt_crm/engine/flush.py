@@ -21,7 +21,13 @@ from redis.client import Pipeline
 from redis.lock import Lock
 
 from instruqt_crm import keys
-from instruqt_crm.crm.base import ContactChange, CrmAdapter, Outcome, request_budget
+from instruqt_crm.crm.base import (
+    ContactChange,
+    CrmAdapter,
+    Outcome,
+    ReadsCurrentValues,
+    request_budget,
+)
 from instruqt_crm.errors import PermanentError, RateLimited
 from instruqt_crm.journal import counters, failures, trail
 from instruqt_crm.mapping import Mapping
@@ -86,10 +92,17 @@ def wake_stalled(conn: redis.Redis, window: float) -> bool:
     return False
 
 
+def last_success(conn: redis.Redis) -> float | None:
+    """When a flush last had the CRM accept a contact (epoch seconds), or None if none has."""
+    raw = conn.get(keys.LAST_FLUSH)
+    return float(keys.text(raw)) if raw is not None else None
+
+
 def _record(
     conn: redis.Redis, writes: Pipeline, change: ContactChange, outcome: Outcome, version: str
-) -> None:
-    """Apply one outcome: trail and ledger through ``writes``, a rejection to the registry."""
+) -> ledger.Settle | None:
+    """Apply one outcome: trail through ``writes``, a rejection to the registry; what the
+    ledger must settle (None: the record is retried)."""
     trail.note(
         writes,
         change.email,
@@ -99,23 +112,20 @@ def _record(
         record_id=outcome.record_id,
     )
     if outcome.status == "synced":
-        ledger.queue_settle(writes, change.key, version, change.properties)
-    elif outcome.status == "rejected":
-        payload = {
-            "email": change.email,
-            "properties": change.properties,
-            "events": ledger.event_ids(conn, change.key),
-        }
-        failures.record(
-            conn,
-            failures.Kind.CONTACT,
-            outcome.category,
-            outcome.reason,
-            change.key,
-            json.dumps(payload, sort_keys=True),
-        )
-        ledger.queue_settle(writes, change.key, version)
-        log.warning("contact %s rejected by the CRM: %s", change.key, outcome.reason)
+        return ledger.Settle(change.key, version, change.properties)
+    if outcome.status != "rejected":
+        return None
+    payload = {"email": change.email, "properties": change.properties}
+    failures.record(
+        conn,
+        failures.Kind.CONTACT,
+        outcome.category,
+        outcome.reason,
+        change.key,
+        json.dumps(payload, sort_keys=True),
+    )
+    log.warning("contact %s rejected by the CRM: %s", change.key, outcome.reason)
+    return ledger.Settle(change.key, version)
 
 
 def flush_batch(
@@ -124,10 +134,12 @@ def flush_batch(
     mapping: Mapping,
     window: float = 0.0,
     hold: float = 0.0,
+    idle_seconds: int = 0,
 ) -> Tally | Reschedule | None:
     """Send one batch of dirty contacts: what it did, a ``Reschedule`` when the batch should
-    wait (see ``batch_wait``), or None when nothing is dirty. The batch's contacts are read
-    in one round trip and its outcomes written in another."""
+    wait (see ``batch_wait``), or None when nothing is dirty. Learners new to the ledger get
+    the CRM's current values merged in first (one read per batch, see ``ledger.rebase_many``).
+    ``idle_seconds``: how long learners' state lives after this write (0: for ever)."""
     dirty = ledger.dirty_since(conn, adapter.batch_size)
     if not dirty:
         return None
@@ -135,29 +147,63 @@ def flush_batch(
     if wait > 0:
         return Reschedule(wait, "a batch waits for its contacts to gather their changes")
     since = dict(dirty)
+    found = ledger.pending_many(conn, list(since), mapping)
+    reads, rebased = _read_current(conn, adapter, mapping, found, idle_seconds)
+    if rebased:
+        found = ledger.pending_many(conn, list(since), mapping)
     batch: dict[str, tuple[ContactChange, str]] = {}
-    with conn.pipeline(transaction=False) as writes:
-        for key, found in zip(since, ledger.pending_many(conn, list(since), mapping), strict=True):
-            if found.change is None:
-                ledger.queue_settle(writes, key, found.version)
-            else:
-                batch[key] = (found.change, found.version)
-        writes.execute()
-    unchanged = len(since) - len(batch)
+    nothing: list[ledger.Settle] = []
+    for key, item in zip(since, found, strict=True):
+        if item.change is None:
+            nothing.append(ledger.Settle(key, item.version))
+        else:
+            batch[key] = (item.change, item.version)
+    ledger.settle_many(conn, nothing, mapping, idle_seconds)
     if not batch:
-        return Tally(unchanged=unchanged)
+        return Tally(unchanged=len(nothing), requests=reads)
     sent = send(adapter, [change for change, _ in batch.values()])
-    latencies, statuses = [], {"synced": 0, "rejected": 0, "retry": 0}
+    latencies, statuses, settles = [], {"synced": 0, "rejected": 0, "retry": 0}, []
     with conn.pipeline(transaction=False) as writes:
         for outcome in sent.outcomes:
             change, version = batch[outcome.key]
-            _record(conn, writes, change, outcome, version)
+            if settle := _record(conn, writes, change, outcome, version):
+                settles.append(settle)
             statuses[outcome.status] += 1
             if outcome.status == "synced":
                 latencies.append(time.time() - since[change.key])
         writes.execute()
+    ledger.settle_many(conn, settles, mapping, idle_seconds)
     counters.observe(conn, "flush_latency", latencies)
-    return Tally(**statuses, unchanged=unchanged, requests=sent.requests)
+    return Tally(**statuses, unchanged=len(nothing), requests=sent.requests + reads)
+
+
+def _read_current(
+    conn: redis.Redis,
+    adapter: CrmAdapter,
+    mapping: Mapping,
+    found: list[ledger.Unsent],
+    idle_seconds: int,
+) -> tuple[int, bool]:
+    """Merge the CRM's current values into the learners new to the ledger: the requests
+    spent, and whether any learner was rebased.
+
+    Without read access (or an adapter that cannot read) they are sent as they are, and the
+    log says what that means for them."""
+    fresh = [item.change for item in found if item.needs_read and item.change is not None]
+    if not fresh or not isinstance(adapter, ReadsCurrentValues):
+        return 0, False
+    try:
+        current = adapter.current_values(fresh, list(mapping.properties))
+    except PermanentError as exc:
+        log.warning(
+            "could not read %d learner(s)' current CRM values (%s): they are sent from what "
+            "the ledger holds, so a learner whose state had expired starts over",
+            len(fresh),
+            exc.reason,
+        )
+        return 0, False
+    ledger.rebase_many(conn, current.found, mapping, idle_seconds)
+    return current.requests, bool(current.found)
 
 
 def batch_wait(
@@ -228,8 +274,10 @@ def flush(
     lease: int = LOCK_SECONDS,
     window: float = 0.0,
     hold: float = 0.0,
+    idle_seconds: int = 0,
 ) -> FlushReport:
-    """Send batches until nothing is dirty or the time budget is spent; one flusher at a time."""
+    """Send batches until nothing is dirty or the time budget is spent; one flusher at a time
+    (``idle_seconds``: how long learners' state lives after a write, 0: for ever)."""
     lock = conn.lock(keys.FLUSH_LOCK, timeout=lease, thread_local=False)  # renewed from a thread
     if not lock.acquire(blocking=False):
         return FlushReport(locked=True, next=Reschedule(window, "another flush is running"))
@@ -238,7 +286,7 @@ def flush(
     try:
         with lease_kept(lock, lease):
             while time.monotonic() < deadline:
-                step = flush_batch(conn, adapter, mapping, window, hold)
+                step = flush_batch(conn, adapter, mapping, window, hold, idle_seconds)
                 if not isinstance(step, Tally):
                     held = step
                     break
@@ -246,7 +294,8 @@ def flush(
                 if step.retry:
                     break
             out_of_time = time.monotonic() >= deadline  # for the contacts, before the plays
-            plays_flushed = flush_plays(conn, adapter, deadline)  # after the learners they link to
+            # after the learners they link to
+            plays_flushed = flush_plays(conn, adapter, deadline, idle_seconds)
             played = plays_flushed.tally
             next_step = _decide(
                 conn, contacts + played, held, out_of_time, plays_flushed.left, window
@@ -263,7 +312,8 @@ def flush(
             lock.release()
     if contacts.synced:
         conn.set(keys.LAST_FLUSH, str(time.time()))
-    log.info(
+    log.log(
+        logging.INFO if contacts + played != Tally() else logging.DEBUG,  # an empty one: DEBUG
         "flush: %d synced, %d rejected, %d to retry, %d unchanged, %d requests",
         contacts.synced,
         contacts.rejected,

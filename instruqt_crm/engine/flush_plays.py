@@ -17,7 +17,7 @@ from instruqt_crm.crm.base import ContactChange, CrmAdapter, PlayRecords
 from instruqt_crm.errors import Category
 from instruqt_crm.journal import failures
 
-from . import ledger, plays
+from . import plays, records
 from .send import Tally, send
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ class PlaysFlushed:
     left: bool = False
 
 
-def flush_plays(conn: redis.Redis, adapter: CrmAdapter, deadline: float) -> PlaysFlushed:
+def flush_plays(
+    conn: redis.Redis, adapter: CrmAdapter, deadline: float, idle_seconds: int = 0
+) -> PlaysFlushed:
     """Send dirty plays in batches until none is left or ``deadline`` (monotonic) passes."""
     writer = adapter.play_adapter() if isinstance(adapter, PlayRecords) else None
     if writer is None:
@@ -41,7 +43,7 @@ def flush_plays(conn: redis.Redis, adapter: CrmAdapter, deadline: float) -> Play
         found = plays.dirty(conn, writer.batch_size, offset)
         if not found:
             break
-        kept, done = _send_batch(conn, writer, found)
+        kept, done = _send_batch(conn, writer, found, idle_seconds)
         offset, tally = offset + kept, tally + done
     else:
         left = plays.dirty_count(conn) > offset
@@ -57,7 +59,7 @@ def flush_plays(conn: redis.Redis, adapter: CrmAdapter, deadline: float) -> Play
 
 
 def _send_batch(
-    conn: redis.Redis, writer: CrmAdapter, participants: list[str]
+    conn: redis.Redis, writer: CrmAdapter, participants: list[str], idle_seconds: int
 ) -> tuple[int, Tally]:
     """Send one batch of dirty plays and apply the outcomes: how many stay dirty, and the tally.
     The plays and their learners are read in two round trips, the outcomes written in one."""
@@ -68,7 +70,7 @@ def _send_batch(
             pipe.zscore(keys.DIRTY_CONTACTS, change.email)
         learner_dirty = pipe.execute()
     unchanged = [(p, f.version, None) for p, f in found.items() if f.change is None]
-    kept = plays.settle_many(conn, unchanged)
+    kept = plays.settle_many(conn, unchanged, idle_seconds)
     batch, waiting = {}, 0
     for (participant, change, version), score in zip(changed, learner_dirty, strict=True):
         if score is not None:  # its Contact or Lead may not exist yet: wait for it
@@ -88,7 +90,7 @@ def _send_batch(
         settles.append(
             (change.key, version, change.properties if outcome.status == "synced" else None)
         )
-    kept += waiting + counts["retry"] + plays.settle_many(conn, settles)
+    kept += waiting + counts["retry"] + plays.settle_many(conn, settles, idle_seconds)
     requests = sent.requests if sent else 0
     return kept, Tally(**counts, unchanged=len(unchanged), waiting=waiting, requests=requests)
 
@@ -102,6 +104,6 @@ def _reject(conn: redis.Redis, change: ContactChange, reason: str, category: Cat
         category,
         reason,
         f"play:{change.key}",
-        ledger.encode(payload),
+        records.encode(payload),
     )
     log.warning("play %s of %s rejected by the CRM: %s", change.key, change.email, reason)

@@ -26,7 +26,7 @@ from instruqt_crm.journal import counters, failures, trail
 from instruqt_crm.logs import CURRENT_EVENT
 from instruqt_crm.mapping import PropertyChange, apply_event, skip_reason
 
-from . import identity, ledger, plays
+from . import identity, ledger, mapping_record, plays
 from .flush import schedule_flush
 from .inbox import Entry
 from .queueing import RETRY_PARKED_JOB, schedule_once
@@ -285,6 +285,8 @@ class Batch:
         """Merge into the ledger, send the deferred writes, ask for the flush and retries;
         the outcome of each event given to ``handle`` or ``fail``, in order."""
         merged = self._merge_all()
+        names = {change.name for merge in self._merges for change in merge.changes}
+        mapping_record.note_merged(self.writes, self.runtime.mapping, names)  # what `check` reads
         for user_id, event_ids in self._unpark:
             identity.unpark(self.conn, user_id, event_ids)
         for reply in self.writes.execute(raise_on_error=False):  # counters, trails, cache
@@ -335,9 +337,10 @@ class Batch:
 
     def _merge_together(self, merges: list[_Merge]) -> list[bool]:
         """Merge events into their contacts and plays (two scripts); per event: changed?"""
-        flags = ledger.merge_many(self.conn, [merge.contact() for merge in merges])
+        idle = self.runtime.settings.state_idle_seconds
+        flags = ledger.merge_many(self.conn, [merge.contact() for merge in merges], idle)
         with_play = [(index, merge.play) for index, merge in enumerate(merges) if merge.play]
-        played = plays.merge_many(self.conn, [play for _, play in with_play])
+        played = plays.merge_many(self.conn, [play for _, play in with_play], idle)
         for (index, _), changed in zip(with_play, played, strict=True):
             flags[index] = flags[index] or changed
         return flags

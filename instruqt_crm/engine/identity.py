@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import redis
@@ -58,13 +58,23 @@ class Learner:
     checked: bool = True  # a parameter email: Instruqt was asked, and had none
 
     def encode(self) -> str:
-        """As cached in Redis."""
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """As cached in Redis, short (it is kept per learner): ``[email, "i" | "p"]``, then
+        ``checked`` as 0/1 and the names when there are any."""
+        fields: list[Any] = [self.email, self.source[0]]
+        extra = [int(self.checked), self.first_name, self.last_name]
+        while extra and extra[-1] in (None, 1) and (len(extra) > 1 or extra[0] == 1):
+            extra.pop()
+        return json.dumps(fields + extra, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def decode(cls, value: str) -> Learner:
-        """From the cache (a bare email, as earlier versions cached, counts as an unchecked
-        parameter email)."""
+        """From the cache: the short form, the JSON object earlier versions cached, or a bare
+        email (older still: an unchecked parameter email)."""
+        if value.startswith("["):
+            email, source, *extra = json.loads(value)
+            checked, first, last = extra + [1, None, None][len(extra) :]
+            full: Literal["instruqt", "params"] = "instruqt" if source == "i" else "params"
+            return cls(email, full, first, last, bool(checked))
         if not value.startswith("{"):
             return cls(value, "params", checked=False)
         fields = json.loads(value)
@@ -100,7 +110,8 @@ def email_in(params: dict[str, Any], keys: list[str]) -> str | None:
 # worker's batch may have looked the learner up after this one read the cache.
 _SET_UNLESS_INSTRUQTS = """
 local current = redis.call('GET', KEYS[1])
-if current and string.find(current, '"source":"instruqt"', 1, true) then return 0 end
+if current and (string.find(current, '","i"', 1, true)
+  or string.find(current, '"source":"instruqt"', 1, true)) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
@@ -143,6 +154,12 @@ def cached_email(conn: redis.Redis, user_id: str) -> str | None:
     """The user's cached email, if one is known."""
     found = cached_learner(conn, user_id)
     return found.email if isinstance(found, Learner) else None
+
+
+def email_of(conn: redis.Redis, who: str) -> str | None:
+    """The email for an email or an Instruqt user id (None when no email is known for it)."""
+    who = who.strip()
+    return who.lower() if "@" in who else cached_email(conn, who)
 
 
 @dataclass(frozen=True)
@@ -359,3 +376,39 @@ def waiting_among(conn: redis.Redis, user_ids: set[str]) -> set[str]:
 def parked_count(conn: redis.Redis) -> int:
     """How many learners have events waiting for an email."""
     return int(conn.zcard(keys.PARKED_USERS))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A learner whose events wait for an email: how many, since when, the next lookup."""
+
+    user_id: str
+    events: int
+    since: float | None
+    next_lookup: float
+    lookups: int  # lookups made so far (the backoff step)
+
+
+def waiting(conn: redis.Redis, limit: int = 50) -> list[Waiting]:
+    """Up to ``limit`` waiting learners, the next due for a lookup first (one round trip)."""
+    due: Any = conn.zrange(keys.PARKED_USERS, 0, limit - 1, withscores=True)
+    users = [(text(user_id), float(score)) for user_id, score in due]
+    with conn.pipeline(transaction=False) as pipe:
+        for user_id, _ in users:
+            pipe.hlen(keys.parked(user_id))
+            pipe.hmget(keys.parked_meta(user_id), ["since", "attempts"])
+        replies = pipe.execute()
+    found = []
+    for (user_id, next_lookup), events, (since, lookups) in zip(
+        users, replies[::2], replies[1::2], strict=True
+    ):
+        found.append(
+            Waiting(
+                user_id,
+                int(events),
+                float(since) if since is not None else None,
+                next_lookup,
+                int(lookups or 0),
+            )
+        )
+    return found

@@ -34,17 +34,25 @@ DRAIN_MARK = keys.pending_job(DRAIN_JOB)  # schedule_once's mark, also set by th
 DRAIN_MARK_MS = 10_000  # at most one queued drain job per 10 s of arrivals
 STALE_MS = 300_000  # a live consumer acknowledges far sooner than this (job timeout)
 
-# KEYS: seen mark, inbox, drain mark. ARGV: dedupe ttl s, message id, body, drain mark ms.
-# Returns -1 for a duplicate, 1 when a drain job must be enqueued, 0 when one is pending.
-# The stream entry is written before the marks: if Redis refuses it (OOM), nothing is kept.
+# KEYS: seen mark, inbox, drain mark, the seen mark's earlier name. ARGV: dedupe ttl s,
+# message id, body, drain mark ms. Returns -1 for a duplicate, 1 when a drain job must be
+# enqueued, 0 when one is pending. The stream entry is written before the marks: if Redis
+# refuses it (OOM), nothing is kept. A mark holds 1 (kept) or 0 (refused at the door): an
+# integer is the smallest value Redis stores.
 _ACCEPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[1], KEYS[4]) > 0 then return -1 end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'body', ARGV[3])
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4]) then return 1 end
 return 0
 """
-_accept_script: Script | None = None
+# KEYS: seen mark, its earlier name. ARGV: dedupe ttl s. Returns 1 when the delivery is new.
+_REFUSE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('SET', KEYS[1], '0', 'EX', ARGV[1])
+return 1
+"""
+_scripts: dict[str, Script] = {}
 
 
 @dataclass(frozen=True)
@@ -60,16 +68,27 @@ def enqueue_event(
     conn: redis.Redis, message_id: str, body: str | bytes | dict[str, Any], dedupe_ttl: int
 ) -> bool:
     """Keep an event once per message id (one round trip); False if it was seen before."""
-    global _accept_script
     if isinstance(body, dict):
         body = json.dumps(body)
-    if _accept_script is None:
-        _accept_script = conn.register_script(_ACCEPT)
-    names = [keys.seen(message_id), keys.INBOX, DRAIN_MARK]
-    reply = int(_accept_script(names, [dedupe_ttl, message_id, body, DRAIN_MARK_MS], client=conn))
+    names = [keys.seen(message_id), keys.INBOX, DRAIN_MARK, keys.legacy_seen(message_id)]
+    reply = int(_run(conn, _ACCEPT, names, [dedupe_ttl, message_id, body, DRAIN_MARK_MS]))
     if reply == 1:  # no drain job pending: queue one (the mark is already set)
         enqueue_job(conn, DRAIN_JOB)
     return reply >= 0
+
+
+def remember_refused(conn: redis.Redis, message_id: str, dedupe_ttl: int) -> bool:
+    """Mark a delivery refused at the door (not kept); False if it was seen before."""
+    names = [keys.seen(message_id), keys.legacy_seen(message_id)]
+    return bool(_run(conn, _REFUSE, names, [dedupe_ttl]))
+
+
+def _run(conn: redis.Redis, source: str, names: list[str], args: list[Any]) -> Any:
+    """Run one of this module's scripts (registered on first use)."""
+    script = _scripts.get(source)
+    if script is None:
+        script = _scripts[source] = conn.register_script(source)
+    return script(names, args, client=conn)
 
 
 def wake(conn: redis.Redis) -> bool:
@@ -170,3 +189,16 @@ def _claim_all(conn: redis.Redis, holder: str, consumer: str) -> int:
 def depth(conn: redis.Redis) -> int:
     """Events accepted and not yet handled (waiting or being handled)."""
     return int(conn.xlen(keys.INBOX))
+
+
+def lag(conn: redis.Redis) -> float:
+    """Seconds since the oldest event not yet handled was added (0 when none waits), by
+    Redis's clock, which also stamped the entry: how far behind the workers are."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.xrange(keys.INBOX, count=1)
+        pipe.time()
+        oldest, (seconds, micros) = pipe.execute()
+    if not oldest:
+        return 0.0
+    added_ms = int(text(oldest[0][0]).split("-", 1)[0])  # a stream id is <ms>-<sequence>
+    return max(0.0, seconds + micros / 1e6 - added_ms / 1000)

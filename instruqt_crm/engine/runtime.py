@@ -17,6 +17,7 @@ from instruqt_crm.config import Settings
 from instruqt_crm.crm.adapters import build_adapter
 from instruqt_crm.crm.base import CrmAdapter
 from instruqt_crm.instruqt_api import InstruqtClient
+from instruqt_crm.journal import trail
 from instruqt_crm.mapping import Mapping, load_mapping
 
 from .identity import LearnerLookup
@@ -59,14 +60,17 @@ _installed: Runtime | None = None
 
 
 def install(runtime: Runtime | None) -> None:
-    """Hand ``runtime`` to every job this process runs (None: build it on first use)."""
+    """Hand ``runtime`` to every job this process runs (None: build it on first use), and
+    bound the learners' trails its jobs write by its settings."""
     global _installed
     _installed = runtime
+    trail.configure(None if runtime is None else trail.Limits.from_settings(runtime.settings))
 
 
 def current() -> Runtime:
-    """The installed runtime; built from the environment if none was installed."""
-    global _installed
-    if _installed is None:
-        _installed = Runtime.from_settings(Settings.from_env())
-    return _installed
+    """The installed runtime; built from the environment (and installed) if none was."""
+    runtime = _installed
+    if runtime is None:
+        runtime = Runtime.from_settings(Settings.from_env())
+        install(runtime)
+    return runtime

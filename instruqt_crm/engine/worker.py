@@ -21,12 +21,13 @@ from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 from instruqt_crm.config import Settings, SettingsError
 from instruqt_crm.crm.base import missing_properties
 from instruqt_crm.crm.hubspot_setup import upsert_key_problem
-from instruqt_crm.errors import SyncError
+from instruqt_crm.errors import NotReady, SyncError
 from instruqt_crm.keys import text
-from instruqt_crm.logs import configure
+from instruqt_crm.logs import configure, rq_level
 from instruqt_crm.mapping import MappingError
 
-from . import identity, inbox, ledger, plays
+from . import identity, inbox, ledger, mapping_record, memory, plays
+from .dequeue import AppQueue, TakesThroughIntermediateLists
 from .flush import schedule_flush, wake_stalled
 from .queueing import (
     ALLOWED_JOBS,
@@ -123,11 +124,15 @@ class AppJob(Job):
 
 
 def worker_queues(conn: redis.Redis) -> list[Queue]:
-    """The app's queues as a worker reads them: JSON, and jobs read as ``AppJob``."""
+    """The app's queues as a worker reads them (the jobs queue first): JSON, jobs read as
+    ``AppJob``, taken through their intermediate lists (``dequeue``)."""
     return [
-        Queue(name, connection=conn, serializer=JSONSerializer, job_class=AppJob)
+        AppQueue(name, connection=conn, serializer=JSONSerializer, job_class=AppJob)
         for name in QUEUE_NAMES
     ]
+
+
+MEMORY_WATCH = memory.MemoryWatch()  # this worker's reading of how full Redis is
 
 
 class _Maintained:
@@ -148,13 +153,14 @@ class _Maintained:
             wake_stalled(conn, current().settings.flush_window_seconds)  # a flush lost
         except redis.RedisError as exc:  # the worker loop reconnects; try again next time
             log.warning("inbox and flush checks skipped: %s", exc)
+        MEMORY_WATCH.check(conn)  # logs when Redis is 70 % full or more
 
 
-class AppWorker(_Maintained, HerokuWorker):
+class AppWorker(_Maintained, TakesThroughIntermediateLists, HerokuWorker):
     """The production worker: a fork per job, Heroku-style shutdown, inbox safety net."""
 
 
-class SimpleAppWorker(_Maintained, SimpleWorker):
+class SimpleAppWorker(_Maintained, TakesThroughIntermediateLists, SimpleWorker):
     """The same in-process (tests, comparisons)."""
 
 
@@ -167,6 +173,7 @@ def build_worker(conn: redis.Redis, simple: bool = False, name: str | None = Non
         connection=conn,
         serializer=JSONSerializer,
         job_class=AppJob,
+        queue_class=AppQueue,
         name=name,
         maintenance_interval=15,  # safety nets and killed workers' jobs found sooner
         worker_ttl=30,  # idle workers wake every ~15 s, so maintenance runs when idle too
@@ -266,11 +273,17 @@ def _alive(pid: int) -> bool:
 
 
 def preflight(runtime: Runtime, conn: redis.Redis) -> None:
-    """Refuse to start when the CRM lacks mapped properties (or cannot upsert on the mapping's
-    key); resume pending work otherwise."""
+    """Refuse to start when Redis's eviction policy could drop queued events or state, or the
+    CRM lacks mapped properties (or cannot upsert on the mapping's key); resume pending work
+    otherwise."""
+    refusal = memory.read(conn).refusal()
+    if refusal:
+        raise StartupError(refusal)
     mapping = runtime.mapping
     try:
         known = runtime.adapter(conn).describe()  # one call
+    except NotReady as exc:  # the account's own check: its reason names each problem and fix
+        raise StartupError(exc.reason) from exc
     except SyncError as exc:
         raise StartupError(f"cannot read the CRM's fields: {exc.reason}") from exc
     missing = missing_properties(known, mapping.properties)
@@ -312,8 +325,12 @@ def run_worker(burst: bool = False, simple: bool = False) -> int:
         log.error("worker not started: %s", exc)
         return 1
     worker = build_worker(conn, simple)
+    mapping = runtime.mapping
+    log.info("worker %s runs mapping %s (%s)", worker.name, mapping.source, mapping.digest)
+    mapping_record.record_running(conn, worker.name, mapping, lambda n: worker_gone(conn, n))
     log.info("worker %s listening on %s", worker.name, ", ".join(worker.queue_names()))
-    worker.work(burst=burst, with_scheduler=True, logging_level=runtime.settings.log_level)
+    rq_logs = rq_level(runtime.settings.log_level)  # RQ's housekeeping only from WARNING
+    worker.work(burst=burst, with_scheduler=True, logging_level=rq_logs)
     return 0
 
 

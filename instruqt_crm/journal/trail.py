@@ -1,22 +1,76 @@
 """A per-learner activity trail: each event, what the mapping made of it, what was sent, the answer.
 
-Kept in Redis as a capped list per learner (newest first), under the learner's email, plus
-an index from Instruqt user id to email, so operators can look a learner up by either.
+Kept in Redis as a list per learner (newest first), under the learner's email, plus an index
+from Instruqt user id to email, so operators can look a learner up by either. Bounded three
+ways (``Limits``: ``TRACE_MAX_ENTRIES``, ``TRACE_MAX_BYTES``, ``TRACE_RETENTION_DAYS``): a
+push drops the oldest entries past either cap (the newest entry is always kept), and a
+learner's trail and index expire once nothing was added for the retention. Entries are
+stored compact (``trail_format``) and read back with their full names.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 from instruqt_crm import keys
+from instruqt_crm.config import Settings
 
-MAX_ENTRIES = 200
-TTL_SECONDS = 30 * 86400
+from . import trail_format
+
+# KEYS: trail. ARGV: entry, max entries, max bytes, ttl s. Trims to the newest entries that
+# fit both caps (always the newest one), then renews the retention.
+_PUSH = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local kept, total, cap = 0, 0, tonumber(ARGV[3])
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  total = total + #item
+  if kept > 0 and total > cap then break end
+  kept = kept + 1
+end
+redis.call('LTRIM', KEYS[1], 0, kept - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+"""
+_push: Script | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of a learner's trail is kept: entries, stored bytes, seconds since the last."""
+
+    entries: int
+    bytes: int
+    seconds: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits the settings give (``TRACE_*``)."""
+        seconds = max(1, round(settings.trace_retention_days * 86400))
+        return cls(settings.trace_max_entries, settings.trace_max_bytes, seconds)
+
+
+_limits: Limits | None = None
+
+
+def configure(limits: Limits | None) -> None:
+    """Bound the trails this process writes (None: the settings' defaults)."""
+    global _limits
+    _limits = limits
+
+
+def limits() -> Limits:
+    """The limits in force."""
+    global _limits
+    if _limits is None:
+        _limits = Limits.from_settings(Settings.from_env({}))
+    return _limits
 
 
 def note(
@@ -26,27 +80,20 @@ def note(
     user_id: str | None = None,
     **details: Any,
 ) -> None:
-    """Append one entry (kind: event | sent | rejected | retry | failed) to a learner's trail.
+    """Append one entry (kind: event | sent | rejected | retry | failed | skipped | identity)
+    to a learner's trail.
 
     Given a pipeline, the commands join it (sent with it); given a connection, they are sent.
     """
-    entry = json.dumps({"at": time.time(), "kind": kind, **details}, sort_keys=True, default=str)
+    global _push
+    bounds = limits()
+    entry = trail_format.encode({"at": time.time(), "kind": kind, **details})
     pipe = conn if isinstance(conn, Pipeline) else conn.pipeline()
-    pipe.lpush(keys.trail(email), entry)
-    pipe.ltrim(keys.trail(email), 0, MAX_ENTRIES - 1)
-    pipe.expire(keys.trail(email), TTL_SECONDS)
-    if user_id:
-        pipe.set(keys.trail_user(user_id), email.lower(), ex=TTL_SECONDS)
+    if _push is None:
+        _push = pipe.register_script(_PUSH)
+    _push([keys.trail(email)], [entry, bounds.entries, bounds.bytes, bounds.seconds], client=pipe)
     if pipe is not conn:
         pipe.execute()
-
-
-def resolve(conn: redis.Redis, who: str) -> str | None:
-    """The email for an email or an Instruqt user id (None if never seen)."""
-    if "@" in who:
-        return who.strip().lower()
-    found = conn.get(keys.trail_user(who.strip()))
-    return keys.text(found) if found is not None else None
 
 
 def when(epoch: float | None) -> str:
@@ -73,10 +120,15 @@ def describe(entry: dict[str, Any]) -> str:
     return head + detail
 
 
-def entries(conn: redis.Redis, who: str, limit: int = MAX_ENTRIES) -> list[dict[str, Any]]:
-    """A learner's trail, oldest first."""
-    email = resolve(conn, who)
-    if email is None:
-        return []
-    raw = conn.lrange(keys.trail(email), 0, limit - 1)
-    return [json.loads(item) for item in reversed(raw)]
+def entries(conn: redis.Redis, email: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """A learner's trail, oldest first (the newest ``limit`` entries; all when None)."""
+    raw = conn.lrange(keys.trail(email), 0, -1 if limit is None else limit - 1)
+    return [_read(item) for item in reversed(raw)]
+
+
+def _read(raw: bytes | str) -> dict[str, Any]:
+    """One stored entry; one that cannot be read says so in its place."""
+    try:
+        return trail_format.decode(raw.encode() if isinstance(raw, str) else raw)
+    except ValueError as exc:
+        return {"kind": "unreadable", "reason": str(exc)}

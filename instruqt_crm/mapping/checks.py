@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from instruqt_crm.events import KNOWN_TYPES
 
 from .errors import short_repr, suggest
+from .fields import carried, documented_types, fields_read, missing_field
 from .values import coerce
 from .yamlsource import Path
 
@@ -258,6 +259,40 @@ def mapping_problems(m: Mapping) -> list[Problem]:
         *_rule_problems(m),
         *_plays_problems(m),
         *_skip_problems(m),
+        *_field_problems(m),
+    ]
+
+
+def _field_problems(m: Mapping) -> list[Problem]:
+    """Templates read only event fields that events of their rules' documented types carry
+    (rules matching no documented type are not checked); skip conditions, those of any
+    mapped type."""
+    problems = []
+    for pattern, rule in m.events.items():
+        types = [t for t in documented_types(pattern) if m.ignored_by(t) is None]
+        if not types:
+            continue
+        where: list[tuple[Path, str]] = [(("events", pattern, "when"), rule.when or "")]
+        for name, prop in rule.properties.items():
+            where.append((("events", pattern, "properties", name), prop.value))
+        problems += _unread(where, repr(pattern), carried(types, m.extra_event_fields))
+    mapped = [t for t in KNOWN_TYPES if m.classify(t) == "mapped"]
+    if mapped:
+        where = [(("skip", name), condition) for name, condition in m.skip.items()]
+        problems += _unread(where, "mapped", carried(mapped, m.extra_event_fields))
+    for index, field in enumerate(m.extra_event_fields):
+        if not field.strip():
+            problems.append(Problem(("extra_event_fields", index), "empty field name"))
+    return problems
+
+
+def _unread(templates: list[tuple[Path, str]], label: str, fields: frozenset[str]) -> list[Problem]:
+    """A problem for each event field a template reads that none of ``fields`` is."""
+    return [
+        Problem(path, missing_field(field, label, fields))
+        for path, source in templates
+        for field in fields_read(source)
+        if field not in fields
     ]
 
 
@@ -278,7 +313,8 @@ def _skip_problems(m: Mapping) -> list[Problem]:
 
 
 def mapping_warnings(m: Mapping) -> list[Problem]:
-    """Valid but suspicious: exact event types Instruqt does not document (typos?)."""
+    """Valid but suspicious: exact event types Instruqt does not document (typos?), declared
+    properties no rule writes."""
     places: list[tuple[Path, str]] = [(("events", p), p) for p in m.events]
     places += [(("ignore", index), p) for index, p in enumerate(m.ignore)]
     places += _play_patterns(m)
@@ -288,4 +324,9 @@ def mapping_warnings(m: Mapping) -> list[Problem]:
             hint = suggest(pattern, KNOWN_TYPES)
             message = f"{pattern!r} is not a documented Instruqt event type{hint}"
             warnings.append(Problem(path, message))
+    written = {name for rule in m.events.values() for name in rule.properties}
+    for name in m.properties:
+        if name not in written:
+            message = "no rule under events writes it: it is never sent (a rule could, or drop it)"
+            warnings.append(Problem(("properties", name), message))
     return warnings

@@ -140,3 +140,33 @@ def cell_value(policy: str, cell: Cell | None, value_type: str) -> Value | None:
     if policy == "count":
         return fit(len(normal["s"]), value_type)
     return fit(normal["v"], value_type)
+
+
+_RESTARTED = {  # what a property's value becomes, once stored values were dropped
+    "latest": "the value of the newest event merged after the change",
+    "first": "the value of the oldest event merged after the change",
+    "min": "the smallest value merged after the change",
+    "max": "the largest value merged after the change",
+    "union": "the list of the values merged after the change only",
+    "count": "the count of the values merged after the change only",
+}
+
+
+def change_effect(before: tuple[str, str], after: tuple[str, str]) -> str | None:
+    """What happens to a property's stored values when its (merge policy, type) changes from
+    ``before`` to ``after``, in a sentence; None when nothing happens to them."""
+    (old_policy, old_type), (new_policy, new_type) = before, after
+    if canonical_policy(old_policy) != canonical_policy(new_policy):
+        return (
+            f"its merge changes from {old_policy!r} to {new_policy!r}: values stored under "
+            f"{old_policy!r} are dropped, not converted. Each contact keeps its CRM value "
+            f"until an event writes the property again; that sends "
+            f"{_RESTARTED[canonical_policy(new_policy)]} (earlier events no longer count)"
+        )
+    if old_type != new_type:
+        return (
+            f"its type changes from {old_type} to {new_type}: stored values are read as "
+            f"{new_type} and sent with each contact's next change; a value that is not a "
+            f"{new_type} is not sent (the CRM keeps what it has until an event writes one)"
+        )
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from datetime import date, datetime
 from fnmatch import fnmatchcase
@@ -235,6 +237,12 @@ class Mapping(_Model):
         description="name -> condition: a mapped event for which the condition renders "
         "true-ish is skipped, counted as skipped under the name",
     )
+    extra_event_fields: Annotated[list[str], _empty_as(list)] = Field(
+        default_factory=list,
+        description="Top-level fields your events carry beyond those Instruqt documents for "
+        "their types: templates may read them (check refuses a template reading a field no "
+        "event of its rule's types carries).",
+    )
     hubspot: HubSpotOptions | None = None
     salesforce: SalesforceOptions | None = None
 
@@ -267,6 +275,13 @@ class Mapping(_Model):
     def source(self) -> str:
         """Where the mapping was loaded from."""
         return self._source
+
+    @property
+    def digest(self) -> str:
+        """A short hash of what the mapping does (its validated content, not its comments or
+        layout): two files with the same digest sync the same way."""
+        content = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(content.encode()).hexdigest()[:12]
 
     @property
     def warnings(self) -> list[str]:

@@ -24,7 +24,8 @@ def example_event(
     """Build one event body shaped like Instruqt's: the fields its webhooks carry (as a
     public Go client of Instruqt's API reads them), RFC 3339 times with 8 fractional digits,
     custom parameters as ``custom_parameters``; challenge events without ``track_slug``, as
-    Instruqt's documented example."""
+    Instruqt's documented example. ``email`` goes into the custom parameters of every type
+    (that client reads ``custom_parameters`` on every event), reviews included."""
     moment = at or datetime.now(UTC)
     params = {"email": email} if email else {}
     body: dict[str, Any] = {
@@ -33,6 +34,8 @@ def example_event(
         "user_id": user_id,
         "timestamp": _stamp(moment),
     }
+    if params:
+        body["custom_parameters"] = params
     if event_type.startswith(("track.", "sandbox.")):
         body.update(
             track_id="rzwlxtp92ted",

@@ -10,17 +10,18 @@ from rq import Worker
 
 from instruqt_crm import keys
 from instruqt_crm.config import Settings
-from instruqt_crm.crm.adapters import adapter_name, build_adapter
-from instruqt_crm.crm.base import request_budget
-from instruqt_crm.engine import identity, inbox, ledger, plays
+from instruqt_crm.crm import hubspot_daily
+from instruqt_crm.crm.adapters import adapter_name, request_budget_for
+from instruqt_crm.engine import flush, identity, inbox, ledger, mapping_record, memory, plays
 from instruqt_crm.engine.queueing import QUEUE_NAME, queue
 from instruqt_crm.engine.runtime import Runtime
 from instruqt_crm.journal import counters, failures
+from instruqt_crm.journal.failures import FAILED_QUEUE
 from instruqt_crm.journal.trail import when
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import Mapping, MappingError, load_mapping
 
-QUEUES = {"jobs": QUEUE_NAME}  # events and flushes share one queue
+QUEUES = {"jobs": QUEUE_NAME, "failed": FAILED_QUEUE}  # events and flushes share one queue
 MAX_PARKED_SCAN = 1000
 
 
@@ -46,8 +47,7 @@ def parked_event_count(conn: redis.Redis, limit: int = MAX_PARKED_SCAN) -> int:
 
 def last_flush(conn: redis.Redis, now: float) -> dict[str, float | None]:
     """When a flush last wrote something to the CRM, and how long ago."""
-    raw = conn.get(keys.LAST_FLUSH)
-    at = float(text(raw)) if raw is not None else None
+    at = flush.last_success(conn)
     return {"at": at, "age_seconds": None if at is None else max(0.0, now - at)}
 
 
@@ -67,14 +67,18 @@ def crm_figures(conn: redis.Redis, settings: Settings, mapping: Mapping | None) 
         return {"crm": None, "adapter": "dry-run"}
     name = adapter_name(settings, mapping)
     figures: dict[str, Any] = {"crm": mapping.crm, "adapter": name}
-    budget = request_budget(build_adapter(settings, mapping, conn)) if name != "dry-run" else None
+    budget = request_budget_for(settings, mapping, conn)
     if budget is not None:
+        pause = budget.pause()
         figures["budget"] = {
             "remaining": budget.remaining(),
             "limit": budget.limit,
             "window_seconds": budget.window,
-            "paused_until": budget.paused_until(),
+            "paused_until": pause[0] if pause else None,
+            "pause_reason": pause[1] if pause else None,
+            "pause_policy": pause[2] if pause else None,
         }
+        figures["daily"] = hubspot_daily.reading(conn, budget.name) if name == "hubspot" else None
     return figures
 
 
@@ -88,9 +92,12 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
             "path": str(mapping.source if mapping is not None else settings.mapping_path),
             "crm": mapping.crm if mapping is not None else None,
             "error": mapping_error,
+            "digest": mapping.digest if mapping is not None else None,
+            "running": running_mappings(conn),
         },
         "workers": Worker.count(connection=conn),
-        "inbox": {"events": inbox.depth(conn)},
+        "redis": memory.read(conn).figures(),
+        "inbox": {"events": inbox.depth(conn), "lag_seconds": inbox.lag(conn)},
         "queues": queue_figures(conn),
         "contacts": {"dirty": ledger.dirty_count(conn)},
         "plays": {"dirty": plays.dirty_count(conn)},
@@ -105,6 +112,41 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
     }
 
 
+def running_mappings(conn: redis.Redis) -> dict[str, list[str]]:
+    """The mappings the live workers run (the digest each recorded at start): digest -> workers."""
+    live = [worker.name for worker in Worker.all(connection=conn)]
+    found: dict[str, list[str]] = {}
+    for name, entry in sorted(mapping_record.running(conn, live).items()):
+        found.setdefault(str(entry.get("digest")), []).append(name)
+    return found
+
+
+def mapping_lines(mapping: dict[str, Any]) -> list[str]:
+    """The mapping file, and whether the workers run it (or another: they need a restart)."""
+    crm_name = mapping["crm"] or f"not loadable: {mapping['error']}"
+    digest = f", {mapping['digest']}" if mapping["digest"] else ""
+    lines = [f"Mapping       {mapping['path']} ({crm_name}{digest})"]
+    running = mapping["running"]
+    if not running:
+        return [*lines, "Workers run   no mapping recorded (no worker started yet)"]
+    for each, workers in sorted(running.items()):
+        same = "the file's" if each == mapping["digest"] else "NOT the file's: restart them"
+        lines.append(f"Workers run   {each} ({same}) on {len(workers)} worker(s)")
+    return lines
+
+
+def redis_lines(found: dict[str, Any]) -> list[str]:
+    """How full Redis is and its eviction policy; the warning or refusal they call for."""
+    notes = [found["refusal"], found["warning"]]
+    return [f"Redis         {found['summary']}"] + [f"  WARNING: {n}" for n in notes if n]
+
+
+def inbox_line(found: dict[str, Any]) -> str:
+    """How many events wait in the inbox, and for how long the oldest has."""
+    line = f"Inbox         {found['events']} event(s) accepted, not yet handled"
+    return line + (f" (oldest {found['lag_seconds']:.0f} s)" if found["events"] else "")
+
+
 def pairs(counts: dict[str, int]) -> str:
     """``a 1, b 2`` sorted by name, or ``none``."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
@@ -115,14 +157,19 @@ def render(figures: dict[str, Any]) -> list[str]:
     q, crm = figures["queues"], figures["crm"]
     flushed = figures["last_flush"]
     age = flushed["age_seconds"]
-    mapping = figures["mapping"]
-    crm_name = mapping["crm"] or f"not loadable: {mapping['error']}"
     lines = [
-        f"Mapping       {mapping['path']} ({crm_name})",
+        *mapping_lines(figures["mapping"]),
         f"Workers       {figures['workers']}",
-        f"Inbox         {figures['inbox']['events']} event(s) accepted, not yet handled",
+        *redis_lines(figures["redis"]),
+        inbox_line(figures["inbox"]),
     ]
     for name, jobs in q.items():
+        if name == "failed":  # its failed registry is the list of failures
+            lines.append(
+                f"Queue {name:<7} {jobs['failed']} failure(s) listed, {jobs['queued']} "
+                f"requeued waiting for a worker ({FAILED_QUEUE} on the dashboard)"
+            )
+            continue
         lines.append(
             f"Queue {name:<7} {jobs['queued']} queued, {jobs['scheduled']} scheduled, "
             f"{jobs['started']} running, {jobs['failed']} in RQ's failed registry"
@@ -147,6 +194,21 @@ def render(figures: dict[str, Any]) -> list[str]:
             f"per {budget['window_seconds']:g} s"
         )
         if budget["paused_until"]:
-            line += f" (paused until {when(budget['paused_until'])})"
+            line += f" (paused until {when(budget['paused_until'])}: {budget['pause_reason']})"
     lines.append(line)
+    if crm.get("daily"):
+        lines.append(daily_line(crm["daily"], figures["at"]))
     return lines
+
+
+def daily_line(daily: dict[str, Any], now: float) -> str:
+    """The CRM account's daily request use, its reset and the warning, in one line."""
+    line = (
+        f"Daily limit   {daily['used']} of {daily['limit']} requests used "
+        f"({100 * daily['share']:.0f} %, read {when(daily['read_at'])})"
+    )
+    if daily["resets_at"] is not None:
+        line += f"; resets at {when(hubspot_daily.ahead(daily['resets_at'], now))}"
+    if daily["warning"]:
+        line += f"; WARNING: past {daily['warn_percent']:g} %"
+    return line

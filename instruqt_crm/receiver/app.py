@@ -9,9 +9,9 @@ from typing import Any
 import redis
 from flask import Flask, Response, current_app, jsonify, request
 
-from instruqt_crm import keys
 from instruqt_crm.config import Settings
-from instruqt_crm.engine.inbox import enqueue_event
+from instruqt_crm.engine.inbox import enqueue_event, remember_refused
+from instruqt_crm.engine.memory import MemoryWatch, out_of_memory
 from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.errors import Category
 from instruqt_crm.events import EventError, decode_body
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
         # Per-request counts, written together about once a second (under gunicorn by a
         # background thread too): a HINCRBY per request cost as much as keeping the event.
         "tally": counters.Tally(conn, background=served_by_gunicorn()),
+        "memory": MemoryWatch(),  # reads INFO memory at most once a minute, on webhooks
     }
     app.add_url_rule("/webhooks/instruqt", view_func=receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
@@ -133,11 +134,17 @@ def receive_webhook() -> tuple[Response, int]:
         log.info("webhook rejected: %s", exc.reason)
         return reply(401, status="rejected", reason=exc.reason, outcome="bad_signature")
     conn = redis_of(current_app)
+    current_app.extensions["instruqt_crm"]["memory"].check(conn)  # warns as Redis fills up
     try:
         return _accept(conn, message_id, body, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.error("event %s not queued, Redis unreachable: %s", message_id, unreachable(exc))
         return reply(503, status="unavailable", reason="queue unavailable, retry later")
+    except redis.ResponseError as exc:
+        if not out_of_memory(exc):
+            raise
+        log.error("event %s not queued, Redis is full (maxmemory): %s", message_id, exc)
+        return reply(503, status="unavailable", reason="queue full, retry later")
 
 
 def _accept(
@@ -149,7 +156,7 @@ def _accept(
         event_type = decode_body(body)["type"]
     except EventError as exc:
         reason = str(exc)
-        if conn.set(keys.seen(message_id), "invalid", nx=True, ex=settings.dedupe_ttl_seconds):
+        if remember_refused(conn, message_id, settings.dedupe_ttl_seconds):
             failure = failures.record(
                 conn, failures.Kind.BODY, Category.INVALID_BODY, reason, message_id, body
             )

@@ -2,7 +2,9 @@
 
 No dashboard credentials configured → /rq and /status are not mounted (never open by default).
 Requests that change something there (any method but GET and HEAD) must come from the
-pages themselves (same Origin, or Referer). The dashboard itself: ``dashboard``.
+pages themselves (same Origin, or Referer). /metrics is open unless METRICS_TOKEN is set,
+then it needs that bearer token. The dashboard itself: ``dashboard``; the status page and
+the front page: ``status_page``.
 """
 
 from __future__ import annotations
@@ -11,20 +13,13 @@ import hmac
 from urllib.parse import urlsplit
 
 import redis
-from flask import (
-    Flask,
-    Response,
-    current_app,
-    jsonify,
-    render_template_string,
-    request,
-    url_for,
-)
+from flask import Flask, Response, current_app, jsonify, request
+from pydantic import SecretStr
 
 from instruqt_crm.config import Settings
-from instruqt_crm.journal import trail
-from instruqt_crm.ops import metrics, status
+from instruqt_crm.ops import metrics
 
+from . import status_page
 from .dashboard import mount_dashboard
 
 PROTECTED_PREFIXES = ("/rq", "/status")
@@ -110,51 +105,39 @@ def require_same_origin() -> Response | None:
     return response
 
 
-STATUS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>instruqt-crm status</title>
-{% if not who %}<meta http-equiv="refresh" content="30">{% endif %}
-<style>body{font:14px/1.4 system-ui,sans-serif;margin:2rem;max-width:70rem}
-pre{background:#f6f8fa;padding:1rem;overflow-x:auto}input{font:inherit;width:24rem}</style>
-</head><body>
-<h1>instruqt-crm</h1>
-<p><a href="{{ dashboard }}">RQ dashboard</a> · <a href="/metrics">metrics</a></p>
-<pre>{% for line in lines %}{{ line }}
-{% endfor %}</pre>
-<h2>Trace a learner</h2>
-<form method="post"><input name="who" value="{{ who }}" placeholder="email or Instruqt user id">
-<button>Trace</button></form>
-{% if who %}<h3>{{ who }}</h3>
-{% if trail %}<pre>{% for line in trail %}{{ line }}
-{% endfor %}</pre>{% else %}<p>Nothing known about this learner.</p>{% endif %}{% endif %}
-</body></html>
-"""
-
-
-def status_view() -> str:
-    """The status figures; with a POSTed ``who``, that learner's trail too (searched by
-    POST so that emails stay out of URLs and access logs; a ``who`` in the URL is ignored)."""
-    settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
-    conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
-    who = (request.form.get("who") or "").strip()[:200] if request.method == "POST" else ""
-    found = [trail.describe(entry) for entry in trail.entries(conn, who)] if who else []
-    lines = status.render(status.collect(conn, settings))
-    return render_template_string(
-        STATUS_PAGE,
-        lines=lines,
-        who=who,
-        trail=found,
-        dashboard=url_for("rq_dashboard.queues_overview"),
-    )
+def bearer_refusal(token: SecretStr | None) -> Response | None:
+    """With ``token`` set, a 401 unless the request carries it as its bearer token (compared
+    in constant time); None when it may pass."""
+    if token is None:
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        reason, challenge = "bearer token required (METRICS_TOKEN is set)", ""
+    elif hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return None
+    else:
+        reason, challenge = "wrong bearer token", ', error="invalid_token"'
+    response = jsonify(status="unauthorized", reason=reason)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = f'Bearer realm="instruqt-crm metrics"{challenge}'
+    return response
 
 
 def metrics_view() -> Response:
-    """Prometheus text format."""
+    """Prometheus text format; with METRICS_TOKEN set, for its bearer only."""
+    settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
+    refused = bearer_refusal(settings.metrics_token)
+    if refused is not None:
+        return refused
     conn: redis.Redis = current_app.extensions["instruqt_crm"]["redis"]
-    return Response(metrics.render(conn), mimetype="text/plain; version=0.0.4; charset=utf-8")
+    return Response(
+        metrics.render(conn, settings), mimetype="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 def init_app(app: Flask) -> None:
-    """Add /metrics, and the login-protected dashboard when credentials are configured."""
+    """Add / and /metrics, and the login-protected dashboard and status page when
+    credentials are configured."""
     settings: Settings = app.extensions["instruqt_crm"]["settings"]
     conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
     app.add_url_rule("/metrics", view_func=metrics_view)
@@ -162,4 +145,4 @@ def init_app(app: Flask) -> None:
     app.before_request(require_same_origin)  # after the login check: 401 before 403
     if settings.dashboard_username is not None:
         mount_dashboard(app, conn)
-        app.add_url_rule("/status", view_func=status_view, methods=["GET", "POST"])
+    status_page.init_app(app, with_status=settings.dashboard_username is not None)

@@ -18,13 +18,22 @@ What it enforces, in this order, on every API request (as HubSpot's CRM API docs
 1. Bearer token: missing/unknown -> 401 INVALID_AUTHENTICATION (not rate counted).
 2. Injected faults (`inject_errors`, `set_error_rate`): 5xx / 423 / anything, HubSpot-style
    JSON (or a raw text body if given). They count as requests in the window.
-3. Daily limit (if set) -> 429 policyName DAILY; rolling window per token: more than
+3. Daily limit -> 429 policyName DAILY; rolling window per token: more than
    `requests_per_window` in the last `window_seconds` -> 429 TEN_SECONDLY_ROLLING.
 4. Scopes -> 403 MISSING_SCOPES with errors[].context.requiredGranularScopes.
 5. The endpoint itself: validation (400), conflicts (409), not found (404).
 Every authenticated answer carries X-HubSpot-RateLimit-Max / -Remaining /
--Interval-Milliseconds (and -Daily / -Daily-Remaining when a daily limit is set).
+-Interval-Milliseconds; -Daily / -Daily-Remaining only with `daily_headers=True` (HubSpot
+documents them for the retired API keys and says OAuth calls carry none).
 Latency (`set_latency`) is added to every API answer, after it has been computed.
+
+The daily limit (`daily_limit`; None: the API add-on's 1,000,000) counts every admitted
+request of the account, whatever its token, and resets at midnight in the account's time
+zone (`time_zone`, US Eastern by default), not UTC's. `GET
+/account-info/v3/api-usage/daily/private-apps` reports the same counter and that midnight as
+`resetsAt` (HubSpot's shape: `{"results": [{name, usageLimit, currentUsage, collectedAt,
+fetchStatus, resetsAt}]}`); it still answers once the limit is spent (HubSpot does not say
+whether it does; the adapter falls back when it does not, and `inject_errors` makes it fail).
 
 Design choice -- rejected requests and the window: HubSpot documents the limits as a
 number of requests allowed per rolling 10 s (and per day), with X-HubSpot-RateLimit-Remaining
@@ -50,6 +59,9 @@ Other choices (details HubSpot's docs leave open, chosen to be strict):
   `YYYY-MM-DDTHH:MM:SS.mmmZ`. date values must be midnight UTC; stored `YYYY-MM-DD`.
 - An `email` in properties that differs from the email id is rejected (400).
 - Only the contacts object type is served (`contacts`, `contact`, `0-1`).
+- Batch upsert answers as `hubspot_contacts` describes: results in no particular order,
+  207 errors naming inputs by `objectWriteTraceId` only; `errors_without_ids` and
+  `lose_inputs` make the rare answers (an error naming nothing, an input in neither list).
 """
 
 from __future__ import annotations
@@ -66,11 +78,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+from zoneinfo import ZoneInfo
 
 from tests.fakes.hubspot_contacts import ContactStore
 from tests.fakes.hubspot_limits import RequestRecord, RollingWindow, summarize
@@ -78,6 +91,7 @@ from tests.fakes.hubspot_model import (
     ApiError,
     correlation_id,
     error_body,
+    iso_ms,
     new_group,
     new_property,
     now_iso,
@@ -96,6 +110,8 @@ DEFAULT_SCOPES = (
     "crm.schemas.contacts.read",
 )
 CONTACT_TYPES = ("contacts", "contact", "0-1")
+USAGE_PATH = "/account-info/v3/api-usage/daily/private-apps"
+ADD_ON_DAILY_LIMIT = 1_000_000  # the API add-on's daily limit: the default when none is set
 PORTAL_ID = "1234567"
 APP_ID = "7654321"
 Response = tuple[int, Any, dict[str, str]]
@@ -133,6 +149,7 @@ ROUTES = (
     _route("POST", "/crm/v3/objects/{ot}/batch/read", f"{_OBJ}.read", "_batch_read"),
     _route("GET", "/crm/v3/objects/{ot}", f"{_OBJ}.read", "_list_contacts"),
     _route("GET", "/crm/v3/objects/{ot}/{id}", f"{_OBJ}.read", "_get_contact"),
+    _route("GET", USAGE_PATH, "", "_daily_usage"),  # HubSpot names no scope for it
 )
 
 
@@ -151,8 +168,12 @@ class FakeHubSpot:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], None] = time.sleep,
+        time_zone: str = "America/New_York",
+        daily_headers: bool = False,
     ) -> None:
         self.token = token
+        self.zone = ZoneInfo(time_zone)  # the account's: its day ends at midnight there
+        self.daily_headers = daily_headers
         self.clock = clock  # monotonic seconds; tests may swap in a fake clock
         self.wall_clock = wall_clock  # UTC datetimes for contact stamps
         self.sleep = sleep  # adds the latency to each answer
@@ -215,8 +236,9 @@ class FakeHubSpot:
             self.requests_per_window, self.window_seconds = rate, window
             self.latency, self.daily_limit = latency, daily
             self._windows: dict[str, RollingWindow] = {}
-            self._daily_used: dict[str, int] = {}
-            self._faults: deque[tuple[int, Any]] = deque()
+            self._daily_used = 0  # the account's requests today
+            self._day_ends: datetime | None = None
+            self._faults: deque[tuple[int, Any] | None] = deque()  # None: answer as usual
             self._error_rate, self._error_status = 0.0, 500
             self._rng = random.Random()
 
@@ -225,10 +247,11 @@ class FakeHubSpot:
         with self._lock:
             self._tokens[token] = frozenset(scopes)
 
-    def inject_errors(self, status: int, count: int = 1, body: Any = None) -> None:
-        """The next `count` authenticated API requests answer `status` (body: dict, str or None)."""
+    def inject_errors(self, status: int, count: int = 1, body: Any = None, after: int = 0) -> None:
+        """The next `count` authenticated API requests (once `after` more were answered as
+        usual) answer `status` (body: dict, str or None)."""
         with self._lock:
-            self._faults.extend([(status, body)] * count)
+            self._faults.extend([None] * after + [(status, body)] * count)
 
     def set_error_rate(self, rate: float, status: int = 500, seed: int | None = None) -> None:
         """A random fraction `rate` of authenticated API requests answer `status`."""
@@ -249,9 +272,47 @@ class FakeHubSpot:
                 window.limit, window.seconds = requests_per_window, window_seconds
 
     def set_daily_limit(self, limit: int | None) -> None:
-        """Change (or remove) the daily limit; usage so far is kept."""
+        """Change the daily limit (None: the API add-on's); usage so far is kept."""
         with self._lock:
             self.daily_limit = limit
+
+    @property
+    def day_limit(self) -> int:
+        """The daily limit in force."""
+        return self.daily_limit if self.daily_limit is not None else ADD_ON_DAILY_LIMIT
+
+    def daily_resets_at(self) -> datetime:
+        """When the account's day ends (its next midnight in `time_zone`), in UTC."""
+        with self._lock:
+            return self._roll_day()
+
+    @property
+    def daily_used(self) -> int:
+        """The account's requests counted today."""
+        with self._lock:
+            self._roll_day()
+            return self._daily_used
+
+    @property
+    def echo_trace_ids(self) -> bool:
+        """Whether batch upsert results carry their input's `objectWriteTraceId`."""
+        return self.store.echo_trace_ids
+
+    @echo_trace_ids.setter
+    def echo_trace_ids(self, value: bool) -> None:
+        with self._lock:
+            self.store.echo_trace_ids = value
+
+    def errors_without_ids(self, count: int = 1) -> None:
+        """The next `count` errors of 207 answers name no input (`context: {}`)."""
+        with self._lock:
+            self.store.errors_without_ids = count
+
+    def lose_inputs(self, id_value: str, times: int = 1) -> None:
+        """The next `times` batch upserts leave the input with this id out of their answer
+        (in neither `results` nor `errors`) and do not write it."""
+        with self._lock:
+            self.store.lost[id_value] = times
 
     @property
     def contacts(self) -> dict[str, dict[str, str]]:
@@ -306,6 +367,7 @@ class FakeHubSpot:
                     len(inputs) if isinstance(inputs, list) else 0,
                     url.query,
                     policy,
+                    payload,
                 )
             )
             return (status, payload, headers), self.latency
@@ -324,12 +386,13 @@ class FakeHubSpot:
         window = self._windows.setdefault(
             token, RollingWindow(self.requests_per_window, self.window_seconds)
         )
+        self._roll_day()
         fault = self._take_fault()
         if fault is not None:
             self._count(token, window, now)
             status, payload = fault
             return status, payload, self._rate_headers(token, window, now), None
-        limited = self._limit_policy(token, window, now)
+        limited = self._limit_policy(window, now, path)
         if limited is not None:
             if self.count_429_in_window:
                 self._count(token, window, now)
@@ -345,15 +408,19 @@ class FakeHubSpot:
 
     def _take_fault(self) -> tuple[int, Any] | None:
         if self._faults:
-            status, body = self._faults.popleft()
+            fault = self._faults.popleft()
+            if fault is None:
+                return None
+            status, body = fault
         elif self._error_rate and self._rng.random() < self._error_rate:
             status, body = self._error_status, None
         else:
             return None
         return status, body if body is not None else _fault_body(status)
 
-    def _limit_policy(self, token: str, window: RollingWindow, now: float) -> str | None:
-        if self.daily_limit is not None and self._daily_used.get(token, 0) >= self.daily_limit:
+    def _limit_policy(self, window: RollingWindow, now: float, path: str) -> str | None:
+        spent = self._daily_used >= self.day_limit and path.rstrip("/") != USAGE_PATH
+        if spent:
             return "DAILY"
         if window.full(now):
             return "TEN_SECONDLY_ROLLING"
@@ -361,7 +428,18 @@ class FakeHubSpot:
 
     def _count(self, token: str, window: RollingWindow, now: float) -> None:
         window.hit(now)
-        self._daily_used[token] = self._daily_used.get(token, 0) + 1
+        self._daily_used += 1
+
+    def _roll_day(self) -> datetime:
+        """The end of the account's day (UTC); the daily count starts again once it passes."""
+        moment = self.wall_clock()
+        if self._day_ends is None or moment >= self._day_ends:
+            if self._day_ends is not None:
+                self._daily_used = 0
+            local = moment.astimezone(self.zone)
+            midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time())
+            self._day_ends = midnight.replace(tzinfo=self.zone).astimezone(UTC)
+        return self._day_ends
 
     def _rate_headers(self, token: str, window: RollingWindow, now: float) -> dict[str, str]:
         headers = {
@@ -369,10 +447,10 @@ class FakeHubSpot:
             "X-HubSpot-RateLimit-Remaining": str(window.remaining(now)),
             "X-HubSpot-RateLimit-Interval-Milliseconds": str(int(window.seconds * 1000)),
         }
-        if self.daily_limit is not None:
-            used = self._daily_used.get(token, 0)
-            headers["X-HubSpot-RateLimit-Daily"] = str(self.daily_limit)
-            headers["X-HubSpot-RateLimit-Daily-Remaining"] = str(max(0, self.daily_limit - used))
+        if self.daily_headers:
+            headers["X-HubSpot-RateLimit-Daily"] = str(self.day_limit)
+            left = max(0, self.day_limit - self._daily_used)
+            headers["X-HubSpot-RateLimit-Daily-Remaining"] = str(left)
         return headers
 
     def _route(self, token: str, method: str, path: str, query: str, body: Any) -> tuple[int, Any]:
@@ -385,9 +463,9 @@ class FakeHubSpot:
                 )
             raise ApiError(404, error_body(f"No API route for {method} {path}", "OBJECT_NOT_FOUND"))
         route, match = chosen
-        if route.scope not in self._tokens[token]:
+        if route.scope and route.scope not in self._tokens[token]:
             raise ApiError(403, _missing_scope_body(route.scope))
-        if match.group("ot") not in CONTACT_TYPES:
+        if "ot" in match.groupdict() and match.group("ot") not in CONTACT_TYPES:
             raise validation_error(f"Unable to infer object type from: {match.group('ot')}")
         if method == "POST" and body is _INVALID:
             raise validation_error("Invalid input JSON: the body is not valid JSON")
@@ -492,6 +570,19 @@ class FakeHubSpot:
     ) -> tuple[int, Any]:
         return self.store.batch_read(body)
 
+    def _daily_usage(
+        self, match: re.Match[str], query: dict[str, list[str]], body: Any
+    ) -> tuple[int, Any]:
+        usage = {
+            "name": "private-apps-api-calls-daily",
+            "usageLimit": self.day_limit,
+            "currentUsage": self._daily_used,
+            "collectedAt": iso_ms(self.wall_clock()),
+            "fetchStatus": "SUCCESS",
+            "resetsAt": self._roll_day().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return 200, {"results": [usage]}
+
     def _get_contact(
         self, match: re.Match[str], query: dict[str, list[str]], body: Any
     ) -> tuple[int, Any]:
@@ -554,7 +645,12 @@ class FakeHubSpot:
         if "rate" in body:
             self.set_error_rate(float(body["rate"]), int(body.get("status", 500)), body.get("seed"))
         else:
-            self.inject_errors(int(body["status"]), int(body.get("count", 1)), body.get("body"))
+            self.inject_errors(
+                int(body["status"]),
+                int(body.get("count", 1)),
+                body.get("body"),
+                int(body.get("after", 0)),
+            )
         return 200, {"ok": True}
 
 
@@ -687,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=10.0, help="window seconds")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per API answer")
     parser.add_argument("--daily", type=int, default=None, help="daily request limit")
+    parser.add_argument("--time-zone", default="America/New_York", help="the account's zone")
+    parser.add_argument("--daily-headers", action="store_true", help="send -Daily headers")
     parser.add_argument("--token", default="test-token")
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--error-status", type=int, default=500)
@@ -700,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         latency=args.latency,
         daily_limit=args.daily,
         count_429_in_window=args.count_429_in_window,
+        time_zone=args.time_zone,
+        daily_headers=args.daily_headers,
     )
     if args.error_rate:
         fake.set_error_rate(args.error_rate, args.error_status, args.seed)

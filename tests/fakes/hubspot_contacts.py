@@ -1,10 +1,18 @@
 """Contact records of the fake HubSpot: batch upsert, reads and paging with HubSpot's rules.
 
+A batch upsert's answer is HubSpot's: results in no particular order (each carrying its
+input's `objectWriteTraceId` when `echo_trace_ids`), and a 207's errors naming the failed
+inputs by their trace id (`context: {"objectWriteTraceId": [...]}`) or, for an input sent
+without one, by nothing (`context: {}`); never by the email. Two switches make the answers
+HubSpot gives rarely: `errors_without_ids` (the next n errors name no input) and `lost`
+(inputs left out of the answer, and unwritten, the next n times they are sent).
+
 Not thread-safe on its own: `FakeHubSpot` calls it under its lock.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +44,7 @@ class _Plan:
     record_id: str | None  # None: create
     changes: dict[str, str] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)
+    trace: str | None = None  # the input's objectWriteTraceId
 
 
 class _Conflict(Exception):
@@ -61,6 +70,10 @@ class ContactStore:
         self.records: dict[str, dict[str, str]] = {}
         self._by_email: dict[str, str] = {}
         self._next_id = 1001
+        self.echo_trace_ids = True  # results carry their input's objectWriteTraceId
+        self.errors_without_ids = 0  # the next n errors of a 207 name no input at all
+        self.lost: dict[str, int] = {}  # id value -> upserts that leave it out of the answer
+        self._order = random.Random(0)  # results come back in no particular order
 
     def now_iso(self) -> str:
         """The wall clock's time as HubSpot writes it."""
@@ -98,16 +111,35 @@ class ContactStore:
                 raise validation_error("Invalid input JSON: every input needs properties")
         self._check_names(inputs)
         email_mode = any(_id_property(i) == "email" for i in inputs)
+        inputs = [item for item in inputs if not self._lose(item)]
         plans, failures = self._plan_all(inputs)
         if failures and email_mode:
             raise _whole_batch_error([f for _, f in failures])
         results = [self._apply(plan) for plan in plans]
+        self._order.shuffle(results)
         response = _complete(results, started, self.now_iso())
         if not failures:
             return 200, response
         response["numErrors"] = len(failures)
-        response["errors"] = [_standard_error(item["id"], f) for item, f in failures]
+        response["errors"] = [self._error(item, f) for item, f in failures]
         return 207, response
+
+    def _lose(self, item: dict[str, Any]) -> bool:
+        """True when this input is to be left out of the answer (and not written) this time."""
+        id_property = _id_property(item)
+        mine = _same_id(item["id"], id_property)
+        for key, left in self.lost.items():
+            if left and _same_id(key, id_property) == mine:
+                self.lost[key] = left - 1
+                return True
+        return False
+
+    def _error(self, item: dict[str, Any], failure: Exception) -> dict[str, Any]:
+        """One entry of a 207's `errors`: naming the input by its trace id, if it has one."""
+        trace = item.get("objectWriteTraceId")
+        named = trace is not None and not self.errors_without_ids
+        self.errors_without_ids = max(0, self.errors_without_ids - 1)
+        return _standard_error({"objectWriteTraceId": [str(trace)]} if named else {}, failure)
 
     def _check_names(self, inputs: list[dict[str, Any]]) -> None:
         """Whole-batch checks: idProperty usable, property names defined, ids unique."""
@@ -150,6 +182,7 @@ class ContactStore:
         for index, item in enumerate(inputs):
             try:
                 plan = self._plan(index, item)
+                plan.trace = item.get("objectWriteTraceId")
                 self._claim_unique(plan, claimed)
             except (_Conflict, _NotFound, _Invalid) as exc:
                 failures.append((item, exc))
@@ -241,6 +274,8 @@ class ContactStore:
         result = self.view(record_id, sorted(names))
         result["properties"].update({n: "" for n, v in plan.changes.items() if v == ""})
         result["new"] = new
+        if plan.trace is not None and self.echo_trace_ids:
+            result["objectWriteTraceId"] = plan.trace
         return result
 
     # ------------------------------------------------------------ reads
@@ -339,6 +374,11 @@ def _id_property(item: dict[str, Any]) -> str:
     return str(item.get("idProperty") or "hs_object_id")
 
 
+def _same_id(value: str, id_property: str) -> str:
+    """An id value as HubSpot compares it (emails ignore case and outer spaces)."""
+    return value.strip().lower() if id_property == "email" else value
+
+
 def _doesnt_exist(name: str) -> InvalidValue:
     return InvalidValue(name, "PROPERTY_DOESNT_EXIST", f'Property "{name}" does not exist')
 
@@ -354,7 +394,7 @@ def _whole_batch_error(failures: list[Exception]) -> ApiError:
     return invalid_values_error(problems)
 
 
-def _standard_error(id_value: str, failure: Exception) -> dict[str, Any]:
+def _standard_error(context: dict[str, list[str]], failure: Exception) -> dict[str, Any]:
     """One entry of a 207's `errors` (the SDK's `StandardError`)."""
     category = {_Conflict: "CONFLICT", _NotFound: "OBJECT_NOT_FOUND"}.get(
         type(failure), "VALIDATION_ERROR"
@@ -376,7 +416,7 @@ def _standard_error(id_value: str, failure: Exception) -> dict[str, Any]:
         "status": "error",
         "category": category,
         "message": message,
-        "context": {"ids": [id_value]},
+        "context": context,
         "errors": details,
         "links": {},
     }

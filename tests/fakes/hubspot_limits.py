@@ -19,6 +19,7 @@ class RequestRecord:
     inputs: int  # len(body["inputs"]) when the body has an inputs list, else 0
     query: str = ""
     policy: str | None = None  # TEN_SECONDLY_ROLLING / DAILY for a 429
+    answer: Any = None  # the JSON (or text) the fake answered
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

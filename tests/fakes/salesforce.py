@@ -1,12 +1,15 @@
-"""A stateful fake Salesforce org behind `responses`: token, SOQL lookups, collections, describe.
+"""A stateful fake Salesforce org behind `responses`: token, userinfo, SOQL lookups, the Tooling
+API's FieldDefinition, collections, describe, permission set assignments.
 
-Contact and Lead get custom fields from ``custom_fields`` (a test adds names) or from
-``deploy(files)``, which installs the sfdx package ``instruqt-crm setup salesforce`` writes:
-its custom objects (``Instruqt_Play__c``) and every field's type and constraints (External ID
-and unique, number, restricted picklist, lookup). Writes are checked the way Salesforce checks
-them: unknown objects and fields, the 200-record collection limit and non-numbers in number
-fields refuse the whole request; a duplicate unique value, a lookup to a missing record, a bad
-picklist value or a missing required field fail that record only.
+Contact and Lead get custom fields from ``custom_fields`` (a test adds names, visible to every
+user) or from ``deploy(files)``, which installs the sfdx package ``instruqt-crm setup
+salesforce`` writes: its custom objects (``Instruqt_Play__c``), every field's type and
+constraints (External ID and unique, number, restricted picklist, lookup) and the permission
+set; deployed fields are hidden from users the permission set is not assigned to. Every token
+belongs to a user (``salesforce_org``: the sync user unless said otherwise), whose profile and
+permission sets decide what it sees: sharing, object permissions, field-level security.
+Queries are answered as ``salesforce_soql`` describes, writes checked as ``salesforce_writes``
+does.
 """
 
 from __future__ import annotations
@@ -19,15 +22,21 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import jwt
 import responses
+
+from .salesforce_org import ADMIN, INTEGRATION, ORG_ID, Access, SoqlRefused
+from .salesforce_soql import SoqlQueries
+from .salesforce_writes import CollectionWrites, DuplicateRule, Refused
 
 URL = "https://fake.my.salesforce.com"
 VERSION = "62.0"
 DATA = f"{URL}/services/data/v{VERSION}"
 STANDARD = {
-    "Contact": ["Id", "Email", "LastName", "FirstName", "AccountId"],
+    "Contact": ["Id", "OwnerId", "Email", "LastName", "FirstName", "AccountId"],
     "Lead": [
         "Id",
+        "OwnerId",
         "Email",
         "LastName",
         "FirstName",
@@ -37,10 +46,9 @@ STANDARD = {
     ],
 }
 CUSTOM_STANDARD = ["Id", "Name", "OwnerId", "CreatedDate"]  # every custom object has these
-REQUIRED = {"Contact": ["LastName"], "Lead": ["LastName", "Company"]}
 PREFIXES = {"Contact": "003", "Lead": "00Q"}
-COLLECTION_LIMIT = 200
 NS = {"m": "http://soap.sforce.com/2006/04/metadata"}
+PERMISSION_SET_FILE = re.compile(r"/permissionsets/(\w+)\.permissionset-meta\.xml$")
 Reply = tuple[int, dict[str, str], str]
 
 
@@ -85,20 +93,8 @@ def field_def(content: bytes) -> FieldDef:
     )
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"success": False, "errors": [{"statusCode": code, "message": message, "fields": []}]}
-
-
-class Refused(Exception):
-    """The whole request is refused (400 with Salesforce's error list)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.body = [{"errorCode": code, "message": message}]
-
-
 @dataclass
-class FakeSalesforce:
+class FakeSalesforce(CollectionWrites, SoqlQueries):
     """An org with Contacts and Leads; install with ``with FakeSalesforce() as fake:``."""
 
     custom_fields: set[str] = field(default_factory=set)  # on Contact and Lead
@@ -108,9 +104,13 @@ class FakeSalesforce:
         default_factory=lambda: {"Contact": {}, "Lead": {}}
     )
     calls: list[Call] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)  # every SOQL on its records
     tokens_issued: list[str] = field(default_factory=list)
     valid_tokens: set[str] = field(default_factory=set)
+    token_users: dict[str, str] = field(default_factory=dict)  # token -> user Id
     grants: list[dict[str, list[str]]] = field(default_factory=list)
+    access: Access = field(default_factory=Access)
+    duplicate_rules: dict[str, DuplicateRule] = field(default_factory=dict)  # by object
     record_errors: dict[str, list[str]] = field(default_factory=dict)  # email/ext id -> codes
     unavailable: int = 0  # answer this many data requests with 503
     limit_exceeded: bool = False
@@ -122,6 +122,12 @@ class FakeSalesforce:
         self.mock = responses.RequestsMock(assert_all_requests_are_fired=False)
         self.mock.start()
         self.mock.add_callback(responses.POST, f"{URL}/services/oauth2/token", callback=self._token)
+        self.mock.add_callback(
+            responses.GET,
+            f"{URL}/services/oauth2/userinfo",
+            callback=self._userinfo,
+            content_type="application/json",
+        )
         for method in ("GET", "POST", "PATCH"):
             self.mock.add_callback(method, re.compile(re.escape(DATA) + r"/.*"), self._data)
         return self
@@ -132,8 +138,10 @@ class FakeSalesforce:
 
     # -- helpers for tests ---------------------------------------------------------------
 
-    def deploy(self, files: dict[str, bytes]) -> None:
-        """Install an sfdx package (``salesforce_setup.package``): custom objects and fields."""
+    def deploy(self, files: dict[str, bytes], assign_to: str | None = INTEGRATION) -> None:
+        """Install an sfdx package (``salesforce_setup.package``): custom objects, fields (hidden
+        from users without a permission set granting them) and the permission set, assigned to
+        ``assign_to`` as the admin's checklist says (None: not assigned)."""
         for path in files:
             if match := re.search(r"/objects/(\w+)/\1\.object-meta\.xml$", path):
                 self.custom_objects.setdefault(match.group(1), {})
@@ -142,15 +150,21 @@ class FakeSalesforce:
             if match := re.search(r"/objects/(\w+)/fields/\w+\.field-meta\.xml$", path):
                 sobject, definition = match.group(1), field_def(content)
                 self.definitions[sobject, definition.name] = definition
+                self.access.restricted.add((sobject, definition.name))
                 if sobject in STANDARD:
                     self.custom_fields.add(definition.name)
                 else:
                     self.custom_objects[sobject][definition.name] = definition
+        for path, content in files.items():
+            if match := PERMISSION_SET_FILE.search(path):
+                set_id = self.access.install(match.group(1), content)
+                if assign_to is not None:
+                    self.access.assign(ADMIN, {"AssigneeId": assign_to, "PermissionSetId": set_id})
 
     def add(self, sobject: str, **fields: Any) -> str:
-        """Create a record directly; its Id."""
+        """Create a record directly (owned by the sync user unless ``OwnerId`` says); its Id."""
         record_id = f"{PREFIXES.get(sobject, 'a0P')}{next(self._ids):015d}"
-        self.records[sobject][record_id] = {"Id": record_id, **fields}
+        self.records[sobject][record_id] = {"Id": record_id, "OwnerId": INTEGRATION, **fields}
         return record_id
 
     def add_converted_lead(self, email: str, contact_id: str) -> str:
@@ -164,11 +178,12 @@ class FakeSalesforce:
             ConvertedContactId=contact_id,
         )
 
-    def issue_token(self) -> str:
-        """A valid access token (as if from a session flow)."""
+    def issue_token(self, user: str = INTEGRATION) -> str:
+        """A valid access token of ``user`` (as if from a session flow)."""
         token = f"00Dfake!token{len(self.tokens_issued) + 1}"
         self.tokens_issued.append(token)
         self.valid_tokens.add(token)
+        self.token_users[token] = user
         return token
 
     def by_email(self, sobject: str) -> dict[str, dict[str, Any]]:
@@ -184,13 +199,29 @@ class FakeSalesforce:
             c for c in self.calls if (method is None or c.method == method) and contains in c.path
         ]
 
-    def fields_of(self, sobject: str) -> list[str] | None:
-        """Every field of an object (None: no such object)."""
+    def fields_of(self, sobject: str, user: str | None = None) -> list[str] | None:
+        """Every field of an object (None: no such object); with ``user``, those it may see
+        (None also when it may not read the object)."""
         if sobject in STANDARD:
-            return STANDARD[sobject] + sorted(self.custom_fields)
-        if sobject in self.custom_objects:
-            return CUSTOM_STANDARD + sorted(self.custom_objects[sobject])
-        return None
+            names = STANDARD[sobject] + sorted(self.custom_fields)
+        elif sobject in self.custom_objects:
+            names = CUSTOM_STANDARD + sorted(self.custom_objects[sobject])
+        else:
+            return None
+        if user is None:
+            return names
+        if sobject not in STANDARD and not self.access.can(user, sobject, "Read"):
+            return None
+        return [n for n in names if self.access.field_visible(user, sobject, n)]
+
+    def field_definitions(self) -> list[dict[str, Any]]:
+        """The Tooling API's FieldDefinition rows: every field of every object, seen or not."""
+        objects = [*STANDARD, *self.custom_objects]
+        return [
+            {"EntityDefinition.QualifiedApiName": sobject, "QualifiedApiName": name}
+            for sobject in objects
+            for name in self.fields_of(sobject) or []
+        ]
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -208,8 +239,41 @@ class FakeSalesforce:
             )
         if grant not in ("client_credentials", "urn:ietf:params:oauth:grant-type:jwt-bearer"):
             return 400, {}, json.dumps({"error": "unsupported_grant_type"})
+        user = INTEGRATION  # client credentials run as the connected app's Run As user
+        if grant != "client_credentials":
+            claims = jwt.decode(form["assertion"][0], options={"verify_signature": False})
+            named = [u.id for u in self.access.users.values() if u.username == claims.get("sub")]
+            if not named:
+                error = {
+                    "error": "invalid_grant",
+                    "error_description": "user hasn't approved this consumer",
+                }
+                return 400, {}, json.dumps(error)
+            user = named[0]
         token = self.issue_token()
-        return 200, {}, json.dumps({"access_token": token, "instance_url": URL})
+        self.token_users[token] = user
+        answer = {
+            "access_token": token,
+            "instance_url": URL,
+            "id": f"https://login.salesforce.com/id/{ORG_ID}/{user}",
+            "token_type": "Bearer",
+            "scope": "api",
+        }
+        return 200, {}, json.dumps(answer)
+
+    def _userinfo(self, request: Any) -> Reply:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.valid_tokens:
+            return 403, {}, json.dumps("Bad_OAuth_Token")
+        user = self.access.users[self.token_users[token]]
+        self.calls.append(Call("GET", "oauth2/userinfo", None, 200))
+        info = {
+            "sub": f"https://login.salesforce.com/id/{ORG_ID}/{user.id}",
+            "user_id": user.id,
+            "organization_id": ORG_ID,
+            "preferred_username": user.username,
+        }
+        return 200, {}, json.dumps(info)
 
     def _data(self, request: Any) -> Reply:
         parsed = urlparse(request.url)
@@ -218,7 +282,9 @@ class FakeSalesforce:
         try:
             status, payload = self._answer(request, path, parse_qs(parsed.query), body)
         except Refused as exc:
-            status, payload = 400, exc.body
+            status, payload = exc.status, exc.body
+        except SoqlRefused as exc:
+            status, payload = 400, [{"errorCode": exc.code, "message": str(exc)}]
         self.calls.append(Call(request.method, path, body, status))
         self.api_used += 1
         headers = {"Sforce-Limit-Info": f"api-usage={self.api_used}/{self.api_total}"}
@@ -233,138 +299,22 @@ class FakeSalesforce:
         if self.unavailable:
             self.unavailable -= 1
             return 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "try later"}]
+        user = self.token_users[token]
         if path.startswith("query"):
-            return 200, self._query(query["q"][0])
+            return 200, self._query(query["q"][0], user, VERSION)
+        if path.startswith("tooling/query"):
+            tables = {"FieldDefinition": self.field_definitions()}
+            return 200, self.access.query(query["q"][0], user, tables)
+        if re.fullmatch(r"sobjects/PermissionSetAssignment/?", path) and request.method == "POST":
+            return self.access.assign(user, body)
         if match := re.fullmatch(r"sobjects/(\w+)/describe/?", path):
-            names = self.fields_of(match.group(1))
+            names = self.fields_of(match.group(1), user)
             if names is None:
                 message = "The requested resource does not exist"
                 return 404, [{"errorCode": "NOT_FOUND", "message": message}]
             fields = [{"name": n, "type": "string"} for n in names]
             return 200, {"name": match.group(1), "fields": fields}
         if path.startswith("composite/sobjects"):
-            parts = path.split("/")
-            external = parts[3] if len(parts) == 4 else None
-            self._check_request(body["records"], parts[2] if external else None, external)
-            return 200, [self._write(r, external) for r in body["records"]]
+            header = request.headers.get("Sforce-Duplicate-Rule-Header")
+            return 200, self.collection(request.method, path, body, user, header)
         return 404, [{"errorCode": "NOT_FOUND", "message": path}]
-
-    def _check_request(
-        self, records: list[dict], sobject: str | None, external: str | None
-    ) -> None:
-        """Refuse the whole request as Salesforce does (Refused)."""
-        if len(records) > COLLECTION_LIMIT:
-            message = "record limit reached. cannot submit more than 200 records into this call"
-            raise Refused("EXCEEDED_ID_LIMIT", message)
-        for record in records:
-            kind = record["attributes"]["type"]
-            known = self.fields_of(kind)
-            if known is None or (sobject is not None and kind != sobject):
-                raise Refused("INVALID_TYPE", f"sObject type '{kind}' is not supported")
-            unknown = sorted(set(record) - {"attributes", *known})
-            if unknown:
-                raise Refused("INVALID_FIELD", f"No such column '{unknown[0]}' on entity '{kind}'")
-            for name, value in record.items():
-                definition = self.definitions.get((kind, name))
-                if definition and definition.type == "Number" and isinstance(value, str):
-                    message = f"Cannot deserialize instance of double from VALUE_STRING {value!r}"
-                    raise Refused("JSON_PARSER_ERROR", message)
-        definition = self.definitions.get((str(sobject), str(external)))
-        if external is not None and definition is not None and not definition.external_id:
-            message = f"Field name provided, {external} is not an External ID or indexed field"
-            raise Refused("INVALID_FIELD", message)
-
-    def _query(self, soql: str) -> dict[str, Any]:
-        sobject = re.search(r"FROM (\w+)", soql).group(1)  # type: ignore[union-attr]
-        found = []
-        for field_name, values in re.findall(r"(\w+) IN \(([^)]*)\)", soql):
-            wanted = {v.lower() for v in re.findall(r"'((?:[^'\\]|\\.)*)'", values)}
-            found += [
-                r
-                for r in self.records[sobject].values()
-                if str(r.get(field_name, "")).lower() in wanted and r not in found
-            ]
-        return {"totalSize": len(found), "done": True, "records": [dict(r) for r in found]}
-
-    def _write(self, record: dict[str, Any], external: str | None) -> dict[str, Any]:
-        sobject = record["attributes"]["type"]
-        fields = {k: v for k, v in record.items() if k not in ("attributes", "Id")}
-        for key in self._error_keys(sobject, record):
-            if self.record_errors.get(key):
-                code = self.record_errors[key].pop(0)
-                return _error(code, f"{code} here")
-        target = record.get("Id")
-        if external is not None:
-            if not fields.get(external):
-                return _error("MISSING_ARGUMENT", f"{external} not specified")
-            wanted = str(fields[external]).lower()  # External IDs match case-insensitively
-            target = next(
-                (
-                    i
-                    for i, r in self.records[sobject].items()
-                    if str(r.get(external, "")).lower() == wanted
-                ),
-                None,
-            )
-        existing = self.records[sobject].get(target) if target is not None else None
-        if target is not None and existing is None:
-            return _error("ENTITY_IS_DELETED", "entity is deleted")
-        if existing is not None and existing.get("IsConverted"):
-            return _error("CANNOT_UPDATE_CONVERTED_LEAD", "cannot reference converted lead")
-        problem = self._field_problem(sobject, target, fields)
-        if problem is not None:
-            return problem
-        if existing is not None:
-            existing.update(fields)
-            return {"id": target, "success": True, "errors": [], "created": False}
-        missing = [f for f in REQUIRED.get(sobject, []) if not fields.get(f)]
-        if missing:
-            return _error("REQUIRED_FIELD_MISSING", f"Required fields are missing: {missing}")
-        if sobject in self.custom_objects:
-            fields.setdefault("Name", f"{sobject[:4].upper()}-{len(self.records[sobject]) + 1:06d}")
-        return {"id": self.add(sobject, **fields), "success": True, "errors": [], "created": True}
-
-    def _field_problem(
-        self, sobject: str, target: str | None, fields: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """A per-record error for a duplicate unique value, a bad lookup or picklist value."""
-        for name, value in fields.items():
-            definition = self.definitions.get((sobject, name))
-            if definition is None or value in (None, ""):
-                continue
-            if definition.unique:
-                clash = next(
-                    (
-                        i
-                        for i, r in self.records[sobject].items()
-                        if i != target and str(r.get(name, "")).lower() == str(value).lower()
-                    ),
-                    None,
-                )
-                if clash is not None:
-                    message = (
-                        f"duplicate value found: {name} duplicates value on record with id: {clash}"
-                    )
-                    return _error("DUPLICATE_VALUE", message)
-            if definition.values and value not in definition.values:
-                message = f"bad value for restricted picklist field: {value}"
-                return _error("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", message)
-            parent = definition.reference_to
-            if parent is not None and value not in self.records.get(parent, {}):
-                elsewhere = any(value in records for records in self.records.values())
-                if elsewhere:
-                    message = f"{parent} ID: id value of incorrect type: {value}"
-                    return _error("FIELD_INTEGRITY_EXCEPTION", message)
-                return _error("INVALID_CROSS_REFERENCE_KEY", f"invalid cross reference id: {value}")
-        return None
-
-    def _error_keys(self, sobject: str, record: dict[str, Any]) -> list[str]:
-        """The record_errors keys of a record: its email, and its External ID values."""
-        stored = self.records[sobject].get(record.get("Id") or "", {})
-        keys = [str(record.get("Email") or stored.get("Email", "")).lower()]
-        keys += [
-            str(value)
-            for name, value in record.items()
-            if (d := self.definitions.get((sobject, name))) is not None and d.external_id
-        ]
-        return [key for key in keys if key]
