@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,20 +84,36 @@ class Browser:
         found = self.call("POST", "/elements", {"using": "css selector", "value": css})
         return [element[ELEMENT] for element in found]
 
-    def find(self, css: str) -> str:
-        """The id of the one element matching a CSS selector."""
-        found = self.find_all(css)
-        if len(found) != 1:
-            raise BrowserError(f"{len(found)} elements match {css!r}, expected one")
-        return found[0]
+    def find(self, css: str, wait: float = 10.0) -> str:
+        """The id of the one element matching a CSS selector, waiting up to ``wait`` s for it
+        (a click that submits a form may return before the next page is there)."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = self.find_all(css)
+            if len(found) == 1:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise BrowserError(f"{len(found)} elements match {css!r}, expected one")
+            time.sleep(0.1)
 
     def text(self, css: str = "body") -> str:
         """The text the element shows, as a reader sees it (rendered, unescaped)."""
         return str(self.call("GET", f"/element/{self.find(css)}/text"))
 
-    def click(self, css: str) -> None:
-        """Click the one element matching a CSS selector (waits for the page it loads)."""
+    def click(self, css: str, wait: float = 10.0) -> None:
+        """Click the one element matching a CSS selector, then wait up to ``wait`` s for the
+        page it loads (this page has no script: every link and button loads one)."""
+        before = self.find("html")
         self.call("POST", f"/element/{self.find(css)}/click", {})
+        deadline = time.monotonic() + wait
+        while self.find_all("html") in ([], [before]) or not self._loaded():
+            if time.monotonic() > deadline:
+                raise BrowserError(f"clicking {css!r} loaded no new page within {wait} s")
+            time.sleep(0.05)
+
+    def _loaded(self) -> bool:
+        script = {"script": "return document.readyState", "args": []}
+        return self.call("POST", "/execute/sync", script) == "complete"
 
     def screenshot(self, path: Path) -> Path:
         """The whole page, as PNG, into ``path``: the window made as tall as the page, then
