@@ -61,7 +61,7 @@ def test_the_newest_entries_are_kept_up_to_the_entry_cap(
     redis_conn: redis.Redis, bounded: trail.Limits
 ) -> None:
     for number in range(12):
-        trail.note(redis_conn, EMAIL, "event", "user00042", **event(number))
+        trail.note(redis_conn, EMAIL, "event", **event(number))
     kept = trail.entries(redis_conn, EMAIL)
     assert [e["event_id"] for e in kept] == [f"msg_{n:08d}" for n in range(7, 12)]
 
@@ -86,7 +86,7 @@ def test_the_byte_cap_drops_the_oldest_and_keeps_the_newest_however_large(
 def test_the_trail_expires_after_the_retention(
     redis_conn: redis.Redis, bounded: trail.Limits
 ) -> None:
-    trail.note(redis_conn, EMAIL, "event", "user00042", **event(1))
+    trail.note(redis_conn, EMAIL, "event", **event(1))
     assert bounded.seconds - 60 < redis_conn.ttl(keys.trail(EMAIL)) <= bounded.seconds
 
 

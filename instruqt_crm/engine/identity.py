@@ -277,7 +277,7 @@ class IdentityResolver:
         self._compared.add(user_id)
         counters.count_identity(self.writes, "params-mismatch")
         reason = f"the event's parameter email {offered} is not Instruqt's: Instruqt's is used"
-        trail.note(self.writes, learner.email, "identity", user_id, reason=reason)
+        trail.note(self.writes, learner.email, "identity", reason=reason)
         log.warning("user %s: parameter email differs from Instruqt's; Instruqt's is used", user_id)
 
     def _count(self, found: Resolution) -> Resolution:

@@ -1,10 +1,10 @@
 """A per-learner activity trail: each event, what the mapping made of it, what was sent, the answer.
 
-Kept in Redis as a list per learner (newest first), under the learner's email, plus an index
-from Instruqt user id to email, so operators can look a learner up by either. Bounded three
-ways (``Limits``: ``TRACE_MAX_ENTRIES``, ``TRACE_MAX_BYTES``, ``TRACE_RETENTION_DAYS``): a
-push drops the oldest entries past either cap (the newest entry is always kept), and a
-learner's trail and index expire once nothing was added for the retention. Entries are
+Kept in Redis as a list per learner (newest first), under the learner's email (a user id is
+turned into the email through the identity cache, ``identity.email_of``). Bounded three ways
+(``Limits``: ``TRACE_MAX_ENTRIES``, ``TRACE_MAX_BYTES``, ``TRACE_RETENTION_DAYS``): a push
+drops the oldest entries past either cap (the newest entry is always kept), and a learner's
+trail expires once nothing was added for the retention. Entries are
 stored compact (``trail_format``) and read back with their full names.
 """
 
@@ -77,7 +77,6 @@ def note(
     conn: redis.Redis | Pipeline,
     email: str,
     kind: str,
-    user_id: str | None = None,
     **details: Any,
 ) -> None:
     """Append one entry (kind: event | sent | rejected | retry | failed | skipped | identity)
