@@ -161,15 +161,34 @@ def pack(state: LearnerState) -> tuple[bytes, tuple[str, ...]]:
     return packed, names
 
 
-def schema_of(blob: bytes) -> bytes:
-    """The id of the schema a stored state names (CorruptState if it is not a state)."""
-    record = _record(blob)
-    return bytes(record[1])
+@dataclass(frozen=True)
+class Stored:
+    """A stored state, decoded once: the schema it names, and the state once its names are
+    known."""
+
+    record: list[Any]
+
+    @property
+    def schema(self) -> bytes:
+        """The id of the schema the state names."""
+        return bytes(self.record[1])
+
+    def state(self, names: Sequence[str]) -> LearnerState:
+        """The state, read with the names of its schema (CorruptState if they do not fit)."""
+        return _state(self.record, names)
+
+
+def decode(blob: bytes) -> Stored:
+    """A stored state, decoded (CorruptState if it is not one)."""
+    return Stored(_record(blob))
 
 
 def unpack(blob: bytes, names: Sequence[str]) -> LearnerState:
     """A stored state, read with the names of its schema."""
-    record = _record(blob)
+    return decode(blob).state(names)
+
+
+def _state(record: list[Any], names: Sequence[str]) -> LearnerState:
     try:
         _, _, version, flags, email, user_id, first, last, cells, unsent, bases = record
         return LearnerState(

@@ -43,11 +43,11 @@ from instruqt_crm.mapping.values import coerce, fit
 from .learner_state import (
     CorruptState,
     LearnerState,
+    Stored,
+    decode,
     fingerprint,
     pack,
     schema_id,
-    schema_of,
-    unpack,
 )
 from .records import MAX_MERGE_ATTEMPTS, Merge, Pending
 
@@ -152,50 +152,75 @@ def _read(conn: redis.Redis, learner_keys: Sequence[str]) -> list[_Held]:
     with what an earlier version's hash still holds folded in."""
     names = [name for key in learner_keys for name in (keys.learner(key), keys.contact(key))]
     replies = conn.register_script(_READ)(keys=names) if learner_keys else []
-    _names(conn, [sid for p, _ in replies if p and (sid := _schema_or_none(bytes(p)))])
-    pairs = zip(learner_keys, replies, strict=True)
-    return [_held(key, packed, legacy) for key, (packed, legacy) in pairs]
+    stored = [_decoded(bytes(packed)) if packed else None for packed, _ in replies]
+    _names(conn, [found.schema for found in stored if isinstance(found, Stored)])
+    return [
+        _held(key, packed, found, legacy)
+        for key, (packed, legacy), found in zip(learner_keys, replies, stored, strict=True)
+    ]
 
 
-def _schema_or_none(blob: bytes) -> bytes | None:
+def _decoded(blob: bytes) -> Stored | CorruptState:
+    """A packed record decoded, or why it cannot be."""
     try:
-        return schema_of(blob)
-    except CorruptState:
-        return None
+        return decode(blob)
+    except CorruptState as exc:
+        return exc
 
 
-def _held(key: str, packed: Any, legacy: list[Any]) -> _Held:
-    """One learner's state from its packed record and an earlier version's hash."""
+def _held(key: str, packed: Any, found: Stored | CorruptState | None, legacy: list[Any]) -> _Held:
+    """One learner's state from its packed record (as decoded) and an earlier version's
+    hash."""
     fields = {text(legacy[i]): text(legacy[i + 1]) for i in range(0, len(legacy), 2)}
     old = f"|L{fields.get('version', '0')}" if legacy else "|-"
     if not packed:
         state = _from_legacy(fields) if legacy else LearnerState()
         return _Held(state, ("N" + old).encode())
     blob = bytes(packed)
-    try:
-        state = unpack(blob, _schemas[schema_of(blob)])
-    except (CorruptState, KeyError) as exc:  # lost: start over from what the CRM holds
-        log.error("learner %s: state unreadable (%s): starting over from the CRM", key, exc)
-        state = LearnerState()
+    state = _unpacked(key, found or CorruptState("no record"))
     state.email = state.email or key
     if legacy:  # an old worker wrote after the conversion: merge it in (merges repeat safely)
         state = _folded(state, _from_legacy(fields))
     return _Held(state, b"P" + blob + old.encode())
 
 
+def _merge_cell(state: LearnerState, name: str, policy: str, cell: Cell) -> bool:
+    """Merge one cell into ``state`` (a value that changes becomes unsent); changed?"""
+    current = state.cells.get(name)
+    merged = merge_cells(policy, current, cell)
+    if merged == current:
+        return False
+    state.cells[name] = merged
+    if _raw_value(merged) != _raw_value(current):
+        state.unsent.add(name)
+    return True
+
+
+def _unpacked(key: str, found: Stored | CorruptState) -> LearnerState:
+    """The state a decoded record holds; an empty one, read from the CRM again, when it
+    cannot be read (never a reason to stop the flush)."""
+    try:
+        if isinstance(found, CorruptState):
+            raise found
+        names = _schemas.get(found.schema)
+        if names is None:
+            raise CorruptState(f"schema {found.schema.hex()} is missing from Redis")
+        return found.state(names)
+    except CorruptState as exc:
+        log.error("learner %s: state unreadable (%s): starting over from the CRM", key, exc)
+        return LearnerState()
+
+
 def _folded(state: LearnerState, other: LearnerState) -> LearnerState:
     """``state`` with another state's cells merged in (what changes becomes unsent)."""
     new = state.copy()
+    changed = False
     for name, cell in other.cells.items():
         current = new.cells.get(name)
         if current is not None and current.get("p") != cell.get("p"):
             continue  # merged under another policy: the mapping changed; keep ours
-        merged = merge_cells(str(cell["p"]), current, cell)
-        if merged != current:
-            new.cells[name] = merged
-            new.version += 1
-            if _raw_value(merged) != _raw_value(current):
-                new.unsent.add(name)
+        changed = _merge_cell(new, name, str(cell["p"]), cell) or changed
+    new.version += int(changed)
     new.user_id = new.user_id or other.user_id
     new.first_name = new.first_name or other.first_name
     new.last_name = new.last_name or other.last_name
@@ -334,13 +359,8 @@ def _fold(items: list[Merge], stored: LearnerState) -> tuple[LearnerState, list[
     for item in items:
         changed = False
         for change in item.changes:
-            old = state.cells.get(change.name)
-            new = merge_cells(change.policy, old, _fingerprinted(to_cell(change)))
-            if new != old:
-                state.cells[change.name] = new
-                changed = True
-                if _raw_value(new) != _raw_value(old):
-                    state.unsent.add(change.name)
+            cell = _fingerprinted(to_cell(change))
+            changed = _merge_cell(state, change.name, change.policy, cell) or changed
         flags.append(changed)
         if item.user_id:
             state.user_id = item.user_id
