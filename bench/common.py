@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -209,11 +209,12 @@ class Processes:
         """Start ``python ARGS`` with this interpreter."""
         return self.start(name, [sys.executable, *args], env)
 
-    def check_alive(self) -> None:
-        """Fail loudly if any child has died."""
+    def check_alive(self, may_end: Collection[str] = ()) -> None:
+        """Fail loudly if any child has died (those named in ``may_end`` only if they failed)."""
         for name, process in self.started:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log(name)}")
+            code = process.poll()
+            if code is not None and (name not in may_end or code != 0):
+                raise RuntimeError(f"{name} exited with {code}; see {self.log(name)}")
 
     def log(self, name: str) -> Path:
         """A child's log file."""
@@ -242,6 +243,19 @@ class Processes:
         self.stop()
         if not self.keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def roles_of(
+    processes: Processes, conn: redis.Redis, names: dict[str, str], own: str
+) -> dict[str, list[psutil.Process]]:
+    """The processes behind each part of a stack, now (work horses come and go): each child
+    under ``names[its name's prefix]``, this process as ``own``, and the Redis server."""
+    found: dict[str, list[psutil.Process]] = {own: [psutil.Process()]}
+    for name, process in processes.started:
+        role = names[name.split("-")[0]]
+        found[role] = found.get(role, []) + process_tree(process.pid)
+    found["redis"] = process_tree(int(conn.info("server")["process_id"]))
+    return found
 
 
 def first_line(process: subprocess.Popen[bytes], timeout: float) -> str:

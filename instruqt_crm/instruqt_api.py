@@ -4,6 +4,10 @@ One query asks for both what the learner gave the team when claiming its invite
 (``details(teamSlug:)``: email, first and last name) and their own profile (email, display
 name); the team's details come first. A public Go client of Instruqt's API
 (isovalent/instruqt-go, ``instruqt/user.go``) asks the same.
+
+``InstruqtClient.post`` (one request: key, timeout, HTTP failures to the error tree),
+``raise_for_errors`` (GraphQL errors to the error tree) and ``profile_from`` (a GraphQL user to
+a Profile) are shared with ``instruqt_reports``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
@@ -119,14 +123,35 @@ class InstruqtClient:
 
     def _lookup_once(self, user_id: str) -> Profile | None:
         """One request, vendor failures converted to the error tree."""
-        log.debug("instruqt request user=%s url=%s", user_id, self.url)
+        variables = {"userID": user_id, "teamSlug": self.team_slug}
+        body = self.post(USER_QUERY, variables, label=f"user {user_id}")
+        found = profile_from(user_id, _field(body.get("data"), "user"))
+        errors = body.get("errors")
+        if errors and (found is None or found.email is None):
+            if all_not_found(errors):
+                log.debug("instruqt user=%s not found: %s", user_id, self.describe(errors))
+                return found
+            # an error about this one user's data names a ``path``; any other, the query
+            category = Category.INSTRUQT_API if _all_have_path(errors) else Category.CONFIG
+            self.raise_for_errors(errors, f"user {user_id}", category)
+        if errors:  # a partial answer (say, no details for this team): what it has is used
+            log.debug("instruqt user=%s partial answer: %s", user_id, self.describe(errors))
+        return found
+
+    def post(self, query: str, variables: dict[str, Any], label: str) -> dict[str, Any]:
+        """One GraphQL request, not retried: the decoded JSON body of a 2xx answer (it may
+        carry ``errors``; the caller decides). ``label`` names the request in error messages.
+
+        Raises PermanentError(CONFIG) for an unusable URL, PermanentError(AUTH) on 401/403,
+        RateLimited on 429 (its Retry-After as the wait), RetryableError on 5xx, a connection
+        failure or timeout, or a 2xx without a JSON object, and for any other 4xx the error
+        its GraphQL errors mean (see ``raise_for_errors``; CONFIG when they say nothing).
+        """
+        log.debug("instruqt request %s url=%s", label, self.url)
         try:
             response = self.session.post(
                 self.url,
-                json={
-                    "query": USER_QUERY,
-                    "variables": {"userID": user_id, "teamSlug": self.team_slug},
-                },
+                json={"query": query, "variables": variables},
                 headers={
                     "Authorization": f"Bearer {self._api_key}",
                     "Accept": "application/json",
@@ -140,12 +165,12 @@ class InstruqtClient:
             ) from exc
         except requests.exceptions.RequestException as exc:
             raise RetryableError(
-                f"Instruqt API unreachable for user {user_id}: {type(exc).__name__}"
+                f"Instruqt API unreachable for {label}: {type(exc).__name__}"
             ) from exc
-        return self._interpret(user_id, response)
+        return self._body(label, response)
 
-    def _interpret(self, user_id: str, response: requests.Response) -> Profile | None:
-        """Turn one HTTP response into a Profile, None, or an error."""
+    def _body(self, label: str, response: requests.Response) -> dict[str, Any]:
+        """The JSON body of one HTTP response, or the error its status means."""
         status = response.status_code
         if status in (401, 403):
             raise PermanentError(
@@ -155,57 +180,46 @@ class InstruqtClient:
         if status == 429:
             wait = parse_retry_after(response.headers.get("Retry-After"))
             raise RateLimited(
-                f"Instruqt API rate limited (429) looking up user {user_id}",
+                f"Instruqt API rate limited (429) for {label}",
                 wait=DEFAULT_RATE_LIMIT_WAIT if wait is None else wait,
                 policy="instruqt",
             )
         if status >= 500:
-            raise RetryableError(f"Instruqt API server error {status} for user {user_id}")
+            raise RetryableError(f"Instruqt API server error {status} for {label}")
         body = self._json(response)
-        if body is None:
-            if status >= 400:
-                raise PermanentError(f"Instruqt API answered {status}", category=Category.CONFIG)
-            raise RetryableError(f"Instruqt API answered {status} with a non-JSON body")
-        found = _profile(user_id, body.get("data"))
-        errors = body.get("errors")
-        if errors and (found is None or found.email is None):
-            self._graphql_errors(user_id, errors, status)  # raises, or the user is unknown
-            return found
-        if errors:  # a partial answer (say, no details for this team): what it has is used
-            log.debug("instruqt user=%s partial answer: %s", user_id, self._describe(errors))
-        if status >= 400:
+        if status >= 400:  # the request itself was refused
+            if body is not None and body.get("errors"):
+                self.raise_for_errors(body["errors"], label)
             raise PermanentError(f"Instruqt API answered {status}", category=Category.CONFIG)
-        return found
+        if body is None:
+            raise RetryableError(f"Instruqt API answered {status} with a non-JSON body")
+        return body
 
-    def _describe(self, errors: Any) -> str:
+    def describe(self, errors: Any) -> str:
         """GraphQL errors as one line, without the API key."""
         return "; ".join(self._scrub(_message(err)) for err in _as_list(errors)) or "unknown error"
 
-    def _graphql_errors(self, user_id: str, errors: Any, status: int) -> None:
-        """Return for "not found"-like errors (the user is unknown); raise for everything else:
-        a key Instruqt refuses (auth), a transient error, a refused query (an HTTP error, or
-        an error about no field of the answer: the query or its variables, config), or an
-        error about this one user's data (one with a ``path``)."""
+    def raise_for_errors(
+        self, errors: Any, label: str, category: Category = Category.CONFIG
+    ) -> NoReturn:
+        """Raise what GraphQL ``errors`` mean: PermanentError(AUTH) for a key Instruqt
+        refuses, RetryableError for a transient failure, else PermanentError(``category``)
+        with the messages (CONFIG: the query or its variables were refused)."""
         messages = [self._scrub(_message(err)) for err in _as_list(errors)]
-        text = self._describe(errors)
-        if all(_NOT_FOUND.search(m) for m in messages):
-            log.debug("instruqt user=%s not found: %s", user_id, text)
-            return
+        text = self.describe(errors)
         if any(_UNAUTHORISED.search(m) for m in messages):
             raise PermanentError(
                 f"Instruqt API refused the INSTRUQT_API_KEY: {text}", category=Category.AUTH
             )
         if any(_TRANSIENT.search(m) for m in messages):
-            raise RetryableError(f"Instruqt API transient error for user {user_id}: {text}")
-        if status >= 400 or not all(_has_path(err) for err in _as_list(errors)):
+            raise RetryableError(f"Instruqt API transient error for {label}: {text}")
+        if category == Category.CONFIG:
             raise PermanentError(
                 f"Instruqt API refused the query: {text} (check INSTRUQT_TEAM_SLUG and "
                 "INSTRUQT_GRAPHQL_URL)",
                 category=Category.CONFIG,
             )
-        raise PermanentError(
-            f"Instruqt API error for user {user_id}: {text}", category=Category.INSTRUQT_API
-        )
+        raise PermanentError(f"Instruqt API error for {label}: {text}", category=category)
 
     def _scrub(self, text: str) -> str:
         """Never let the API key into a message."""
@@ -226,9 +240,19 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _has_path(error: Any) -> bool:
-    """Whether a GraphQL error is about a field of the answer (it names a ``path``)."""
-    return isinstance(error, dict) and bool(error.get("path"))
+def _all_have_path(errors: Any) -> bool:
+    """Whether every GraphQL error is about a field of the answer (each names a ``path``)."""
+    return all(isinstance(err, dict) and bool(err.get("path")) for err in _as_list(errors))
+
+
+def all_not_found(errors: Any) -> bool:
+    """Whether every GraphQL error says that what was asked for does not exist."""
+    return all(_NOT_FOUND.search(_message(err)) for err in _as_list(errors))
+
+
+def _field(data: Any, name: str) -> Any:
+    """``data[name]`` if ``data`` is an object, else None."""
+    return data.get(name) if isinstance(data, dict) else None
 
 
 def _message(error: Any) -> str:
@@ -241,23 +265,22 @@ def _message(error: Any) -> str:
     return f"{message} [{code}]" if code else message
 
 
-def _text(value: Any) -> str | None:
+def text_or_none(value: Any) -> str | None:
     """Stripped text, or None for anything empty or not a string."""
     return (value.strip() or None) if isinstance(value, str) else None
 
 
-def _profile(user_id: str, data: Any) -> Profile | None:
-    """A Profile from the ``data`` of the user query (the team's details first); None if the
-    user is null."""
-    user = data.get("user") if isinstance(data, dict) else None
+def profile_from(user_id: str, user: Any) -> Profile | None:
+    """A Profile from a GraphQL ``User`` object (``id``, ``details``, ``profile``; the team's
+    details first); None if the user is null."""
     if not isinstance(user, dict):
         return None
     details, profile = (user.get(part) for part in ("details", "profile"))
     details = details if isinstance(details, dict) else {}
     profile = profile if isinstance(profile, dict) else {}
     from_details, from_profile = (valid_email(part.get("email")) for part in (details, profile))
-    display = _text(profile.get("display_name"))
-    first, last = _text(details.get("firstName")), _text(details.get("lastName"))
+    display = text_or_none(profile.get("display_name"))
+    first, last = text_or_none(details.get("firstName")), text_or_none(details.get("lastName"))
     if not (first or last) and display:  # the display name, split at its last space
         first, _, last = display.rpartition(" ") if " " in display else ("", "", display)
     return Profile(

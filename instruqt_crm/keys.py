@@ -48,6 +48,12 @@ def text(value: object) -> str:
 
 # --- receiver and inbox ---------------------------------------------------------------------
 INBOX = f"{PREFIX}inbox"  # stream of accepted events, taken by worker jobs
+BACKFILL_INBOX = f"{PREFIX}inbox:backfill"  # events a backfill made: taken when INBOX is empty
+
+
+def backfill(run: str, what: str = "checkpoint") -> str:
+    """A backfill run's checkpoint (a hash), or one of its sets (``learners``, ``emailed``)."""
+    return f"{PREFIX}backfill:{run}:{what}"
 
 
 def seen(message_id: str) -> str:
@@ -90,6 +96,8 @@ def parked_meta(user_id: str) -> str:
 
 # --- ledger ---------------------------------------------------------------------------------
 DIRTY_CONTACTS = f"{PREFIX}dirty"  # zset: contact key -> when it first changed unsent
+HELD_CONTACTS = f"{PREFIX}dirty:backfill"  # zset: changed by a backfill, sent when it ends
+BACKFILL_RUNNING = f"{PREFIX}backfill:running"  # zset: backfill run -> reading until (epoch s)
 DIRTY_PLAYS = f"{PREFIX}plays:dirty"  # zset: participant id -> when it first changed unsent
 
 

@@ -195,3 +195,66 @@ def test_an_unreadable_inbox_entry_becomes_a_failure(engine: Path, redis_conn: r
     assert merged(redis_conn) == 1 and inbox.depth(redis_conn) == 0
     [failure] = failures.every(redis_conn)
     assert failure.message_id == "msg_odd" and "{not json" in failure.payload
+
+
+def test_live_events_are_taken_before_backfill_events(redis_conn: redis.Redis) -> None:
+    """A batch is of one lane; the backfill lane is taken only while no live event waits, and
+    the live lane is looked at again before every batch."""
+    for number in range(150):
+        message_id, body = challenge(1000 + number)
+        inbox.add(redis_conn, message_id, body, inbox.BACKFILL)
+    enqueue_all(redis_conn, (challenge(n) for n in range(30)))
+    first = inbox.take(redis_conn, "w1", 100)
+    assert len(first) == 30 and {e.lane for e in first} == {inbox.LIVE}
+    inbox.ack(redis_conn, [e.entry_id for e in first], inbox.LIVE)
+    second = inbox.take(redis_conn, "w1", 100)
+    assert len(second) == 100 and {e.lane for e in second} == {inbox.BACKFILL}
+    inbox.ack(redis_conn, [e.entry_id for e in second], inbox.BACKFILL)
+    enqueue_all(redis_conn, (challenge(n) for n in range(30, 35)))  # arrives mid-backfill
+    third = inbox.take(redis_conn, "w1", 100)
+    assert [e.message_id for e in third] == [f"msg_{n}" for n in range(30, 35)]
+    inbox.ack(redis_conn, [e.entry_id for e in third], inbox.LIVE)
+    assert inbox.depth(redis_conn) == 0 and inbox.depth(redis_conn, inbox.BACKFILL) == 50
+
+
+def test_a_killed_workers_backfill_events_are_taken_over(
+    engine: Path, redis_conn: redis.Redis
+) -> None:
+    """Backfill entries a dead worker held are reclaimed like live ones and handled."""
+    for number in range(20):
+        message_id, body = challenge(number)
+        inbox.add(redis_conn, message_id, body, inbox.BACKFILL)
+    held = inbox.take(redis_conn, "killed-worker", 20)
+    assert len(held) == 20 and held[0].lane == inbox.BACKFILL
+    assert inbox.wake(redis_conn)
+    drain(redis_conn)
+    assert merged(redis_conn) == 20
+    assert inbox.depth(redis_conn, inbox.BACKFILL) == 0
+
+
+def test_a_drain_job_says_how_many_events_came_from_a_backfill(
+    engine: Path, redis_conn: redis.Redis
+) -> None:
+    enqueue_all(redis_conn, (challenge(n) for n in range(3)))
+    for number in range(3, 7):
+        message_id, body = challenge(number)
+        inbox.add(redis_conn, message_id, body, inbox.BACKFILL)
+    drain(redis_conn)
+    finished = queue(QUEUE_NAME, redis_conn).finished_job_registry.get_job_ids()
+    descriptions = [
+        Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).description
+        for job_id in finished
+    ]
+    assert "process_inbox: 7 events (4 from a backfill)" in descriptions
+
+
+def test_each_backfill_run_has_its_own_reading_mark(redis_conn: redis.Redis) -> None:
+    """Two backfills at once: the first to stop does not end the other's mark; a mark whose
+    reader died lapses by itself."""
+    assert not inbox.backfill_reading(redis_conn)
+    inbox.backfill_reading(redis_conn, 600, "run-a")
+    inbox.backfill_reading(redis_conn, 600, "run-b")
+    inbox.backfill_stopped(redis_conn, "run-a")
+    assert inbox.backfill_reading(redis_conn) and not inbox.backfill_done(redis_conn)
+    redis_conn.zadd(keys.BACKFILL_RUNNING, {"run-b": time.time() - 1})  # its time ran out
+    assert not inbox.backfill_reading(redis_conn) and inbox.backfill_done(redis_conn)

@@ -213,6 +213,15 @@ def test_other_graphql_errors_are_permanent_with_the_message(api, client, sleeps
     assert sleeps == []
 
 
+def test_a_refused_request_is_config_even_if_it_says_not_found(api, client, sleeps):
+    """A 4xx is about the request (a wrong URL path, say), never an unknown user."""
+    api.post(URL, status=404, json={"errors": [{"message": "Not Found"}]})
+    with pytest.raises(PermanentError) as info:
+        client.lookup_email(USER)
+    assert info.value.category == "config"
+    assert sleeps == []
+
+
 def test_an_error_about_one_users_data_is_that_users(api, client):
     error = {"message": "resolver failed", "path": ["user", "profile"]}
     api.post(URL, json={"data": None, "errors": [error]})

@@ -30,7 +30,7 @@ def settings(**extra: object) -> Settings:
 def test_empty_redis(redis_conn: redis.Redis) -> None:
     figures = status.collect(redis_conn, settings())
     assert figures["queues"]["jobs"] == {"queued": 0, "scheduled": 0, "started": 0, "failed": 0}
-    assert figures["contacts"] == {"dirty": 0}
+    assert figures["contacts"] == {"dirty": 0, "held": 0}
     assert figures["identity"] == {"waiting_learners": 0, "waiting_events": 0}
     assert figures["failures"] == {"open": {}, "recorded": {}}
     assert figures["last_flush"] == {"at": None, "age_seconds": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .backfill import backfill
 from .failed import failed_group
 from .local import dev, send_example
 from .mapping_commands import check, preview_command, setup
@@ -28,6 +29,7 @@ for command in (
     failed_group,
     trace_command,
     status_command,
+    backfill,
 ):
     main.add_command(command)
 

@@ -32,7 +32,7 @@ from instruqt_crm.errors import PermanentError, RateLimited
 from instruqt_crm.journal import counters, failures, trail
 from instruqt_crm.mapping import Mapping
 
-from . import ledger
+from . import inbox, ledger
 from .flush_plays import flush_plays
 from .queueing import FLUSH_JOB, schedule_once
 from .send import Tally, send
@@ -81,11 +81,26 @@ def schedule_flush(conn: redis.Redis, after: float, force: bool = False) -> bool
     return schedule_once(conn, FLUSH_JOB, after, after + 30, force)
 
 
+def release_backfilled(conn: redis.Redis) -> int:
+    """Once a backfill is done (``inbox.backfill_done``), make the learners it changed dirty
+    and ask for a flush; how many were released."""
+    if not ledger.held_count(conn) or not inbox.backfill_done(conn):
+        return 0
+    released = ledger.release_held(conn)
+    if released:
+        log.info("backfill done: %d learner(s) to send", released)
+        schedule_flush(conn, 0)
+    return released
+
+
 def wake_stalled(conn: redis.Redis, window: float) -> bool:
     """Queue a flush now if changes waited STALL_SECONDS past the window and none is pending
-    (a net for a flush lost with a worker or held by a scheduler that died with Redis)."""
+    (a net for a flush lost with a worker or held by a scheduler that died with Redis). Plays
+    are left alone while a backfill holds learners: theirs wait for them, and the flush that
+    sends them when it ends sends the plays too (``release_backfilled``)."""
     due = time.time() - window - STALL_SECONDS
-    for key in (keys.DIRTY_CONTACTS, keys.DIRTY_PLAYS):
+    held = ledger.held_count(conn) > 0
+    for key in (keys.DIRTY_CONTACTS,) if held else (keys.DIRTY_CONTACTS, keys.DIRTY_PLAYS):
         oldest: Any = conn.zrange(key, 0, 0, withscores=True)
         if oldest and float(oldest[0][1]) <= due:
             return schedule_flush(conn, 0)  # unless a flush (or its wait) is pending

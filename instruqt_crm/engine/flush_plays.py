@@ -68,12 +68,16 @@ def _send_batch(
     with conn.pipeline(transaction=False) as pipe:
         for _, change, _ in changed:
             pipe.zscore(keys.DIRTY_CONTACTS, change.email)
-        learner_dirty = pipe.execute()
+            pipe.zscore(keys.HELD_CONTACTS, change.email)
+        scores = pipe.execute()
+    learner_dirty = [
+        a if a is not None else b for a, b in zip(scores[::2], scores[1::2], strict=True)
+    ]
     unchanged = [(p, f.version, None) for p, f in found.items() if f.change is None]
     kept = plays.settle_many(conn, unchanged, idle_seconds)
     batch, waiting = {}, 0
     for (participant, change, version), score in zip(changed, learner_dirty, strict=True):
-        if score is not None:  # its Contact or Lead may not exist yet: wait for it
+        if score is not None:  # its Contact or Lead (dirty or held) may not exist yet: wait
             waiting += 1
         else:
             batch[participant] = (change, version)

@@ -28,7 +28,7 @@ from instruqt_crm.mapping import PropertyChange, apply_event, skip_reason
 
 from . import identity, ledger, mapping_record, plays
 from .flush import schedule_flush
-from .inbox import Entry
+from .inbox import BACKFILL, Entry
 from .queueing import RETRY_PARKED_JOB, schedule_once
 from .runtime import Runtime
 
@@ -81,10 +81,15 @@ class Batch:
     """One batch of events: handles them, stages merges and writes, commits them together."""
 
     def __init__(
-        self, conn: redis.Redis, runtime: Runtime, user_ids: Iterable[str | None] = ()
+        self,
+        conn: redis.Redis,
+        runtime: Runtime,
+        user_ids: Iterable[str | None] = (),
+        hold: bool = False,
     ) -> None:
         self.conn = conn
         self.runtime = runtime
+        self.hold = hold  # a backfill's events: their learners are sent when it ends
         self.writes: Pipeline = conn.pipeline(transaction=False)
         users = {u for u in user_ids if u}
         self.resolver = identity.IdentityResolver(
@@ -291,7 +296,7 @@ class Batch:
             if isinstance(reply, redis.ResponseError):
                 log.warning("a counter or trail write failed: %s", reply)
         self._release_late()
-        if self._changed:
+        if self._changed and not self.hold:  # held learners: flushed when the backfill ends
             schedule_flush(self.conn, self.runtime.settings.flush_window_seconds)
         if self._parked:
             first = identity.BACKOFF[0]
@@ -336,7 +341,8 @@ class Batch:
     def _merge_together(self, merges: list[_Merge]) -> list[bool]:
         """Merge events into their contacts and plays (two scripts); per event: changed?"""
         idle = self.runtime.settings.state_idle_seconds
-        flags = ledger.merge_many(self.conn, [merge.contact() for merge in merges], idle)
+        contacts = [merge.contact() for merge in merges]
+        flags = ledger.merge_many(self.conn, contacts, idle, hold=self.hold)
         with_play = [(index, merge.play) for index, merge in enumerate(merges) if merge.play]
         played = plays.merge_many(self.conn, [play for _, play in with_play], idle)
         for (index, _), changed in zip(with_play, played, strict=True):
@@ -397,7 +403,8 @@ def handle_batch(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> C
 
 def _handle_together(conn: redis.Redis, runtime: Runtime, entries: list[Entry]) -> Counter[str]:
     """Handle events as one batch; an event whose own step raises becomes a failure."""
-    batch = Batch(conn, runtime, (_user_id(entry.body) for entry in entries))
+    hold = bool(entries) and entries[0].lane == BACKFILL
+    batch = Batch(conn, runtime, (_user_id(entry.body) for entry in entries), hold)
     for entry in entries:
         marker = CURRENT_EVENT.set(entry.message_id)
         try:

@@ -117,6 +117,13 @@ return 1
 """
 
 
+def learner_of(profile: Profile) -> Learner | None:
+    """The learner Instruqt's answer makes known (None when it holds no email)."""
+    if profile.email is None:
+        return None
+    return Learner(profile.email, "instruqt", profile.first_name, profile.last_name)
+
+
 def remember(
     writes: redis.Redis | Pipeline, user_id: str, learner: Learner | None, ttl: int
 ) -> None:
@@ -237,9 +244,9 @@ class IdentityResolver:
             else:
                 self.lookups_until = 0.0  # the API or the key: ask no more in this batch
             return self._offered(user_id, offered, UNCHECKED_TTL, "lookup-failed", False)
-        if profile is None or profile.email is None:
+        learner = learner_of(profile) if profile is not None else None
+        if learner is None:
             return self._offered(user_id, offered, PARAMS_TTL, "lookup")
-        learner = Learner(profile.email, "instruqt", profile.first_name, profile.last_name)
         self.learn(user_id, learner)
         self._compare(user_id, offered, learner)
         return self._count(Resolution(learner.email, "lookup", learner))

@@ -9,12 +9,20 @@ Crash safety comes from the stream's consumer group: an entry taken by a worker 
 *pending* until acknowledged after its batch was handled, so a killed worker's entries are
 claimed by the next job (see ``reclaim``). Handling an event twice is harmless: the ledger
 merge is idempotent.
+
+Two lanes, taken in order (``LANES``): the live inbox, then the backfill lane, which holds
+the events ``instruqt-crm backfill`` made from past plays. A drain job takes backfill events
+only while no live event waits, and looks again before each batch, so live events queued
+mid-backfill wait for at most one batch. Learners changed by backfill events are held
+(``ledger.release_held``) until the backfill is done (``backfill_done``), so each is sent
+once, not once per page of the report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +38,9 @@ from .queueing import DRAIN_JOB, enqueue_job, schedule_once
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+LIVE, BACKFILL = keys.INBOX, keys.BACKFILL_INBOX
+LANES = (LIVE, BACKFILL)  # highest priority first
+BACKFILL_ID = "backfill:"  # how the ids of the events a backfill made begin
 DRAIN_MARK = keys.pending_job(DRAIN_JOB)  # schedule_once's mark, also set by the accept script
 DRAIN_MARK_MS = 10_000  # at most one queued drain job per 10 s of arrivals
 STALE_MS = 300_000  # a live consumer acknowledges far sooner than this (job timeout)
@@ -62,6 +73,7 @@ class Entry:
     entry_id: str
     message_id: str
     body: dict[str, Any]
+    lane: str = LIVE
 
 
 def enqueue_event(
@@ -93,40 +105,57 @@ def _run(conn: redis.Redis, source: str, names: list[str], args: list[Any]) -> A
 
 def wake(conn: redis.Redis) -> bool:
     """Queue a drain job if events wait and none is pending (a safety net after failures)."""
-    return depth(conn) > 0 and schedule_once(conn, DRAIN_JOB, 0, DRAIN_MARK_MS / 1000)
+    waiting = any(depth(conn, lane) for lane in LANES)
+    return waiting and schedule_once(conn, DRAIN_JOB, 0, DRAIN_MARK_MS / 1000)
 
 
-def add(conn: redis.Redis | Any, message_id: str, body: dict[str, Any]) -> None:
-    """Add an event without dedupe (requeues); ``conn`` may be a pipeline."""
-    conn.xadd(keys.INBOX, {"id": message_id, "body": json.dumps(body)})
+def add(
+    conn: redis.Redis | Any, message_id: str, body: dict[str, Any] | str, lane: str | None = None
+) -> None:
+    """Add an event without dedupe (requeues, backfill); ``conn`` may be a pipeline. Unless
+    ``lane`` is given, an event a backfill made (a requeued failure) goes back to its lane."""
+    lane = lane or (BACKFILL if message_id.startswith(BACKFILL_ID) else LIVE)
+    encoded = body if isinstance(body, str) else json.dumps(body)
+    conn.xadd(lane, {"id": message_id, "body": encoded})
 
 
-def ensure_group(conn: redis.Redis) -> None:
+def ensure_group(conn: redis.Redis, lane: str = LIVE) -> None:
     """Create the consumer group (and the stream) if missing; reads start at the oldest entry."""
     try:
-        conn.xgroup_create(keys.INBOX, GROUP, id="0", mkstream=True)
+        conn.xgroup_create(lane, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
 
 
-def _read(conn: redis.Redis, consumer: str, start: str, count: int) -> list[Any]:
-    """XREADGROUP, creating the group on first use."""
+def _read(conn: redis.Redis, consumer: str, lane: str, start: str, count: int) -> list[Any]:
+    """XREADGROUP on one lane, creating the group on first use."""
     try:
-        reply = conn.xreadgroup(GROUP, consumer, {keys.INBOX: start}, count=count)
+        reply = conn.xreadgroup(GROUP, consumer, {lane: start}, count=count)
     except redis.ResponseError as exc:
         if "NOGROUP" not in str(exc):
             raise
-        ensure_group(conn)
-        reply = conn.xreadgroup(GROUP, consumer, {keys.INBOX: start}, count=count)
+        ensure_group(conn, lane)
+        reply = conn.xreadgroup(GROUP, consumer, {lane: start}, count=count)
     streams: list[Any] = reply or []  # type: ignore[assignment]
     return streams[0][1] if streams else []
 
 
 def take(conn: redis.Redis, consumer: str, count: int, own_pending: bool = False) -> list[Entry]:
-    """Up to ``count`` new events for ``consumer`` (or those it already holds, if asked)."""
+    """Up to ``count`` events of one lane for ``consumer``: new ones from the first lane that
+    has any (or, if asked, those it already holds): never a mix of lanes."""
+    for lane in LANES:
+        if entries := _take(conn, consumer, lane, count, own_pending):
+            return entries
+    return []
+
+
+def _take(
+    conn: redis.Redis, consumer: str, lane: str, count: int, own_pending: bool
+) -> list[Entry]:
+    """Up to ``count`` events of ``lane`` (new, or held by ``consumer``)."""
     entries, gone = [], []
-    for raw_id, fields in _read(conn, consumer, "0" if own_pending else ">", count):
+    for raw_id, fields in _read(conn, consumer, lane, "0" if own_pending else ">", count):
         entry_id = text(raw_id)
         if not fields:  # deleted while pending: nothing to handle
             gone.append(entry_id)
@@ -136,27 +165,35 @@ def take(conn: redis.Redis, consumer: str, count: int, own_pending: bool = False
             body = json.loads(decoded["body"])
         except (KeyError, ValueError):  # never written so by us: kept as a visible failure
             body = {"unreadable_inbox_entry": decoded}
-        entries.append(Entry(entry_id, decoded.get("id", entry_id), body))
+        entries.append(Entry(entry_id, decoded.get("id", entry_id), body, lane))
     if gone:
-        ack(conn, gone)
+        ack(conn, gone, lane)
     return entries
 
 
-def ack(conn: redis.Redis, entry_ids: Iterable[str]) -> None:
-    """Acknowledge handled entries and delete them, so the stream holds only open work."""
+def ack(conn: redis.Redis, entry_ids: Iterable[str], lane: str = LIVE) -> None:
+    """Acknowledge handled entries of ``lane`` and delete them, so it holds only open work."""
     ids = list(entry_ids)
     if not ids:
         return
     with conn.pipeline(transaction=True) as pipe:
-        pipe.xack(keys.INBOX, GROUP, *ids)
-        pipe.xdel(keys.INBOX, *ids)
+        pipe.xack(lane, GROUP, *ids)
+        pipe.xdel(lane, *ids)
         pipe.execute()
 
 
 def reclaim(conn: redis.Redis, consumer: str, gone: Callable[[str], bool]) -> int:
     """Take over entries held by consumers that are ``gone`` or silent too long; drop the dead."""
+    claimed = sum(_reclaim(conn, lane, consumer, gone) for lane in LANES)
+    if claimed:
+        log.warning("took over %d inbox event(s) left by stopped workers", claimed)
+    return claimed
+
+
+def _reclaim(conn: redis.Redis, lane: str, consumer: str, gone: Callable[[str], bool]) -> int:
+    """``reclaim`` for one lane."""
     try:
-        consumers = conn.xinfo_consumers(keys.INBOX, GROUP)
+        consumers = conn.xinfo_consumers(lane, GROUP)
     except redis.ResponseError:  # no stream or group yet
         return 0
     claimed = 0
@@ -166,29 +203,49 @@ def reclaim(conn: redis.Redis, consumer: str, gone: Callable[[str], bool]) -> in
             continue
         dead = gone(name)
         if info["pending"] and (dead or info["idle"] >= STALE_MS):
-            claimed += _claim_all(conn, name, consumer)
+            claimed += _claim_all(conn, lane, name, consumer)
         if dead:
-            conn.xgroup_delconsumer(keys.INBOX, GROUP, name)
-    if claimed:
-        log.warning("took over %d inbox event(s) left by stopped workers", claimed)
+            conn.xgroup_delconsumer(lane, GROUP, name)
     return claimed
 
 
-def _claim_all(conn: redis.Redis, holder: str, consumer: str) -> int:
-    """Move every pending entry of ``holder`` to ``consumer``."""
+def _claim_all(conn: redis.Redis, lane: str, holder: str, consumer: str) -> int:
+    """Move every pending entry of ``holder`` in ``lane`` to ``consumer``."""
     claimed = 0
     while True:
-        held = conn.xpending_range(keys.INBOX, GROUP, "-", "+", 500, consumername=holder)
+        held = conn.xpending_range(lane, GROUP, "-", "+", 500, consumername=holder)
         ids: list[Any] = [item["message_id"] for item in held]
         if not ids:
             return claimed
-        conn.xclaim(keys.INBOX, GROUP, consumer, 0, ids, justid=True)
+        conn.xclaim(lane, GROUP, consumer, 0, ids, justid=True)
         claimed += len(ids)
 
 
-def depth(conn: redis.Redis) -> int:
-    """Events accepted and not yet handled (waiting or being handled)."""
-    return int(conn.xlen(keys.INBOX))
+def backfill_reading(conn: redis.Redis, seconds: int = 0, run: str = "") -> bool:
+    """Whether any backfill is reading Instruqt's report; ``seconds`` > 0 (a reader, before
+    each request and while it waits) says that ``run`` still is for that long, 0 asks. Each
+    run has its own mark, so two backfills at once do not end each other's."""
+    now = time.time()
+    if seconds > 0:
+        conn.zadd(keys.BACKFILL_RUNNING, {run: now + seconds})
+        return True
+    conn.zremrangebyscore(keys.BACKFILL_RUNNING, "-inf", now)
+    return bool(conn.zcard(keys.BACKFILL_RUNNING))
+
+
+def backfill_stopped(conn: redis.Redis, run: str = "") -> None:
+    """``run`` stopped reading (finished, interrupted or failed)."""
+    conn.zrem(keys.BACKFILL_RUNNING, run)
+
+
+def backfill_done(conn: redis.Redis) -> bool:
+    """No backfill is reading and none of its events waits: its learners may be sent."""
+    return not backfill_reading(conn) and depth(conn, BACKFILL) == 0
+
+
+def depth(conn: redis.Redis, lane: str = LIVE) -> int:
+    """Events of ``lane`` accepted and not yet handled (waiting or being handled)."""
+    return int(conn.xlen(lane))
 
 
 def lag(conn: redis.Redis) -> float:

@@ -70,22 +70,23 @@ return found
 # ('P' + the packed state or 'N', then '|L' + an earlier version's hash version or '|-');
 # returns the 1-based positions of those that changed meanwhile, to be read and tried again.
 # A schema id already naming other names fails the whole call before anything is written.
-# KEYS: dirty set, then per learner: state, an earlier version's hash and event ids, schema.
-# ARGV: now, state ttl (0: none), then per learner: expected, packed state, dirty action
-# ('A' add, 'R' remove, '' none), dirty member, schema names, '1' if values are unsent.
+# KEYS: dirty set, held set, then per learner: state, an earlier version's hash and event
+# ids, schema. ARGV: now, state ttl (0: none), then per learner: expected, packed state,
+# dirty action ('A' add, 'B' hold until the backfill ends unless dirty, 'R' remove, ''
+# none), dirty member, schema names, '1' if values are unsent.
 _WRITE = """
 local now, ttl = ARGV[1], tonumber(ARGV[2])
-local count = (#KEYS - 1) / 4
+local count = (#KEYS - 2) / 4
 for i = 1, count do
-  local known = redis.call('GET', KEYS[4 * i + 1])
+  local known = redis.call('GET', KEYS[4 * i + 2])
   if known and known ~= ARGV[2 + 6 * (i - 1) + 5] then
-    return redis.error_reply('schema id collision: ' .. KEYS[4 * i + 1])
+    return redis.error_reply('schema id collision: ' .. KEYS[4 * i + 2])
   end
 end
 local conflicts = {}
 for i = 1, count do
-  local state, legacy = KEYS[4 * i - 2], KEYS[4 * i - 1]
-  local events, schema = KEYS[4 * i], KEYS[4 * i + 1]
+  local state, legacy = KEYS[4 * i - 1], KEYS[4 * i]
+  local events, schema = KEYS[4 * i + 1], KEYS[4 * i + 2]
   local a = 2 + 6 * (i - 1)
   local packed = redis.call('GET', state)
   local held = packed and ('P' .. packed) or 'N'
@@ -96,9 +97,18 @@ for i = 1, count do
     conflicts[#conflicts + 1] = i
   else
     redis.call('SET', schema, ARGV[a + 5], 'NX')
-    if ARGV[a + 3] == 'A' then redis.call('ZADD', KEYS[1], 'NX', now, ARGV[a + 4])
-    elseif ARGV[a + 3] == 'R' then redis.call('ZREM', KEYS[1], ARGV[a + 4]) end
-    local waiting = ARGV[a + 6] == '1' or redis.call('ZSCORE', KEYS[1], ARGV[a + 4])
+    local action, member = ARGV[a + 3], ARGV[a + 4]
+    if action == 'A' then
+      redis.call('ZADD', KEYS[1], 'NX', now, member)
+      redis.call('ZREM', KEYS[2], member)
+    elseif action == 'B' and not redis.call('ZSCORE', KEYS[1], member) then
+      redis.call('ZADD', KEYS[2], 'NX', now, member)
+    elseif action == 'R' then
+      redis.call('ZREM', KEYS[1], member)
+      redis.call('ZREM', KEYS[2], member)
+    end
+    local waiting = ARGV[a + 6] == '1' or redis.call('ZSCORE', KEYS[1], member)
+      or redis.call('ZSCORE', KEYS[2], member)
     if ttl > 0 and not waiting then
       redis.call('SET', state, ARGV[a + 2], 'EX', ttl)
     else  -- values not accepted yet: never evicted or expired
@@ -128,7 +138,7 @@ class _Write:
     key: str
     held: _Held
     state: LearnerState
-    dirty: str = ""  # 'A': put in the dirty set, 'R': take out of it
+    dirty: str = ""  # 'A': put in the dirty set, 'B': in the held set, 'R': out of both
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -274,7 +284,7 @@ def _write(conn: redis.Redis, writes: Sequence[_Write], idle_seconds: int) -> li
     """Compare-and-set the writes in one script; the keys of those that must be read again."""
     if not writes:
         return []
-    names = [keys.DIRTY_CONTACTS]
+    names = [keys.DIRTY_CONTACTS, keys.HELD_CONTACTS]
     args: list[str | bytes] = [str(time.time()), str(idle_seconds)]
     for item in writes:
         stored = item.state.copy()
@@ -328,12 +338,16 @@ def merge(
     return merge_many(conn, [Merge(key, changes, event_id, email, user_id)], idle_seconds)[0]
 
 
-def merge_many(conn: redis.Redis, merges: Sequence[Merge], idle_seconds: int = 0) -> list[bool]:
+def merge_many(
+    conn: redis.Redis, merges: Sequence[Merge], idle_seconds: int = 0, hold: bool = False
+) -> list[bool]:
     """Merge many events at once (a read and a script per round); per merge: changed anything?
 
     Same result as ``merge`` one by one, in any order. ``idle_seconds``: how long the state
-    lives after this write (0: for ever).
+    lives after this write (0: for ever). ``hold``: learners these events changed wait in
+    the held set until the backfill ends (``release_held``), unless already dirty.
     """
+    mark = "B" if hold else "A"
     positions: dict[str, list[int]] = {}
     for index, item in enumerate(merges):
         positions.setdefault(item.key, []).append(index)
@@ -344,7 +358,7 @@ def merge_many(conn: redis.Redis, merges: Sequence[Merge], idle_seconds: int = 0
         state, flags = _fold(items, held.state)
         for index, flag in zip(positions[key], flags, strict=True):
             changed[index] = flag
-        return _Write(key, held, state, "A" if any(flags) else "")
+        return _Write(key, held, state, mark if any(flags) else "")
 
     _until_written(conn, list(positions), step, idle_seconds)
     return changed
@@ -540,6 +554,26 @@ def dirty_since(conn: redis.Redis, limit: int) -> list[tuple[str, float]]:
 def dirty_count(conn: redis.Redis) -> int:
     """How many learners wait to be sent."""
     return int(conn.zcard(keys.DIRTY_CONTACTS))
+
+
+def held_count(conn: redis.Redis) -> int:
+    """How many learners changed by a backfill wait for it to end before they are sent."""
+    return int(conn.zcard(keys.HELD_CONTACTS))
+
+
+# KEYS: held set, dirty set. ARGV: now. Every held learner becomes dirty (as of now).
+_RELEASE = """
+local held = redis.call('ZRANGE', KEYS[1], 0, -1)
+for i = 1, #held do redis.call('ZADD', KEYS[2], 'NX', ARGV[1], held[i]) end
+redis.call('DEL', KEYS[1])
+return #held
+"""
+
+
+def release_held(conn: redis.Redis) -> int:
+    """Make every held learner dirty, to be sent; how many there were."""
+    script = conn.register_script(_RELEASE)
+    return int(script(keys=[keys.HELD_CONTACTS, keys.DIRTY_CONTACTS], args=[str(time.time())]))
 
 
 def mark_dirty(conn: redis.Redis, learner_keys: Iterable[str]) -> None:

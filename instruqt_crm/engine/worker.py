@@ -28,7 +28,7 @@ from instruqt_crm.mapping import MappingError
 
 from . import identity, inbox, ledger, mapping_record, memory, plays
 from .dequeue import AppQueue, TakesThroughIntermediateLists
-from .flush import schedule_flush, wake_stalled
+from .flush import release_backfilled, schedule_flush, wake_stalled
 from .queueing import (
     ALLOWED_JOBS,
     QUEUE_NAMES,
@@ -151,6 +151,7 @@ class _Maintained:
         try:
             inbox.wake(conn)  # events without a drain job
             wake_stalled(conn, current().settings.flush_window_seconds)  # a flush lost
+            release_backfilled(conn)  # a backfill whose reader stopped
         except redis.RedisError as exc:  # the worker loop reconnects; try again next time
             log.warning("inbox and flush checks skipped: %s", exc)
         MEMORY_WATCH.check(conn)  # logs when Redis is 70 % full or more

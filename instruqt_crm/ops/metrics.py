@@ -116,6 +116,11 @@ class RedisCollector:
             "Events accepted and not yet handled by a worker.",
             value=inbox.depth(self.conn),
         )
+        yield GaugeMetricFamily(
+            "instruqt_crm_backfill_depth",
+            "Events a backfill queued, not yet handled (taken while no live event waits).",
+            value=inbox.depth(self.conn, inbox.BACKFILL),
+        )
         depth = GaugeMetricFamily("instruqt_crm_queue_depth", "Jobs waiting.", labels=("queue",))
         for name in QUEUE_NAMES:
             depth.add_metric([name], queue(name, self.conn).count)
@@ -124,6 +129,11 @@ class RedisCollector:
             "instruqt_crm_dirty_contacts",
             "Contacts with changes not yet sent.",
             value=ledger.dirty_count(self.conn),
+        )
+        yield GaugeMetricFamily(
+            "instruqt_crm_backfill_held_contacts",
+            "Contacts a running backfill changed, sent when it is done.",
+            value=ledger.held_count(self.conn),
         )
         yield GaugeMetricFamily(
             "instruqt_crm_dirty_plays",

@@ -166,8 +166,15 @@ class Preview:
         }
 
 
-def preview(mapping: Mapping, items: Iterable[Item], email: str | None = None) -> Preview:
-    """Fold events through the mapping per learner, as the workers would (nothing stored)."""
+def preview(
+    mapping: Mapping,
+    items: Iterable[Item],
+    email: str | None = None,
+    emails: dict[str, str] | None = None,
+) -> Preview:
+    """Fold events through the mapping per learner, as the workers would (nothing stored);
+    ``emails`` are Instruqt's by user id (they outrank parameter emails, as in the workers),
+    ``email`` is for learners no event names an email for."""
     result = Preview()
     events = []
     for item in items:
@@ -189,7 +196,8 @@ def preview(mapping: Mapping, items: Iterable[Item], email: str | None = None) -
         if kind != "mapped":
             (result.ignored if kind == "ignored" else result.unknown).append((where, event.type))
             continue
-        who = email_in(event.params, mapping.identity.email_params)
+        who = (emails or {}).get(event.user_id or "")
+        who = who or email_in(event.params, mapping.identity.email_params)
         who = who or known.get(event.user_id or "") or fallback
         try:
             skipped = skip_reason(mapping, event, who)

@@ -97,9 +97,13 @@ def collect(conn: redis.Redis, source: Runtime | Settings) -> dict[str, Any]:
         },
         "workers": Worker.count(connection=conn),
         "redis": memory.read(conn).figures(),
-        "inbox": {"events": inbox.depth(conn), "lag_seconds": inbox.lag(conn)},
+        "inbox": {
+            "events": inbox.depth(conn),
+            "lag_seconds": inbox.lag(conn),
+            "backfill_events": inbox.depth(conn, inbox.BACKFILL),
+        },
         "queues": queue_figures(conn),
-        "contacts": {"dirty": ledger.dirty_count(conn)},
+        "contacts": {"dirty": ledger.dirty_count(conn), "held": ledger.held_count(conn)},
         "plays": {"dirty": plays.dirty_count(conn)},
         "identity": {
             "waiting_learners": identity.parked_count(conn),
@@ -144,7 +148,14 @@ def redis_lines(found: dict[str, Any]) -> list[str]:
 def inbox_line(found: dict[str, Any]) -> str:
     """How many events wait in the inbox, and for how long the oldest has."""
     line = f"Inbox         {found['events']} event(s) accepted, not yet handled"
-    return line + (f" (oldest {found['lag_seconds']:.0f} s)" if found["events"] else "")
+    line += f" (oldest {found['lag_seconds']:.0f} s)" if found["events"] else ""
+    backfill = found.get("backfill_events", 0)
+    return line + (f"; {backfill} backfill event(s) behind them" if backfill else "")
+
+
+def held_note(held: int) -> str:
+    """``; 40 more when the backfill is done``, or nothing."""
+    return f"; {held} more when the backfill is done" if held else ""
 
 
 def pairs(counts: dict[str, int]) -> str:
@@ -176,7 +187,8 @@ def render(figures: dict[str, Any]) -> list[str]:
         )
     waiting = figures["identity"]
     lines += [
-        f"Contacts      {figures['contacts']['dirty']} waiting to be sent",
+        f"Contacts      {figures['contacts']['dirty']} waiting to be sent"
+        + held_note(figures["contacts"].get("held", 0)),
         f"Plays         {figures['plays']['dirty']} play record(s) waiting to be sent",
         f"Identity      {waiting['waiting_learners']} learner(s) waiting for an email "
         f"({waiting['waiting_events']} event(s))",
