@@ -13,7 +13,8 @@ from instruqt_crm.errors import PermanentError, RetryableError
 from instruqt_crm.instruqt_api import InstruqtClient
 from instruqt_crm.instruqt_reports import PlayReports
 from instruqt_crm.ops import preview
-from instruqt_crm.ops.backfill import Backfill, BackfillError, Plan, Progress
+from instruqt_crm.ops.backfill import Backfill, BackfillError
+from instruqt_crm.ops.backfill_plan import Plan, Progress
 
 from .common import (
     SettingProblem,

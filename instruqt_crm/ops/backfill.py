@@ -15,97 +15,39 @@ bounded backlog; workers take backfill events only while no live event waits (``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
-from typing import Any
+from dataclasses import replace
+from datetime import datetime
 
 import redis
 from redis.client import Pipeline
 from rq import Worker
 
-from instruqt_crm import keys
 from instruqt_crm.engine import flush, identity, inbox
-from instruqt_crm.events import EventError, format_timestamp, parse_timestamp
+from instruqt_crm.events import EventError
 from instruqt_crm.instruqt_reports import Challenge, PlayReport, PlayReports, ReportPage
-from instruqt_crm.keys import text
 from instruqt_crm.mapping import Mapping
 
+from .backfill_plan import Checkpoint, Plan, Progress
 from .play_events import PlayEvent, events_of
 from .preview import Item, Preview, preview
 
 log = logging.getLogger(__name__)
 
-WINDOW = timedelta(days=7)
 PAGE_SIZE = 100
 MAX_QUEUED = 5_000  # backfill events waiting for the workers before the reader pauses
-CHECKPOINT_TTL = 30 * 86400
 NO_WORKER_SECONDS = 30.0  # waiting this long with no worker running is said plainly
 # The reader says it still reads for this long before each request to Instruqt and while it
 # waits: longer than one request can take (4 attempts of up to 10 s, 3 Retry-After waits of up
 # to 60 s, pacing up to 100 s), so workers never take it for gone while it waits on one.
 READING_SECONDS = 600
-COUNTS = (
-    *("plays", "developer_skipped", "malformed", "unreadable", "events", "stand_ins"),
-    "repeated",  # a play the report listed again on a later page of its window (not counted)
-)
 
 
 class BackfillError(Exception):
     """The backfill cannot run as asked (say, a track slug the team does not have)."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to backfill: the team, the range of play start times, tracks, developer plays."""
-
-    team: str
-    since: datetime
-    until: datetime
-    track_slugs: tuple[str, ...] = ()
-    include_developer: bool = False
-    open_ended: bool = False  # no end was given: ``until`` is the first run's "now"
-
-    @property
-    def run_id(self) -> str:
-        """The same for the same plan, so running it again continues its checkpoint (an
-        open-ended plan continues up to the end its first run fixed)."""
-        end = "open" if self.open_ended else format_timestamp(self.until)
-        parts = [self.team, format_timestamp(self.since), end]
-        parts += [*sorted(self.track_slugs), str(self.include_developer)]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-    def windows(self, start: datetime | None = None) -> Iterator[tuple[datetime, datetime]]:
-        """The windows of play start times, oldest first (from ``start`` when resuming)."""
-        begin = start or self.since
-        while begin < self.until:
-            end = min(begin + WINDOW, self.until)
-            yield begin, end
-            begin = end
-
-
-@dataclass
-class Progress:
-    """Where a run stands: the plays the report holds for it, what was read and queued."""
-
-    total: int = 0
-    window: datetime | None = None
-    skip: int = 0
-    counts: Counter[str] = field(default_factory=Counter)
-    learners: int = 0
-    without_email: int = 0
-    waiting: str | None = None  # why the reader is waiting, while it waits
-    resumed: bool = False
-
-    @property
-    def read(self) -> int:
-        """Plays read so far (queued, skipped as developer plays, malformed or unreadable)."""
-        return self.counts["plays"] + self.counts["malformed"]
 
 
 class Backfill:
@@ -130,11 +72,8 @@ class Backfill:
         self._challenges: dict[str, list[Challenge]] = {}
         self._track_ids: tuple[str, ...] | None = None
         self._reading = False  # while ``run`` reads: its mark is renewed before each request
-        self.checkpoint = keys.backfill(plan.run_id)
-        self.learner_set = keys.backfill(plan.run_id, "learners")
-        self.emailed_set = keys.backfill(plan.run_id, "emailed")
-        self.seen_set = keys.backfill(plan.run_id, "seen")  # play ids of the current window
-        self._seen: set[str] = set()
+        self.checkpoint = Checkpoint(plan.run_id)
+        self._seen: set[str] = set()  # play ids read in the current window
 
     def track_ids(self) -> tuple[str, ...]:
         """The ids of the plan's tracks (read once); BackfillError for an unknown slug."""
@@ -154,7 +93,7 @@ class Backfill:
         checkpoint is deleted when every window was read."""
         conn = self._redis()
         if restart:
-            conn.delete(self.checkpoint, self.learner_set, self.emailed_set, self.seen_set)
+            self.checkpoint.clear(conn)
         self._reading = True
         self._still_reading()
         try:
@@ -163,7 +102,7 @@ class Backfill:
             self._reading = False
             inbox.backfill_stopped(conn, self.plan.run_id)
             flush.release_backfilled(conn)
-        conn.delete(self.checkpoint, self.learner_set, self.emailed_set, self.seen_set)
+        self.checkpoint.clear(conn)
         return progress
 
     def _read_all(self, conn: redis.Redis, on_page: Callable[[Progress], None]) -> Progress:
@@ -174,7 +113,7 @@ class Backfill:
         on_page(progress)
         for start, end in self.plan.windows(progress.window):
             resumed = start == progress.window
-            self._seen = {text(i) for i in conn.smembers(self.seen_set)} if resumed else set()
+            self._seen = self.checkpoint.seen_ids(conn) if resumed else set()
             for page, skip in self._pages(start, end, progress.skip if resumed else 0):
                 self._wait_for_room(conn, progress, on_page)
                 self._queue(conn, page, progress, start, skip)
@@ -223,25 +162,17 @@ class Backfill:
         return page.total
 
     def _resume(self, conn: redis.Redis) -> Progress:
-        """The progress the checkpoint holds (a fresh one when there is none)."""
-        saved = {text(k): text(v) for k, v in conn.hgetall(self.checkpoint).items()}
-        if not saved:
+        """The progress the checkpoint holds (a fresh one when there is none); a continued
+        run reads up to the end its first run fixed."""
+        found = self.checkpoint.load(conn)
+        if found is None:
             return Progress()
-        self.plan = replace(self.plan, until=parse_timestamp(saved["until"]))
-        counts = Counter({name: int(saved.get(name, 0)) for name in COUNTS})
-        learners, emailed = conn.scard(self.learner_set), conn.scard(self.emailed_set)
+        progress, until = found
+        self.plan = replace(self.plan, until=until)
         log.info(
-            "backfill %s resumes at %s, skip %s", self.plan.run_id, saved["window"], saved["skip"]
+            "backfill %s resumes at %s, skip %d", self.plan.run_id, progress.window, progress.skip
         )
-        return Progress(
-            total=int(saved.get("total", 0)),
-            window=parse_timestamp(saved["window"]),
-            skip=int(saved["skip"]),
-            counts=counts,
-            learners=int(learners),
-            without_email=int(learners) - int(emailed),
-            resumed=True,
-        )
+        return progress
 
     def _pages(self, start: datetime, end: datetime, skip: int) -> Iterator[tuple[ReportPage, int]]:
         """The window's pages from ``skip`` on, each with the skip after it."""
@@ -308,28 +239,13 @@ class Backfill:
     ) -> None:
         """Queue a page's events, cache its emails and move the checkpoint, in one transaction."""
         with conn.pipeline(transaction=True) as pipe:
-            if window != progress.window:  # the first page of a window: forget the last one's
-                pipe.delete(self.seen_set)
-            if page.items:
-                pipe.sadd(self.seen_set, *(play.id for play in page.items))
             for play, made in self._events(page, progress.counts):
                 self._remember(pipe, play)
-                pipe.sadd(self.learner_set, play.user_id)
-                if self._email(play):
-                    pipe.sadd(self.emailed_set, play.user_id)
+                self.checkpoint.stage_learner(pipe, play.user_id, self._email(play) is not None)
                 for event in made:
                     inbox.add(pipe, event.id, event.body, inbox.BACKFILL)
-            state: dict[Any, Any] = {
-                "until": format_timestamp(self.plan.until),
-                "window": format_timestamp(window),
-                "skip": skip,
-                "total": progress.total,
-            }
-            pipe.hset(self.checkpoint, mapping={**state, **{n: progress.counts[n] for n in COUNTS}})
-            for key in (self.checkpoint, self.learner_set, self.emailed_set, self.seen_set):
-                pipe.expire(key, CHECKPOINT_TTL)
-            pipe.scard(self.learner_set)
-            pipe.scard(self.emailed_set)
+            ids = (play.id for play in page.items)
+            self.checkpoint.stage_page(pipe, progress, self.plan.until, window, skip, ids)
             *_, learners, emailed = pipe.execute()
         progress.window, progress.skip = window, skip
         progress.learners, progress.without_email = int(learners), int(learners) - int(emailed)
