@@ -15,6 +15,7 @@ from instruqt_crm import keys
 from instruqt_crm.cli.backfill import summary
 from instruqt_crm.config import Settings
 from instruqt_crm.engine import inbox
+from instruqt_crm.engine.worker import build_worker
 from instruqt_crm.ops.backfill import Backfill, Plan, Progress
 from tests.engine_helpers import drain
 from tests.fakes.instruqt import FakeInstruqt
@@ -139,3 +140,18 @@ def test_the_summary_names_plays_left_out_and_listed_twice(env: Path) -> None:  
     lines = summary(plan, progress, Settings.from_env(), False)
     assert "  left out             2 play(s): text no stage stores, or an end" in "\n".join(lines)
     assert any(line.startswith("  listed twice          3 play(s)") for line in lines)
+
+
+def test_trace_says_when_a_learner_waits_for_the_backfill(
+    instruqt: FakeInstruqt, redis_conn: redis.Redis
+) -> None:
+    inbox.backfill_reading(redis_conn, 600, "another-run")  # another backfill still reads
+    assert run("backfill", *SINCE).exit_code == 0
+    drain(redis_conn)
+    held = run("trace", "user0@acme.co")
+    assert held.exit_code == 0, held.output
+    assert "Held for a backfill: its values are sent when the backfill is done" in held.output
+    inbox.backfill_stopped(redis_conn, "another-run")
+    build_worker(redis_conn, simple=True).run_maintenance_tasks()
+    drain(redis_conn)
+    assert "Held for a backfill" not in run("trace", "user0@acme.co").output

@@ -124,6 +124,7 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
     empty: dict[str, dict] = {"values": {}, "pending": {}, "cells": {}, "crm": {}}
     view = _ledger_view(conn, email, mapping) if email else empty
     waiting = identity.parked_events(conn, user_id) if user_id else []
+    held = bool(email) and ledger.is_held(conn, str(email))
     if not entries and not view["cells"] and not waiting:
         raise click.ClickException(
             f"nothing known about {who} (no trail, values or waiting events)"
@@ -137,6 +138,7 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
                 "trail": entries,
                 "ledger": view,
                 "waiting": parked,
+                "held_for_backfill": held,
             }
         )
         return
@@ -152,6 +154,8 @@ def trace_command(who: str, limit: int, as_json: bool) -> None:
         click.echo("Values (the CRM's as it last accepted them, and what the ledger holds):")
         for name in names:
             click.echo(f"  {name:<{width}}  {value_line(name, view)}")
+    if held:
+        click.echo("Held for a backfill: its values are sent when the backfill is done")
     if waiting:
         click.echo(f"Waiting for the learner's email: {len(waiting)} event(s)")
         for event_id, body in waiting:

@@ -556,6 +556,11 @@ def dirty_count(conn: redis.Redis) -> int:
     return int(conn.zcard(keys.DIRTY_CONTACTS))
 
 
+def is_held(conn: redis.Redis, key: str) -> bool:
+    """Whether the learner waits for a backfill to end before it is sent."""
+    return conn.zscore(keys.HELD_CONTACTS, key) is not None
+
+
 def held_count(conn: redis.Redis) -> int:
     """How many learners changed by a backfill wait for it to end before they are sent."""
     return int(conn.zcard(keys.HELD_CONTACTS))
