@@ -40,6 +40,7 @@ MAX_RETRY_AFTER = 3600.0
 _NOT_FOUND = re.compile(r"not[ _-]?found|no such user|does ?n[o']t exist|unknown user", re.I)
 _UNAUTHORISED = re.compile(r"unauthori[sz]ed|unauthenticated|forbidden|permission denied", re.I)
 _TRANSIENT = re.compile(r"internal (server )?error|timed? ?out|temporarily|unavailable", re.I)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONFIG_ERRORS = (
     requests.exceptions.InvalidURL,
     requests.exceptions.MissingSchema,
@@ -270,6 +271,16 @@ def text_or_none(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
+def _name(value: Any) -> str | None:
+    """A name as cached with the learner: None also for text not storable as UTF-8 (a lone
+    surrogate would fail the cache write, and with it the learner's whole batch)."""
+    found = text_or_none(value)
+    if found is not None and _SURROGATE.search(found):
+        log.warning("a name Instruqt gave is not valid UTF-8 text: left out")
+        return None
+    return found
+
+
 def profile_from(user_id: str, user: Any) -> Profile | None:
     """A Profile from a GraphQL ``User`` object (``id``, ``details``, ``profile``; the team's
     details first); None if the user is null."""
@@ -279,8 +290,8 @@ def profile_from(user_id: str, user: Any) -> Profile | None:
     details = details if isinstance(details, dict) else {}
     profile = profile if isinstance(profile, dict) else {}
     from_details, from_profile = (valid_email(part.get("email")) for part in (details, profile))
-    display = text_or_none(profile.get("display_name"))
-    first, last = text_or_none(details.get("firstName")), text_or_none(details.get("lastName"))
+    display = _name(profile.get("display_name"))
+    first, last = _name(details.get("firstName")), _name(details.get("lastName"))
     if not (first or last) and display:  # the display name, split at its last space
         first, _, last = display.rpartition(" ") if " " in display else ("", "", display)
     return Profile(

@@ -17,6 +17,7 @@ from instruqt_crm.instruqt_api import (
     InstruqtClient,
     Profile,
     parse_retry_after,
+    profile_from,
 )
 
 KEY = "iq-secret-key-123"
@@ -310,3 +311,17 @@ def test_parse_retry_after_seconds(value, expected):
 
 def test_parse_retry_after_http_date():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
+
+
+def test_a_name_that_is_not_valid_text_is_left_out_and_the_email_kept() -> None:
+    """A lone surrogate in a name Instruqt gives would fail the cache write, and with it the
+    learner's whole batch: the name is dropped, the email used."""
+    user = {
+        "id": "u1",
+        "details": {"email": "ada@acme.co", "firstName": "Bad \ud800", "lastName": "Lovelace"},
+        "profile": {"email": None, "display_name": "\udfff"},
+    }
+    found = profile_from("u1", user)
+    assert found is not None and found.email == "ada@acme.co"
+    assert found.first_name is None and found.last_name == "Lovelace"
+    assert found.display_name is None

@@ -256,9 +256,6 @@ class Backfill:
         if not self.mapping.identity.lookup or play.profile is None:
             return
         learner = identity.learner_of(play.profile)
-        if learner is not None:  # a name Redis cannot store would fail the page's transaction
-            first, last = (_encodable(name) for name in (learner.first_name, learner.last_name))
-            learner = replace(learner, first_name=first, last_name=last)
         ttl = identity.CACHE_TTL if learner else identity.NEGATIVE_TTL
         identity.remember(pipe, play.user_id, learner, ttl)
 
@@ -278,13 +275,3 @@ class Backfill:
             inbox.backfill_reading(conn, READING_SECONDS, self.plan.run_id)
             self._sleep(1.0)
         progress.waiting = None
-
-
-def _encodable(name: str | None) -> str | None:
-    """``name`` when it can be stored (UTF-8 has no lone surrogates), else None."""
-    try:
-        (name or "").encode()
-    except UnicodeEncodeError:
-        log.warning("a learner's name holds text that is not valid UTF-8: left out")
-        return None
-    return name
