@@ -76,6 +76,21 @@ def run_backfill(conn: redis.Redis, fake: FakeInstruqt, **plan: object) -> Progr
     return done
 
 
+def interrupted(job: Backfill, pages: int) -> int:
+    """Run ``job`` until it queued ``pages`` pages, then stop it as Ctrl-C would; the plays
+    it had read."""
+    seen: list[int] = []
+
+    def stop(progress: Progress) -> None:
+        seen.append(progress.read)
+        if len([read for read in seen if read]) == pages:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        job.run(stop)
+    return seen[-1]
+
+
 @pytest.fixture
 def the_team() -> Team:
     return team(seed=7, learners=8, plays=40)
@@ -143,17 +158,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
     whole range once; the pages before the stop are not read again."""
     many = team(seed=3, learners=30, plays=450)
     with many.fake() as fake:
-        job = backfill(redis_conn, fake)
-        pages: list[int] = []
-
-        def stop_after_two(progress: Progress) -> None:
-            pages.append(progress.read)
-            if len([p for p in pages if p]) == 2:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            job.run(stop_after_two)
-        stopped_at = pages[-1]
+        stopped_at = interrupted(backfill(redis_conn, fake), pages=2)
         assert 0 < stopped_at < 450
         done = backfill(redis_conn, fake).run(lambda _: None)
         assert done.resumed and done.counts["plays"] == 450  # the first pages not read again
@@ -263,16 +268,7 @@ def test_an_open_ended_run_continues_up_to_the_end_its_first_run_fixed(
     the continued run reads up to the first run's end."""
     many = team(seed=3, learners=30, plays=450)
     with many.fake() as fake:
-        first = backfill(redis_conn, fake, open_ended=True)
-        pages: list[int] = []
-
-        def stop_after_two(progress: Progress) -> None:
-            pages.append(progress.read)
-            if len([p for p in pages if p]) == 2:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            first.run(stop_after_two)
+        interrupted(backfill(redis_conn, fake, open_ended=True), pages=2)
         later = backfill(redis_conn, fake, open_ended=True, until=UNTIL + timedelta(hours=5))
         done = later.run(lambda _: None)
     assert done.resumed and done.counts["plays"] == 450
@@ -331,15 +327,7 @@ def test_a_play_listed_twice_is_counted_and_queued_once(
             return status, body, headers
 
         fake._reports = shifting  # type: ignore[method-assign]
-        pages: list[int] = []
-
-        def stop_after_three(progress: Progress) -> None:
-            pages.append(progress.read)
-            if len([p for p in pages if p]) == 3:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            backfill(redis_conn, fake).run(stop_after_three)
+        interrupted(backfill(redis_conn, fake), pages=3)
         done = backfill(redis_conn, fake).run(lambda _: None)
     assert done.resumed and done.counts["plays"] == len(the_team.plays)
     ids = [fields[b"id"].decode() for _, fields in redis_conn.xrange(keys.BACKFILL_INBOX)]
