@@ -8,8 +8,8 @@ a change in the machine's background load hits both:
 - **bare**: a Flask route that answers 202 to any POST without reading Redis
   (``bare_app`` below) on gunicorn's defaults: ``gunicorn -w 2``, sync workers (one request
   at a time each, no keep-alive), no access log. The simplest way to deploy a Flask app.
-- **production**: ``app:app`` under the Procfile's ``web`` command (2 workers x 4 threads,
-  its timeouts and logger), production settings (JSON logs, 256 KiB limit, 30 h dedupe)
+- **production**: ``app:app`` under the Procfile's ``web`` command (2 sync workers, its
+  timeouts and logger), production settings (JSON logs, 256 KiB limit, 30 h dedupe)
   and a private redis-server (tests/redis_process.py, AOF off). No worker runs: this
   measures the receiver only.
 

@@ -13,6 +13,7 @@ import standardwebhooks.webhooks as std
 from pydantic import SecretStr
 from svix.webhooks import Webhook
 
+from instruqt_crm.receiver import signature
 from instruqt_crm.receiver.signature import SignatureError, verify
 from samples.signing import OTHER_SECRET, SECRET, signed
 
@@ -204,3 +205,24 @@ def test_other_library_errors_are_not_turned_into_a_mismatch(
     body, headers = signed({"type": "x"})
     with pytest.raises(RuntimeError, match="bug"):
         verify(body, headers, [SecretStr(SECRET)])
+
+
+def test_each_secret_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """svix's verifier per secret is made once and reused, a malformed secret's None too."""
+    deliveries = [signed({"type": "x"}, msg_id=f"msg_once{number}") for number in range(3)]
+    made: list[str] = []
+    real_init = Webhook.__init__
+
+    def counting(self, whsec: str) -> None:
+        made.append(whsec)
+        real_init(self, whsec)
+
+    monkeypatch.setattr(Webhook, "__init__", counting)
+    signature._webhook.cache_clear()
+    secrets = [SecretStr("whsec_===="), SecretStr(OTHER_SECRET), SecretStr(SECRET)]
+    try:
+        for body, headers in deliveries:
+            assert verify(body, headers, secrets) == headers["svix-id"]
+    finally:
+        signature._webhook.cache_clear()
+    assert made == ["whsec_====", OTHER_SECRET, SECRET]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
-from flask import Flask
+from flask import Flask, jsonify
 from flask.testing import FlaskClient
+from werkzeug.exceptions import BadRequest
+from werkzeug.test import Client
 
 from instruqt_crm import keys
 from instruqt_crm.config import Settings
 from instruqt_crm.engine import inbox
 from instruqt_crm.engine.queueing import QUEUE_NAME, connect, queue
 from instruqt_crm.journal import failures
+from instruqt_crm.receiver import app as receiver_app
 from instruqt_crm.receiver.app import create_app
 from samples.signing import OTHER_SECRET, SECRET, signed, track_event
 from tests.engine_helpers import inbox_events
@@ -252,3 +257,137 @@ def test_outcomes_are_counted_together_and_shown_by_metrics(
         b"bad_signature": b"1",
     }
     assert 'instruqt_crm_webhook_requests_total{outcome="queued"} 3.0' in text
+
+
+def test_answers_are_the_compact_json_jsonify_writes(app: Flask, client: FlaskClient) -> None:
+    """The answer is encoded without jsonify's per-call set-up, to the same bytes."""
+    response = post(client, *signed(track_event(), msg_id="msg_wire"))
+    assert response.mimetype == "application/json"
+    assert response.get_data() == b'{"id":"msg_wire","status":"queued"}\n'
+    with app.test_request_context():
+        assert jsonify(status="queued", id="msg_wire").get_data() == response.get_data()
+
+
+def test_webhook_prefixed_signature_headers_are_read(
+    client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    """Only the signature headers are handed to verification: both families of them."""
+    body, headers = signed(track_event(), msg_id="msg_family", prefix="webhook")
+    assert post(client, body, {**headers, "X-Other": "ignored"}).status_code == 202
+    assert inbox_events(redis_conn) == [("msg_family", json.loads(body))]
+
+
+def test_accepted_deliveries_log_at_debug_repeats_and_refusals_at_info(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker logs every event it handles (and the counter counts each answer): the
+    receiver's own line for an accepted delivery is DEBUG; what went wrong stays INFO."""
+    caplog.set_level(logging.DEBUG, logger="instruqt_crm.receiver.app")
+    assert post(client, *signed(track_event(), msg_id="msg_log")).status_code == 202
+    assert post(client, *signed(track_event(), msg_id="msg_log")).status_code == 200
+    assert post(client, *signed(track_event(), secret="whsec_b3RoZXI=")).status_code == 401
+    lines = [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "instruqt_crm.receiver.app"
+    ]
+    assert lines == [
+        ("DEBUG", "event msg_log (track.challenge_attempted) queued"),
+        ("INFO", "event msg_log (track.challenge_attempted) is a duplicate delivery"),
+        ("INFO", "webhook rejected: signature does not match"),
+    ]
+
+
+def test_a_gunicorn_worker_keeps_its_start_up_objects_out_of_collections(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full collection over start-up's objects stalled a worker mid-request: frozen."""
+    assert gc.get_freeze_count() == 0
+    create_app(settings)  # not a gunicorn worker: nothing frozen
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv("SERVER_SOFTWARE", "gunicorn/27.0.1")
+    try:
+        create_app(settings)
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
+def deliveries_of_every_outcome(tag: str) -> list[tuple[bytes, dict[str, str]]]:
+    """One delivery per answer the receiver gives, with svix-ids of their own."""
+    queued = signed(track_event(), msg_id=f"msg_{tag}")
+    wrong_type = signed(track_event(), msg_id=f"msg_{tag}_type")
+    wrong_type[1]["Content-Type"] = "text/plain"
+    return [
+        queued,
+        signed(track_event(), msg_id=f"msg_{tag}"),  # a repeat
+        signed(track_event(), msg_id=f"msg_{tag}_bad", secret="whsec_b3RoZXI="),
+        wrong_type,
+        signed(track_event(padding="x" * 5000), msg_id=f"msg_{tag}_big"),
+        signed(b"[1]", msg_id=f"msg_{tag}_invalid"),
+    ]
+
+
+def answers(client: Client, tag: str) -> list[tuple[int, dict[str, str]]]:
+    found = []
+    for body, headers in deliveries_of_every_outcome(tag):
+        response = client.post(URL, data=body, headers=headers)
+        fields = {k: v.replace(tag, "TAG") for k, v in json.loads(response.get_data()).items()}
+        found.append((response.status_code, fields))
+    return found
+
+
+def test_the_fast_path_answers_and_counts_as_the_flask_route(
+    app: Flask, client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    """Webhook POSTs are answered in front of Flask; Flask's own route gives the same."""
+    flask_route = Client(app.wsgi_app.flask_app)  # type: ignore[attr-defined]
+    fast = answers(client, "fast")
+    assert [code for code, _ in fast] == [202, 200, 401, 415, 413, 400]
+    assert answers(flask_route, "flask") == fast
+    app.extensions["instruqt_crm"]["tally"].flush()
+    assert redis_conn.hgetall(keys.metric("webhook_requests")) == {
+        outcome: b"2"
+        for outcome in (
+            b"queued",
+            b"duplicate",
+            b"bad_signature",
+            b"unsupported_media_type",
+            b"too_large",
+            b"invalid",
+        )
+    }
+    assert client.get(URL).status_code == flask_route.get(URL).status_code == 405
+
+
+def test_an_unexpected_error_is_logged_and_answered_500(
+    app: Flask,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(raw: bytes) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(receiver_app, "decode_body", broken)
+    response = post(client, *signed(track_event()))
+    assert response.status_code == 500
+    assert response.json == {"status": "error", "reason": "internal error"}
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.exc_info is not None and "bug" in str(record.exc_info[1])
+    flask_route = Client(app.wsgi_app.flask_app)  # type: ignore[attr-defined]
+    body, headers = signed(track_event())
+    assert flask_route.post(URL, data=body, headers=headers).status_code == 500
+
+
+def test_werkzeug_refusals_raised_inside_are_answered_as_flask_answers_them(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing(raw: bytes) -> None:
+        raise BadRequest("refused by werkzeug")
+
+    monkeypatch.setattr(receiver_app, "decode_body", refusing)
+    flask_route = Client(app.wsgi_app.flask_app)  # type: ignore[attr-defined]
+    body, headers = signed(track_event())
+    assert post(client, body, headers).status_code == 400
+    assert flask_route.post(URL, data=body, headers=headers).status_code == 400

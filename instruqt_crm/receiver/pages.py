@@ -123,6 +123,15 @@ def bearer_refusal(token: SecretStr | None) -> Response | None:
     return response
 
 
+def protect() -> Response | None:
+    """Before each request: the protected pages need the login, then (for a request that can
+    change something) the same origin, 401 before 403; every other path passes at once."""
+    if not request.path.startswith(PROTECTED_PREFIXES):
+        return None
+    refused = require_login()
+    return refused if refused is not None else require_same_origin()
+
+
 def metrics_view() -> Response:
     """Prometheus text format; with METRICS_TOKEN set, for its bearer only."""
     settings: Settings = current_app.extensions["instruqt_crm"]["settings"]
@@ -141,8 +150,7 @@ def init_app(app: Flask) -> None:
     settings: Settings = app.extensions["instruqt_crm"]["settings"]
     conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
     app.add_url_rule("/metrics", view_func=metrics_view)
-    app.before_request(require_login)
-    app.before_request(require_same_origin)  # after the login check: 401 before 403
+    app.before_request(protect)  # one hook: the webhook and the rest pay one path check
     if settings.dashboard_username is not None:
         mount_dashboard(app, conn)
     status_page.init_app(app, with_status=settings.dashboard_username is not None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,8 @@ from svix.webhooks import Webhook, WebhookVerificationError
 
 TOLERANCE_SECONDS = 5 * 60  # fixed by the svix library as well
 HEADER_PREFIXES = ("svix-", "webhook-")
+HEADER_PARTS = ("id", "timestamp", "signature")
+SIGNATURE_HEADERS = tuple(prefix + part for prefix in HEADER_PREFIXES for part in HEADER_PARTS)
 # What svix's Webhook(secret) raises for a secret that is not base64 (binascii.Error is a
 # ValueError) or decodes to nothing: such a secret matches no signature. Settings refuse both.
 MALFORMED_SECRET = (ValueError, EmptyWebhookSecretError)
@@ -28,10 +31,7 @@ class SignatureError(Exception):
 
 def _headers_with(prefix: str, headers: Mapping[str, str]) -> dict[str, str] | None:
     """The id/timestamp/signature triple under one prefix, or None if any is missing."""
-    found = {
-        part: headers.get(f"{prefix}{part}", "").strip()
-        for part in ("id", "timestamp", "signature")
-    }
+    found = {part: headers.get(f"{prefix}{part}", "").strip() for part in HEADER_PARTS}
     return found if all(found.values()) else None
 
 
@@ -100,9 +100,8 @@ def verify(
         "svix-signature": signature,
     }
     for secret in secrets:
-        try:
-            webhook = Webhook(secret.get_secret_value())
-        except MALFORMED_SECRET:
+        webhook = _webhook(secret.get_secret_value())
+        if webhook is None:
             continue
         try:
             webhook.verify(text, svix_headers)
@@ -110,3 +109,12 @@ def verify(
             continue
         return triple["id"]
     raise SignatureError("signature does not match")
+
+
+@functools.lru_cache(maxsize=16)  # the configured secrets: decoded once, not per delivery
+def _webhook(secret: str) -> Webhook | None:
+    """svix's verifier for one secret, or None for a secret that can match nothing."""
+    try:
+        return Webhook(secret)
+    except MALFORMED_SECRET:
+        return None
