@@ -60,9 +60,9 @@ def process_inbox() -> dict[str, Any]:
         if not entries:
             break
         handled.update(handle_batch(conn, run, entries))
-        backfilled += len(entries) if entries[0].lane == inbox.BACKFILL else 0
         inbox.ack(conn, [entry.entry_id for entry in entries], entries[0].lane)
         if entries[0].lane == inbox.BACKFILL:
+            backfilled += len(entries)
             deadline = min(deadline, started + BACKFILL_DRAIN_SECONDS)
         if time.monotonic() >= deadline:
             inbox.wake(conn)

@@ -117,7 +117,7 @@ class Backfill:
             for page, skip in self._pages(start, end, progress.skip if resumed else 0):
                 self._wait_for_room(conn, progress, on_page)
                 self._queue(conn, page, progress, start, skip)
-                inbox.backfill_reading(conn, READING_SECONDS, self.plan.run_id)
+                self._still_reading()
                 on_page(progress)
         return progress
 
@@ -272,6 +272,6 @@ class Backfill:
                 progress.waiting = "waiting for the workers"
             on_page(progress)
             inbox.wake(conn)
-            inbox.backfill_reading(conn, READING_SECONDS, self.plan.run_id)
+            self._still_reading()
             self._sleep(1.0)
         progress.waiting = None
