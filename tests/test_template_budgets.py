@@ -4,6 +4,7 @@ names a size budget (not MAX_RENDER_SECONDS) was caught before the work was done
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from collections.abc import Callable
@@ -273,7 +274,9 @@ def test_integers_up_to_the_budget_render() -> None:
         "{{ loop(range(10000)) }}{% endif %}{% endfor %}",
     ],
 )
-def test_nested_loops(source: str) -> None:
+def test_nested_loops(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the steps must stop them, however slow the machine: the clock is only the backstop
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 60.0)
     fails(source, "MAX_RENDER_STEPS")
 
 
@@ -306,6 +309,27 @@ def test_time_not_running_does_not_count() -> None:
     # a host too busy to run the worker stalls a render, but does not fail it: CPU time counts
     nap = {**CONTEXT, "nap": lambda: time.sleep(sandbox.MAX_RENDER_SECONDS + 0.05) or ""}
     assert render("{{ nap() }}{{ event.track_slug }}", nap) == "Intro-K8s"
+
+
+def test_a_full_collection_during_a_render_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a worker holding a big batch may collect for longer than a render may run
+    def slow_collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:  # after the sandbox's own callback
+            started = time.thread_time()
+            while time.thread_time() - started < 2 * sandbox.MAX_RENDER_SECONDS:
+                pass
+
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 0.05)
+    collect = {**CONTEXT, "collect": lambda: str(gc.collect())[:0]}
+    gc.callbacks.append(slow_collection)  # the collector holds this list: patching cannot do
+    try:
+        assert render("{{ collect() }}{{ event.track_slug }}", collect) == "Intro-K8s"
+    finally:
+        gc.callbacks.remove(slow_collection)
+    # the CPU time spent outside collections still counts
+    spin = {**CONTEXT, "spin": lambda: slow_collection("start", {"generation": 2}) or ""}
+    with pytest.raises(RenderError, match="MAX_RENDER_SECONDS"):
+        render("{{ spin() }}{{ event.track_slug }}", spin)
 
 
 def test_steps_are_per_render() -> None:
