@@ -8,10 +8,10 @@ a change in the machine's background load hits both:
 - **bare**: a Flask route that answers 202 to any POST without reading Redis
   (``bare_app`` below) on gunicorn's defaults: ``gunicorn -w 2``, sync workers (one request
   at a time each, no keep-alive), no access log. The simplest way to deploy a Flask app.
-- **production**: ``app:app`` under the Procfile's ``web`` command (2 sync workers, its
-  timeouts and logger), production settings (JSON logs, 256 KiB limit, 30 h dedupe)
-  and a private redis-server (tests/redis_process.py, AOF off). No worker runs: this
-  measures the receiver only.
+- **production**: ``app:app`` under the Procfile's ``web`` command (2 processes of one
+  thread each that keep connections alive, its timeouts and logger), production settings
+  (JSON logs, 256 KiB limit, 30 h dedupe) and a private redis-server
+  (tests/redis_process.py, AOF off). No worker runs: this measures the receiver only.
 
 Two phases, each of ``--rounds`` alternating rounds: **throughput**, ``--clients`` threads
 (one ``http.client`` connection each) posting as fast as answers come; then **latency** at

@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     identity_wait_days: float = _env("IDENTITY_WAIT_DAYS", 7.0, ge=0)
     state_idle_days: float = _env("STATE_IDLE_DAYS", 180.0, ge=0)  # 0: keep state for ever
     max_body_bytes: int = _env("MAX_BODY_BYTES", 256 * 1024, ge=1024)
+    body_read_seconds: float = _env("BODY_READ_SECONDS", 10.0, gt=0)  # a body that stalls
     dedupe_ttl_seconds: int = _env("DEDUPE_TTL_SECONDS", 30 * 3600, ge=MIN_DEDUPE_SECONDS)
     trace_max_entries: int = _env("TRACE_MAX_ENTRIES", 50, ge=1)
     trace_max_bytes: int = _env("TRACE_MAX_BYTES", 1024, ge=512)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -102,10 +103,18 @@ def spoiled(user: str, email: str, overrides: dict[str, Any], bom: bool) -> byte
     return (codecs.BOM_UTF8 if bom else b"") + raw.encode()
 
 
+BODY_READ_SECONDS = 2
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     instruqt = FakeInstruqt(emails={})
-    with Stack(tmp_path_factory.mktemp("poison"), workers=1, instruqt=instruqt) as running:
+    with Stack(
+        tmp_path_factory.mktemp("poison"),
+        workers=1,
+        instruqt=instruqt,
+        BODY_READ_SECONDS=str(BODY_READ_SECONDS),
+    ) as running:
         yield running
 
 
@@ -281,6 +290,43 @@ def test_malformed_chunked_framing_is_refused_with_400(stack: Stack, chunks: byt
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer
     assert json.loads(body)["reason"] == "malformed body framing"
+
+
+def answer_of(client: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP answer read off ``client``: its head and its body (by Content-Length)."""
+
+    def more() -> bytes:
+        part = client.recv(4096)
+        assert part, "the server closed the connection without an answer"
+        return part
+
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += more()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += more()
+    return head, body
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_frees_the_worker(stack: Stack) -> None:
+    # a process answers one delivery at a time: a client that stops sending mid-body must
+    # not hold it for ever
+    request = (
+        b"POST /webhooks/instruqt HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as client:
+        client.sendall(request + b'{"type": "track.')
+        head, body = answer_of(client)
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert json.loads(body) == {
+        "status": "rejected",
+        "reason": f"no byte of the body for {BODY_READ_SECONDS} s",
+    }
+    after = json.dumps(started("u-after-408", "a408@example.com")).encode()
+    assert post(stack, after, "m408").status_code == 202
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -213,6 +214,33 @@ def test_same_id_ten_times_concurrently_is_one_job(app: Flask, redis_conn: redis
     assert codes.count(202) == 1
     assert codes.count(200) == 9
     assert queued(redis_conn) == 1
+
+
+def test_a_delivery_after_redis_dropped_the_kept_connection_is_queued(
+    client: FlaskClient, redis_conn: redis.Redis
+) -> None:
+    # each thread keeps one connection for its deliveries; a server restart or an idle
+    # timeout closes it, and the next delivery must reconnect, not fail
+    first, second = signed(track_event()), signed(track_event(user_id="user-2"))
+    assert post(client, *first).status_code == 202
+    assert redis_conn.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert post(client, *second).status_code == 202
+    ids = [message_id for message_id, _ in inbox_events(redis_conn)]
+    assert ids == [first[1]["svix-id"], second[1]["svix-id"]]
+
+
+def test_each_thread_keeps_its_own_connection(app: Flask) -> None:
+    kept = app.extensions["instruqt_crm"]["delivery_redis"]
+    both_running = threading.Barrier(2)
+
+    def twice(_: int) -> tuple[redis.Redis, redis.Redis]:
+        both_running.wait(timeout=5)
+        return kept.client(), kept.client()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        (a, a_again), (b, b_again) = pool.map(twice, range(2))
+    assert a is a_again and b is b_again  # taken once per thread
+    assert a is not b and a.connection is not b.connection
 
 
 def test_health(client: FlaskClient) -> None:

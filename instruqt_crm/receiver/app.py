@@ -1,25 +1,28 @@
 """The Flask app: the signed-webhook receiver and health checks.
 
 Webhook deliveries are served in front of Flask (``WebhookFastPath``): a POST to the
-webhook path is answered from the WSGI environ with werkzeug's request and response alone,
-without Flask's per-request contexts, routing, hooks and signals, which cost a gunicorn
-worker ~250 us of CPU per delivery (bench/README.md, "Receiver throughput"). The route is
-registered with Flask too (``url_for``, 405 for other methods) and answers alike.
+webhook path is answered from the WSGI environ alone, without Flask's per-request contexts,
+routing, hooks and signals, nor werkzeug's request and response objects, which cost a
+gunicorn worker ~250 us of CPU per delivery (bench/README.md, "Receiver throughput"). The
+route is registered with Flask too (``url_for``, 405 for other methods) and answers alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.wrappers import Request
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from instruqt_crm.config import Settings
 from instruqt_crm.engine.inbox import enqueue_event, remember_refused
@@ -62,6 +65,7 @@ def create_app(settings: Settings | None = None, conn: redis.Redis | None = None
         # background thread too): a HINCRBY per request cost as much as keeping the event.
         "tally": counters.Tally(conn, background=served_by_gunicorn()),
         "memory": MemoryWatch(),  # reads INFO memory at most once a minute, on webhooks
+        "delivery_redis": DeliveryConnection(conn),
     }
     app.add_url_rule(WEBHOOK_PATH, view_func=receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
@@ -87,6 +91,24 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+class DeliveryConnection(threading.local):
+    """Per thread (and process), a client that keeps one of the pool's connections for
+    the deliveries it answers: it skips the pool's check-out, check-in and stale-data poll,
+    a third of the enqueue's cost in the receiver, and no thread waits for another's round
+    trip. Taken at the first delivery, not at start, so an app starts while Redis is down."""
+
+    def __init__(self, conn: redis.Redis) -> None:
+        self.conn = conn
+        self.kept: tuple[int, redis.Redis] | None = None  # (pid, client): a fork takes anew
+
+    def client(self) -> redis.Redis:
+        """This thread's client (a connection error reaches the caller, as any command's)."""
+        pid = os.getpid()
+        if self.kept is None or self.kept[0] != pid:
+            self.kept = (pid, self.conn.client())
+        return self.kept[1]
+
+
 def redis_of(app: Flask) -> redis.Redis:
     """The app's Redis connection."""
     conn: redis.Redis = app.extensions["instruqt_crm"]["redis"]
@@ -95,7 +117,12 @@ def redis_of(app: Flask) -> redis.Redis:
 
 def reply(code: int, **fields: Any) -> Response:
     """A small JSON answer with HTTP status ``code``."""
-    return Response(_encode(fields) + "\n", status=code, mimetype="application/json")
+    return Response(_json_line(fields), status=code, mimetype="application/json")
+
+
+def _json_line(fields: dict[str, Any]) -> bytes:
+    """An answer's body: compact JSON and a newline."""
+    return (_encode(fields) + "\n").encode()
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -104,27 +131,54 @@ def _is_json(content_type: str | None) -> bool:
     return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _read_body(req: Request, limit: int) -> bytes | None:
+def _read_body(environ: WSGIEnvironment, limit: int, seconds: float) -> bytes | None:
     """The raw body, or None when it exceeds ``limit`` (read no further than limit + 1 bytes).
 
-    Raises ``MalformedBody`` when the framing cannot be read (a broken chunked encoding).
+    Raises ``MalformedBody`` when the framing cannot be read (a broken chunked encoding),
+    ``BodyTimeout`` when, under gunicorn, no byte of it came for ``seconds``.
     """
     try:
-        if req.content_length is not None:
-            return None if req.content_length > limit else req.get_data(cache=True)
-        if not req.environ.get("wsgi.input_terminated"):
-            return b""  # no length and no chunked framing: nothing can be read safely
-        stream = req.environ["wsgi.input"]
-        parts: list[bytes] = []
-        size = 0
-        while size <= limit:
-            part = stream.read(limit + 1 - size)
-            if not part:
-                break
-            parts.append(part)
-            size += len(part)
+        with _read_deadline(environ, seconds):
+            return _read_within(environ, limit)
+    except TimeoutError as exc:
+        raise BodyTimeout(f"no byte of the body for {seconds:g} s") from exc
     except Exception as exc:  # each server reports broken framing its own way
         raise MalformedBody(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _read_deadline(environ: WSGIEnvironment, seconds: float) -> Iterator[None]:
+    """Under gunicorn, the client's socket gives up after ``seconds`` without a byte while
+    the body is read: a thread that waited for ever on a client that stopped sending would
+    leave its process unable to answer anyone (a sync worker was replaced after --timeout)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        yield
+        return
+    before = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        yield
+    finally:
+        sock.settimeout(before)
+
+
+def _read_within(environ: WSGIEnvironment, limit: int) -> bytes | None:
+    """The body as the request frames it (None past ``limit``)."""
+    length = get_content_length(environ)
+    if length is not None:
+        return None if length > limit else get_input_stream(environ).read()
+    if not environ.get("wsgi.input_terminated"):
+        return b""  # no length and no chunked framing: nothing can be read safely
+    stream = environ["wsgi.input"]
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        part = stream.read(limit + 1 - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
     return None if size > limit else b"".join(parts)
 
 
@@ -132,9 +186,14 @@ class MalformedBody(Exception):
     """The request body's framing could not be read."""
 
 
+class BodyTimeout(Exception):
+    """The client stopped sending the request body."""
+
+
 def receive_webhook() -> Response:
     """The webhook route as Flask serves it (``WebhookFastPath`` takes its POSTs first)."""
-    return answer_webhook(request, current_app.extensions["instruqt_crm"])
+    code, fields = answer_webhook(request.environ, current_app.extensions["instruqt_crm"])
+    return reply(code, **fields)
 
 
 class WebhookFastPath:
@@ -150,37 +209,45 @@ class WebhookFastPath:
         if environ.get("PATH_INFO") != WEBHOOK_PATH or environ.get("REQUEST_METHOD") != "POST":
             return self.flask_app(environ, start_response)
         try:
-            response = answer_webhook(Request(environ), self.state)
+            code, fields = answer_webhook(environ, self.state)
         except HTTPException as exc:  # werkzeug's own refusals, answered as Flask would
             return exc(environ, start_response)
         except Exception:
             log.exception("Exception on %s [POST]", WEBHOOK_PATH)
-            response = reply(500, status="error", reason="internal error")
-        return response(environ, start_response)
+            code, fields = 500, {"status": "error", "reason": "internal error"}
+        body = _json_line(fields)
+        start_response(
+            f"{code} {HTTP_STATUS_CODES[code]}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
 
 
-def answer_webhook(req: Request, state: dict[str, Any]) -> Response:
+def answer_webhook(environ: WSGIEnvironment, state: dict[str, Any]) -> Answer:
     """Verify, dedupe and enqueue one Instruqt event; the answer, counted by its outcome."""
-    code, fields = _receive(req, state)
+    code, fields = _receive(environ, state)
     outcome = fields.pop("outcome", None) or fields["status"]
     if code != 503:  # Redis is out of reach: the count could not be written either
         state["tally"].incr("webhook_requests", outcome)
-    return reply(code, **fields)
+    return code, fields
 
 
-def _receive(req: Request, state: dict[str, Any]) -> Answer:
-    """The answer to one delivery: refused (413, 415, 400, 401), or verified and kept."""
+def _receive(environ: WSGIEnvironment, state: dict[str, Any]) -> Answer:
+    """The answer to one delivery: refused (413, 415, 400, 401, 408), or verified and kept."""
     settings: Settings = state["settings"]
-    if (req.content_length or 0) > settings.max_body_bytes:
+    if (get_content_length(environ) or 0) > settings.max_body_bytes:
         return 413, {"status": "rejected", "reason": "body too large", "outcome": "too_large"}
-    if not _is_json(req.content_type):
+    if not _is_json(environ.get("CONTENT_TYPE")):
         return 415, {
             "status": "rejected",
             "reason": "content type must be application/json",
             "outcome": "unsupported_media_type",
         }
     try:
-        body = _read_body(req, settings.max_body_bytes)
+        body = _read_body(environ, settings.max_body_bytes, settings.body_read_seconds)
+    except BodyTimeout as exc:
+        log.info("webhook rejected: %s", exc)
+        return 408, {"status": "rejected", "reason": str(exc), "outcome": "timeout"}
     except MalformedBody as exc:
         log.info("webhook rejected, body framing unreadable: %s", exc)
         return 400, {
@@ -190,17 +257,15 @@ def _receive(req: Request, state: dict[str, Any]) -> Answer:
         }
     if body is None:
         return 413, {"status": "rejected", "reason": "body too large", "outcome": "too_large"}
-    environ = req.environ  # only the signature headers are read, straight from the environ
     signed = {name: environ[key] for name, key in SIGNATURE_ENVIRON if environ.get(key)}
     try:
         message_id = verify(body, signed, settings.webhook_secrets)
     except SignatureError as exc:
         log.info("webhook rejected: %s", exc.reason)
         return 401, {"status": "rejected", "reason": exc.reason, "outcome": "bad_signature"}
-    conn: redis.Redis = state["redis"]
-    state["memory"].check(conn)  # warns as Redis fills up
+    state["memory"].check(state["redis"])  # warns as Redis fills up
     try:
-        return _accept(conn, message_id, body, settings)
+        return _accept(state["delivery_redis"].client(), message_id, body, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.error("event %s not queued, Redis unreachable: %s", message_id, unreachable(exc))
         return 503, {"status": "unavailable", "reason": "queue unavailable, retry later"}
