@@ -6,6 +6,7 @@ import json
 
 import pytest
 import redis
+from rq.job import Job
 
 from instruqt_crm import keys
 from instruqt_crm.engine import ledger, plays, requeue
@@ -94,3 +95,23 @@ def test_a_failure_recorded_without_a_kind_reads_it_off_its_payload(
     assert (failure.id, failure.at, failure.payload) == ("old1", 1.0, payload)
     assert not redis_conn.exists(keys.LEGACY_FAILURES, keys.legacy_failure("old1"))
     assert failures.registry(redis_conn).get_job_ids() == ["old1"]
+
+
+def test_open_counts_read_each_failures_category_not_its_record(redis_conn: redis.Redis) -> None:
+    # /metrics reads these on every scrape: a record holds the event's body (up to 256 KiB)
+    big = json.dumps({"type": "track.started", "content": "x" * 100_000})
+    mapping = failures.record(redis_conn, Kind.EVENT, Category.MAPPING, "r", "m1", big)
+    failures.record(redis_conn, Kind.CONTACT, Category.VALIDATION, "r", "a@b.co", "{}")
+    redis_conn.hset(Job.key_for(mapping.id), "meta", "not the record")  # read: it would be OTHER
+    assert failures.open_counts(redis_conn) == {"mapping": 1, "validation": 1}
+
+
+def test_open_counts_include_failures_filed_before_the_category_field(
+    redis_conn: redis.Redis,
+) -> None:
+    old = failures.record(redis_conn, Kind.EVENT, Category.IDENTITY, "r", "m1", "{}")
+    redis_conn.hdel(Job.key_for(old.id), failures.CATEGORY_FIELD)  # as an earlier version filed it
+    failures.record(redis_conn, Kind.EVENT, Category.IDENTITY, "r", "m2", "{}")
+    assert failures.open_counts(redis_conn) == {"identity": 2}
+    failures.remove(redis_conn, old.id)
+    assert failures.open_counts(redis_conn) == {"identity": 1}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -42,6 +43,7 @@ REQUEUE_JOB = "instruqt_crm.engine.jobs.requeue_failure"  # allowlisted in engin
 KEEP_SECONDS = 10 * 365 * 86400  # until requeued or purged (RQ scores its registry by expiry)
 REQUEUED_RESULT_SECONDS = 86400  # a requeue job, once run, stays among RQ's finished jobs
 META_FIELD = "instruqt_failure"  # the job's meta field holding the record
+CATEGORY_FIELD = "instruqt_category"  # the record's category again, in a field of the job's own
 
 
 class Kind(StrEnum):
@@ -152,6 +154,7 @@ def file(conn: redis.Redis, pipe: Any, failure: Failure) -> None:
     job.created_at = job.ended_at = datetime.fromtimestamp(failure.at, UTC)
     job.set_status(JobStatus.FAILED, pipeline=pipe)
     job.save(pipeline=pipe)  # with its meta: the record
+    pipe.hset(job.key, CATEGORY_FIELD, failure.category)  # counted without reading the record
     registry(conn).add(job, ttl=KEEP_SECONDS, exc_string=failure.reason, pipeline=pipe)
     Result.create_failure(job, KEEP_SECONDS, exc_string=failure.reason, pipeline=pipe)
     pipe.sadd(Queue.redis_queues_keys, failed_queue(conn).key)  # listed on the dashboard
@@ -270,8 +273,21 @@ def by_category(conn: redis.Redis) -> dict[str, list[Failure]]:
 
 
 def open_counts(conn: redis.Redis) -> dict[str, int]:
-    """How many failures are open now (not yet requeued or purged), by category."""
-    return {category: len(items) for category, items in by_category(conn).items()}
+    """How many failures are open now (not yet requeued or purged), by category.
+
+    Read on every ``/metrics`` scrape: each failure's category field, not its record (which
+    holds the event's body); only failures filed before that field existed, or failed jobs
+    not filed by us, are read whole."""
+    migrate_legacy(conn)
+    ids = [keys.text(raw) for raw in conn.zrange(registry(conn).key, 0, -1)]
+    with conn.pipeline(transaction=False) as pipe:
+        for failure_id in ids:
+            pipe.hget(Job.key_for(failure_id), CATEGORY_FIELD)
+        fields = pipe.execute()
+    found = Counter(keys.text(field) for field in fields if field is not None)
+    unmarked = [failure_id for failure_id, field in zip(ids, fields, strict=True) if field is None]
+    found.update(failure.category for failure in _read(conn, unmarked))
+    return dict(found)
 
 
 def forget(pipe: redis.Redis | Any, failure_id: str) -> None:
