@@ -11,7 +11,8 @@ import requests
 
 from instruqt_crm.errors import PermanentError, RateLimited, RetryableError
 from instruqt_crm.instruqt_api import InstruqtClient, Profile
-from instruqt_crm.instruqt_reports import Challenge, PlayReport, PlayReports, PlayReview
+from instruqt_crm.instruqt_report_items import Challenge, PlayReport, PlayReview
+from instruqt_crm.instruqt_reports import PlayReports
 from tests.fakes.instruqt import FakeInstruqt, report_item
 
 KEY = "iq-reports-secret-7781"

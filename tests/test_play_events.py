@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from instruqt_crm.events import EventError, parse_event
-from instruqt_crm.instruqt_reports import Challenge, PlayReport, PlayReview
+from instruqt_crm.instruqt_report_items import Challenge, PlayReport, PlayReview
 from instruqt_crm.ops.play_events import events_of, play_end
 
 STARTED = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)

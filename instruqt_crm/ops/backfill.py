@@ -28,7 +28,8 @@ from rq import Worker
 
 from instruqt_crm.engine import flush, identity, inbox
 from instruqt_crm.events import EventError
-from instruqt_crm.instruqt_reports import Challenge, PlayReport, PlayReports, ReportPage
+from instruqt_crm.instruqt_report_items import Challenge, PlayReport, ReportPage
+from instruqt_crm.instruqt_reports import PlayReports
 from instruqt_crm.mapping import Mapping
 
 from .backfill_plan import Checkpoint, Plan, Progress

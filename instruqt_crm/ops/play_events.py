@@ -32,7 +32,7 @@ from typing import Any
 
 from instruqt_crm.engine.inbox import BACKFILL_ID
 from instruqt_crm.events import EventError, check_readable, format_timestamp
-from instruqt_crm.instruqt_reports import Challenge, PlayReport
+from instruqt_crm.instruqt_report_items import Challenge, PlayReport
 
 ID_PREFIX = BACKFILL_ID  # the inbox knows a backfill's events by it
 MAX_CHALLENGES = 1_000  # far more than a track holds: a count above it is not a play's
