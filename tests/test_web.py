@@ -243,6 +243,51 @@ def test_each_thread_keeps_its_own_connection(app: Flask) -> None:
     assert a is not b and a.connection is not b.connection
 
 
+class StalledBody(io.RawIOBase):
+    """A request body whose client stopped sending: every read times out."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        raise TimeoutError("timed out")
+
+
+class ClientSocket:
+    """What gunicorn puts in the environ as ``gunicorn.socket``: only its timeout is used."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = [None]
+
+    def gettimeout(self) -> float | None:
+        return self.timeouts[-1]
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeouts.append(value)
+
+
+@pytest.mark.parametrize("terminated", [True, False])  # gunicorn's raw body, werkzeug's limit
+def test_a_stalled_body_is_answered_408_whichever_stream_reads_it(
+    app: Flask, redis_conn: redis.Redis, terminated: bool
+) -> None:
+    sock = ClientSocket()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": URL,
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "500",
+        "wsgi.input": io.BufferedReader(StalledBody()),
+        "gunicorn.socket": sock,
+        **({"wsgi.input_terminated": True} if terminated else {}),  # werkzeug reads the key
+    }
+    answered: list[str] = []
+    body = b"".join(app.wsgi_app(environ, lambda status, headers: answered.append(status)))
+    assert answered == ["408 Request Timeout"]
+    assert json.loads(body) == {"status": "rejected", "reason": "no byte of the body for 10 s"}
+    assert sock.timeouts == [None, 10.0, None]  # set for the read, then given back
+    assert stored(redis_conn) == []
+
+
 def test_health(client: FlaskClient) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200

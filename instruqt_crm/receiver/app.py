@@ -140,9 +140,10 @@ def _read_body(environ: WSGIEnvironment, limit: int, seconds: float) -> bytes | 
     try:
         with _read_deadline(environ, seconds):
             return _read_within(environ, limit)
-    except TimeoutError as exc:
-        raise BodyTimeout(f"no byte of the body for {seconds:g} s") from exc
     except Exception as exc:  # each server reports broken framing its own way
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            # werkzeug's length-limited stream reports the timeout as a disconnection
+            raise BodyTimeout(f"no byte of the body for {seconds:g} s") from exc
         raise MalformedBody(f"{type(exc).__name__}: {exc}") from exc
 
 
