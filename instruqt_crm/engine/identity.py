@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 import redis
 from redis.client import Pipeline
 
-from instruqt_crm import keys
+from instruqt_crm import keys, redis_scripts
 from instruqt_crm.errors import Category, PermanentError, RetryableError
 from instruqt_crm.events import Event, valid_email
 from instruqt_crm.instruqt_api import Profile
@@ -133,8 +133,7 @@ def remember(
         writes.set(keys.identity(user_id), learner.encode(), ex=ttl)
         return
     value = learner.encode() if learner is not None else _NO_EMAIL
-    script = writes.register_script(_SET_UNLESS_INSTRUQTS)
-    script(keys=[keys.identity(user_id)], args=[value, ttl])
+    redis_scripts.run(writes, _SET_UNLESS_INSTRUQTS, [keys.identity(user_id)], [value, ttl])
 
 
 def cached_learner(conn: redis.Redis, user_id: str) -> Learner | Literal["none"] | None:
@@ -321,9 +320,8 @@ return 1
 def unpark(conn: redis.Redis, user_id: str, event_ids: list[str]) -> None:
     """Forget parked events once they were merged (or failed): read first, forget after."""
     if event_ids:
-        script = conn.register_script(_UNPARK)
         names = [keys.parked(user_id), keys.parked_meta(user_id), keys.PARKED_USERS]
-        script(keys=names, args=[user_id, *event_ids])
+        redis_scripts.run(conn, _UNPARK, names, [user_id, *event_ids])
 
 
 def parked_events(conn: redis.Redis, user_id: str) -> list[tuple[str, dict[str, Any]]]:

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 
-from instruqt_crm import keys
+from instruqt_crm import keys, redis_scripts
 from instruqt_crm.keys import text
 
 from .queueing import DRAIN_JOB, enqueue_job, schedule_once
@@ -63,7 +62,6 @@ if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], '0', 'EX', ARGV[1])
 return 1
 """
-_scripts: dict[str, Script] = {}
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,8 @@ def enqueue_event(
     if isinstance(body, dict):
         body = json.dumps(body)
     names = [keys.seen(message_id), keys.INBOX, DRAIN_MARK, keys.legacy_seen(message_id)]
-    reply = int(_run(conn, _ACCEPT, names, [dedupe_ttl, message_id, body, DRAIN_MARK_MS]))
+    args = [dedupe_ttl, message_id, body, DRAIN_MARK_MS]
+    reply = int(redis_scripts.run(conn, _ACCEPT, names, args))
     if reply == 1:  # no drain job pending: queue one (the mark is already set)
         enqueue_job(conn, DRAIN_JOB)
     return reply >= 0
@@ -92,15 +91,7 @@ def enqueue_event(
 def remember_refused(conn: redis.Redis, message_id: str, dedupe_ttl: int) -> bool:
     """Mark a delivery refused at the door (not kept); False if it was seen before."""
     names = [keys.seen(message_id), keys.legacy_seen(message_id)]
-    return bool(_run(conn, _REFUSE, names, [dedupe_ttl]))
-
-
-def _run(conn: redis.Redis, source: str, names: list[str], args: list[Any]) -> Any:
-    """Run one of this module's scripts (registered on first use)."""
-    script = _scripts.get(source)
-    if script is None:
-        script = _scripts[source] = conn.register_script(source)
-    return script(names, args, client=conn)
+    return bool(redis_scripts.run(conn, _REFUSE, names, [dedupe_ttl]))
 
 
 def wake(conn: redis.Redis) -> bool:

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 import redis
 
-from instruqt_crm import keys
+from instruqt_crm import keys, redis_scripts
 from instruqt_crm.crm.base import ContactChange, Value
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import Mapping, PropertyChange
@@ -161,7 +161,7 @@ def _read(conn: redis.Redis, learner_keys: Sequence[str]) -> list[_Held]:
     """The state of several learners (new ones empty, needing a read), in one round trip,
     with what an earlier version's hash still holds folded in."""
     names = [name for key in learner_keys for name in (keys.learner(key), keys.contact(key))]
-    replies = conn.register_script(_READ)(keys=names) if learner_keys else []
+    replies = redis_scripts.run(conn, _READ, names) if learner_keys else []
     stored = [_decoded(bytes(packed)) if packed else None for packed, _ in replies]
     _names(conn, [found.schema for found in stored if isinstance(found, Stored)])
     return [
@@ -298,7 +298,7 @@ def _write(conn: redis.Redis, writes: Sequence[_Write], idle_seconds: int) -> li
         ]
         args += [item.held.expected, blob, item.dirty, item.key, json.dumps(schema)]
         args.append("1" if item.state.unsent else "0")
-    conflicts = conn.register_script(_WRITE)(keys=names, args=args)
+    conflicts = redis_scripts.run(conn, _WRITE, names, args)
     return [writes[int(position) - 1].key for position in conflicts]
 
 
@@ -577,8 +577,8 @@ return #held
 
 def release_held(conn: redis.Redis) -> int:
     """Make every held learner dirty, to be sent; how many there were."""
-    script = conn.register_script(_RELEASE)
-    return int(script(keys=[keys.HELD_CONTACTS, keys.DIRTY_CONTACTS], args=[str(time.time())]))
+    names = [keys.HELD_CONTACTS, keys.DIRTY_CONTACTS]
+    return int(redis_scripts.run(conn, _RELEASE, names, [str(time.time())]))
 
 
 def mark_dirty(conn: redis.Redis, learner_keys: Iterable[str]) -> None:

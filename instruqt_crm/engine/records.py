@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
+from instruqt_crm import redis_scripts
 from instruqt_crm.crm.base import ContactChange, Value
 from instruqt_crm.keys import text
 from instruqt_crm.mapping import PropertyChange
@@ -110,7 +111,6 @@ def merge_many(
         positions.setdefault(item.key, []).append(index)
     changed = [False] * len(merges)
     todo = list(positions)
-    script = conn.register_script(_MERGE_MANY)
     for _ in range(MAX_MERGE_ATTEMPTS):
         if not todo:
             return changed
@@ -121,7 +121,8 @@ def merge_many(
                 changed[index] = flag
             plan.append(write)
             names.append(records.hash_key(key))
-        conflicts = script(keys=names, args=[encode(plan), time.time(), idle_seconds])
+        args = [encode(plan), time.time(), idle_seconds]
+        conflicts = redis_scripts.run(conn, _MERGE_MANY, names, args)
         todo = [todo[int(position) - 1] for position in conflicts]
     raise redis.WatchError(f"records {', '.join(todo[:5])}: too much contention to merge")
 
@@ -224,6 +225,6 @@ def _settle_script(
     pairs: list[str] = []
     for name, value in (sent or {}).items():
         pairs += [f"s:{name}", encode(value)]
-    script = client.register_script(_SETTLE)
     names = [records.hash_key(key), records.dirty_key]
-    return script(keys=names, args=[version, key, time.time(), idle_seconds, *pairs])
+    args = [version, key, time.time(), idle_seconds, *pairs]
+    return redis_scripts.run(client, _SETTLE, names, args)

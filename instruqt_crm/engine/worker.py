@@ -18,6 +18,7 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, HerokuWorker, SimpleWorker, Worker
 
+from instruqt_crm import redis_scripts
 from instruqt_crm.config import Settings, SettingsError
 from instruqt_crm.crm.base import missing_properties
 from instruqt_crm.crm.hubspot_setup import upsert_key_problem
@@ -194,7 +195,6 @@ STALE_LOCK_MS = 45_000
 def release_stale_scheduler_locks(conn: redis.Redis) -> list[str]:
     """Free scheduler locks whose owner is dead: on this host with no process, or silent 15 s."""
     freed = []
-    unrefreshed = conn.register_script(_FREE_UNREFRESHED_LOCK)
     for name in QUEUE_NAMES:
         lock_key = RQScheduler.get_locking_key(name)
         owner = conn.get(lock_key)
@@ -204,7 +204,9 @@ def release_stale_scheduler_locks(conn: redis.Redis) -> list[str]:
         dead_here = info.get("hostname") == socket.gethostname() and not _alive(
             int(info.get("pid", 0))
         )
-        if (dead_here and conn.delete(lock_key)) or unrefreshed([lock_key], [STALE_LOCK_MS]):
+        if (dead_here and conn.delete(lock_key)) or redis_scripts.run(
+            conn, _FREE_UNREFRESHED_LOCK, [lock_key], [STALE_LOCK_MS]
+        ):
             freed.append(name)
     if freed:
         log.warning("freed scheduler locks left by a dead scheduler: %s", ", ".join(freed))

@@ -17,9 +17,8 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
-from redis.commands.core import Script
 
-from instruqt_crm import keys
+from instruqt_crm import keys, redis_scripts
 from instruqt_crm.config import Settings
 
 from . import trail_format
@@ -38,7 +37,6 @@ end
 redis.call('LTRIM', KEYS[1], 0, kept - 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 """
-_push: Script | None = None
 
 
 @dataclass(frozen=True)
@@ -84,13 +82,11 @@ def note(
 
     Given a pipeline, the commands join it (sent with it); given a connection, they are sent.
     """
-    global _push
     bounds = limits()
     entry = trail_format.encode({"at": time.time(), "kind": kind, **details})
     pipe = conn if isinstance(conn, Pipeline) else conn.pipeline()
-    if _push is None:
-        _push = pipe.register_script(_PUSH)
-    _push([keys.trail(email)], [entry, bounds.entries, bounds.bytes, bounds.seconds], client=pipe)
+    args = [entry, bounds.entries, bounds.bytes, bounds.seconds]
+    redis_scripts.run(pipe, _PUSH, [keys.trail(email)], args)
     if pipe is not conn:
         pipe.execute()
 
