@@ -336,6 +336,17 @@ def inbox_fate(conn: redis.Redis, msg_id: str) -> str:
     return "not in the inbox (handled or never kept)"
 
 
+def log_trace(log_dir: Path, msg_id: str, limit: int = 6) -> str:
+    """What the processes' logs say of an event (its first lines), to tell where it went."""
+    lines = [
+        f"{path.stem}: {line.strip()[:200]}"
+        for path in sorted(log_dir.glob("*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if msg_id in line
+    ]
+    return "logs: " + (" | ".join(lines[:limit]) if lines else "nothing")
+
+
 @dataclass
 class Report:
     """One scenario's figures (see the module docstring of tests/test_faults.py)."""
@@ -392,7 +403,10 @@ def build_report(
     synced = sum(stored.get(email) == record for email, record in expected.items())
     accounted = accounted_ids(conn, {*expected, *rejected_keys}) | developer_plays(pairs)
     missing = sorted(posted.seen - accounted)
-    diffs = [f"lost {msg_id}: {inbox_fate(conn, msg_id)}" for msg_id in missing[:5]]
+    diffs = [
+        f"lost {msg_id}: {inbox_fate(conn, msg_id)}; {log_trace(stack.log_dir, msg_id)}"
+        for msg_id in missing[:5]
+    ]
     wrong_emails = [
         email
         for email, record in expected.items()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.client import Pipeline
 
 from instruqt_crm import keys
 from instruqt_crm.engine import identity, inbox, ledger
@@ -154,6 +156,34 @@ def test_an_event_parked_just_after_another_worker_cached_the_email_is_released(
     handle_event(redis_conn, run, parse_event("hidden", hidden))
     assert identity.parked_events(redis_conn, "u-race") == []
     assert merged_ids(redis_conn, "race@example.com") == {"hidden", "reveal"}
+
+
+def test_a_released_event_survives_redis_going_away_as_the_batch_is_written(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch
+) -> None:
+    """Merged, then Redis gone before the batch's trail and counters were written: the
+    released event is still parked, so the batch taken again releases and trails it."""
+    run = runtime(redis_url)
+    hidden = track_event("u-gone", challenge_id="c1")
+    reveal = track_event("u-gone", challenge_id="c2", params={"email": "gone@example.com"})
+    assert handle_event(redis_conn, run, parse_event("hidden", hidden)).status == "parked"
+    real_execute = Pipeline.execute
+
+    def redis_gone_once(self: Pipeline, raise_on_error: bool = True) -> list:
+        if raise_on_error:  # not the batch's writes (trail, counters, cache)
+            return real_execute(self, raise_on_error)
+        monkeypatch.setattr(Pipeline, "execute", real_execute)
+        self.reset()
+        raise redis.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(Pipeline, "execute", redis_gone_once)
+    taken = [inbox.Entry("1-0", "reveal", reveal)]
+    with pytest.raises(redis.ConnectionError):
+        handle_batch(redis_conn, run, taken)  # not acknowledged: the batch is taken again
+    assert [event_id for event_id, _ in identity.parked_events(redis_conn, "u-gone")] == ["hidden"]
+    handle_batch(redis_conn, run, taken)
+    assert identity.parked_events(redis_conn, "u-gone") == []
+    assert merged_ids(redis_conn, "gone@example.com") == {"hidden", "reveal"}
 
 
 def test_the_same_event_twice_in_a_batch_gets_an_outcome_each(

@@ -118,7 +118,7 @@ def finish(
         raise
     report = build_report(name, stack, conn, pairs, posted, expected, started)
     REPORTS.append(report)
-    assert report.lost == 0, "accepted events were lost"
+    assert report.lost == 0, "accepted events were lost:\n" + "\n".join(report.diffs)
     return report
 
 

@@ -290,11 +290,14 @@ class Batch:
         merged = self._merge_all()
         names = {change.name for merge in self._merges for change in merge.changes}
         mapping_record.note_merged(self.writes, self.runtime.mapping, names)  # what `check` reads
+        # Released events leave the parked set in the same pipeline, after their trail
+        # entries: if Redis goes away midway, an event is still parked (released again, its
+        # merge repeated without change) or its trail already says where it went.
         for user_id, event_ids in self._unpark:
-            identity.unpark(self.conn, user_id, event_ids)
+            identity.unpark(self.writes, user_id, event_ids)
         for reply in self.writes.execute(raise_on_error=False):  # counters, trails, cache
             if isinstance(reply, redis.ResponseError):
-                log.warning("a counter or trail write failed: %s", reply)
+                log.warning("a counter, trail or waiting-event write failed: %s", reply)
         self._release_late()
         if self._changed and not self.hold:  # held learners: flushed when the backfill ends
             schedule_flush(self.conn, self.runtime.settings.flush_window_seconds)

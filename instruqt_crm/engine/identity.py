@@ -317,8 +317,9 @@ return 1
 """
 
 
-def unpark(conn: redis.Redis, user_id: str, event_ids: list[str]) -> None:
-    """Forget parked events once they were merged (or failed): read first, forget after."""
+def unpark(conn: redis.Redis | Pipeline, user_id: str, event_ids: list[str]) -> None:
+    """Forget parked events once they were merged (or failed): read first, forget after. On a
+    pipeline, queued after what it already holds (the events' trail entries)."""
     if event_ids:
         names = [keys.parked(user_id), keys.parked_meta(user_id), keys.PARKED_USERS]
         redis_scripts.run(conn, _UNPARK, names, [user_id, *event_ids])
