@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,22 +18,25 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def procfile_web(port: int) -> list[str]:
-    """The Procfile's ``web`` command on 127.0.0.1:port, with WEB_CONCURRENCY's default (2)."""
+def procfile_web(port: int, processes: int = 2) -> list[str]:
+    """The Procfile's ``web`` command on 127.0.0.1:port, with ``processes`` as
+    WEB_CONCURRENCY (its default, 2, unless given)."""
     for line in (ROOT / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
         if name.strip() == "web":
             command = command.strip().replace("0.0.0.0:$PORT", f"127.0.0.1:{port}")
-            return shlex.split(command.replace("${WEB_CONCURRENCY:-2}", "2"))
+            return shlex.split(command.replace("${WEB_CONCURRENCY:-2}", str(processes)))
     raise KeyError("no web line in the Procfile")
 
 
-def start_web(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_web(
+    port: int, env: dict[str, str], log_path: Path, processes: int = 2
+) -> subprocess.Popen[bytes]:
     """The Procfile's web (gunicorn) on 127.0.0.1:port, ``env`` added to this environment,
     its output in ``log_path``, in a process group of its own."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            procfile_web(port),
+            procfile_web(port, processes),
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=log,
@@ -135,3 +140,21 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def answer_of(client: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP answer read off ``client``: its head and its body (by Content-Length)."""
+
+    def more() -> bytes:
+        part = client.recv(4096)
+        assert part, "the server closed the connection without an answer"
+        return part
+
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += more()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += more()
+    return head, body

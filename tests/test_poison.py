@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from samples.signing import SECRET, signed
 from tests.engine_helpers import drain, enqueue_all, merged_ids
 from tests.fakes.instruqt import FakeInstruqt
 from tests.fault_harness import Stack
-from tests.processes import wait_for
+from tests.processes import answer_of, wait_for
 
 RAW = {  # JSON text json.dumps cannot write, spliced in where a value's marker stands
     "nan": "NaN",
@@ -290,24 +289,6 @@ def test_malformed_chunked_framing_is_refused_with_400(stack: Stack, chunks: byt
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer
     assert json.loads(body)["reason"] == "malformed body framing"
-
-
-def answer_of(client: socket.socket) -> tuple[bytes, bytes]:
-    """One HTTP answer read off ``client``: its head and its body (by Content-Length)."""
-
-    def more() -> bytes:
-        part = client.recv(4096)
-        assert part, "the server closed the connection without an answer"
-        return part
-
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += more()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
-    while len(body) < length:
-        body += more()
-    return head, body
 
 
 def test_a_body_that_stops_arriving_is_answered_408_and_frees_the_worker(stack: Stack) -> None:
