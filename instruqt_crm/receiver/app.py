@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from instruqt_crm.journal import counters, failures
 from instruqt_crm.logs import configure
 
 from . import pages
+from .delivery_redis import DeliveryConnection
 from .signature import SIGNATURE_HEADERS, SignatureError, verify
 
 if TYPE_CHECKING:
@@ -89,24 +89,6 @@ def freeze_startup_objects() -> None:
     now and then, mid-request; after ``gc.freeze`` one takes well under a millisecond."""
     gc.collect()  # what start-up left as garbage goes now, not into the frozen set
     gc.freeze()
-
-
-class DeliveryConnection(threading.local):
-    """Per thread (and process), a client that keeps one of the pool's connections for
-    the deliveries it answers: it skips the pool's check-out, check-in and stale-data poll,
-    a third of the enqueue's cost in the receiver, and no thread waits for another's round
-    trip. Taken at the first delivery, not at start, so an app starts while Redis is down."""
-
-    def __init__(self, conn: redis.Redis) -> None:
-        self.conn = conn
-        self.kept: tuple[int, redis.Redis] | None = None  # (pid, client): a fork takes anew
-
-    def client(self) -> redis.Redis:
-        """This thread's client (a connection error reaches the caller, as any command's)."""
-        pid = os.getpid()
-        if self.kept is None or self.kept[0] != pid:
-            self.kept = (pid, self.conn.client())
-        return self.kept[1]
 
 
 def redis_of(app: Flask) -> redis.Redis:
@@ -264,9 +246,10 @@ def _receive(environ: WSGIEnvironment, state: dict[str, Any]) -> Answer:
     except SignatureError as exc:
         log.info("webhook rejected: %s", exc.reason)
         return 401, {"status": "rejected", "reason": exc.reason, "outcome": "bad_signature"}
-    state["memory"].check(state["redis"])  # warns as Redis fills up
     try:
-        return _accept(state["delivery_redis"].client(), message_id, body, settings)
+        delivery = state["delivery_redis"].client()  # connects on first use
+        state["memory"].check(delivery)  # warns as Redis fills up
+        return _accept(delivery, message_id, body, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.error("event %s not queued, Redis unreachable: %s", message_id, unreachable(exc))
         return 503, {"status": "unavailable", "reason": "queue unavailable, retry later"}

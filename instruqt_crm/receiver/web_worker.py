@@ -11,10 +11,13 @@ buys nothing, so this worker answers the request where its loop found it.
 
 What changes against gthread: a new connection waits in the loop's poller until its first
 bytes arrive (gthread waits for them on a pool thread), so an idle connection holds nothing;
-a request that holds the loop (headers sent slowly: the body is bounded by
-``BODY_READ_SECONDS``) stops the worker's heartbeat, and gunicorn's arbiter replaces the
-worker after ``--timeout``, as it would a sync worker, where a stuck pool thread was never
-freed.
+the heartbeat gunicorn's arbiter watches is renewed before each request, and a request that
+holds the loop past ``--timeout`` (headers or a body sent a byte at a time; a body that
+stops is answered 408 after ``BODY_READ_SECONDS``, a Redis that does not answer 503 within
+the delivery client's budget) gets the worker replaced, as a sync worker would be, where a
+stuck pool thread was never freed. A stopping worker closes connections that never sent a
+byte with the kept-alive ones. HTTP/2, which serves a connection for its whole life on one
+thread, is refused.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import socket
 import time
 from concurrent import futures
 from functools import partial
+from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+HEARTBEAT_SECONDS = 1.0  # renewed at most this often between requests (a file's mtime)
 
 
 class KeepAliveWorker(ThreadWorker):
@@ -36,6 +42,21 @@ class KeepAliveWorker(ThreadWorker):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._answering = False
+        self._beat_at = 0.0
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Refuse HTTP/2: it would hold the loop for a connection's whole life."""
+        if "h2" in cfg.http_protocols:
+            raise RuntimeError(f"{cls.__name__} serves HTTP/1.1: drop h2 from --http-protocols")
+        super().check_config(cfg, log)
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        """On the way out, connections that never sent a byte close with the kept-alive ones
+        (both queues stay sorted by timeout)."""
+        super()._cap_keepalive(deadline)
+        for conn in self.pending_conns:
+            conn.timeout = min(conn.timeout, deadline)
 
     def accept(self, listener: socket.socket) -> None:
         """Take a new connection and let it wait in the poller for its first bytes."""
@@ -60,6 +81,7 @@ class KeepAliveWorker(ThreadWorker):
         if self._answering:
             self.method_queue.defer(self.enqueue_req, conn)
             return
+        self._heartbeat()
         self._answering = True
         try:
             answered: futures.Future[object] = futures.Future()
@@ -67,3 +89,11 @@ class KeepAliveWorker(ThreadWorker):
             self.finish_request(conn, answered)
         finally:
             self._answering = False
+
+    def _heartbeat(self) -> None:
+        """Tell the arbiter this worker is alive (the loop does so once per turn, but the
+        requests one turn found ready may together take longer than ``--timeout``)."""
+        now = time.monotonic()
+        if now - self._beat_at >= HEARTBEAT_SECONDS:
+            self._beat_at = now
+            self.notify()
