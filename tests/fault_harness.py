@@ -10,7 +10,6 @@ compares the fake CRM with the records the history implies and counts what happe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -42,7 +41,7 @@ from samples.signing import SECRET, signed
 from tests.engine_helpers import merged_ids
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.instruqt import FakeInstruqt
-from tests.processes import Workers, start_web, wait_for
+from tests.processes import Workers, answers, start_web, wait_for
 from tests.redis_process import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +112,8 @@ class Stack:
         mapping = load_mapping(ROOT / self.provision_mapping)
         hubspot_setup.apply(adapter, mapping, hubspot_setup.plan(adapter, mapping))
         self.web = start_web(self.port, self.env(), self.log_dir / "web.log")
-        wait_for(self._web_up, 30, "gunicorn to answer /healthz")
+        healthz = f"http://127.0.0.1:{self.port}/healthz"
+        wait_for(lambda: answers(healthz), 30, "gunicorn to answer /healthz")
         self.workers = Workers(self.env(), self.worker_count, self.log_dir).__enter__()
         self._keeper = threading.Thread(target=self._keep_workers, daemon=True)
         self._keeper.start()
@@ -136,11 +136,6 @@ class Stack:
             self.instruqt.stop()
         self.hubspot.stop()
         self.redis.stop()
-
-    def _web_up(self) -> bool:
-        with contextlib.suppress(requests.RequestException):
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).ok
-        return False
 
     def _keep_workers(self) -> None:
         """Like a platform's process manager: start a new worker for every one that exited."""

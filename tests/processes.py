@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import requests
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -158,3 +160,11 @@ def answer_of(client: socket.socket) -> tuple[bytes, bytes]:
     while len(body) < length:
         body += more()
     return head, body
+
+
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 (a web process that is up and ready)."""
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

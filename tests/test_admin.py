@@ -20,7 +20,7 @@ from instruqt_crm.receiver.app import create_app
 from samples.signing import SECRET, signed, track_event
 from tests.engine_helpers import drain
 from tests.html_tables import row
-from tests.processes import start_web, wait_for
+from tests.processes import answers, start_web, wait_for
 from tests.redis_process import free_port
 
 PASSWORD = "s3cret-passphrase"
@@ -266,7 +266,7 @@ def test_gunicorn_logs_json_lines_and_the_access_log_only_when_asked(
     web = start_web(port, env, log_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(f"{url}/healthz"), 30, "gunicorn to answer /healthz")
+        wait_for(lambda: answers(f"{url}/healthz"), 30, "gunicorn to answer /healthz")
         with requests.Session() as session:
             session.auth = ("ops", PASSWORD)
             pages = [
@@ -298,10 +298,3 @@ def test_gunicorn_logs_json_lines_and_the_access_log_only_when_asked(
     assert len([msg for msg in requests_logged if '"POST /status HTTP/1.1" 200' in msg]) == 1
     (forged,) = [msg for msg in requests_logged if "forged" in msg]
     assert forged.startswith("127.0.0.1 ") and "/healthz\\x0a1.2.3.4" in forged  # escaped
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False

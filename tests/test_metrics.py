@@ -30,7 +30,7 @@ from instruqt_crm.ops import metrics
 from instruqt_crm.receiver.app import create_app
 from samples.signing import OTHER_SECRET, SECRET, signed, track_event
 from tests.engine_helpers import drain, engine_runtime, installed
-from tests.processes import ROOT, start_web, wait_for
+from tests.processes import ROOT, answers, start_web, wait_for
 from tests.redis_process import free_port
 
 
@@ -141,7 +141,7 @@ def test_gunicorn_workers_write_their_counts_while_running(
     expected = {"queued": 20, "bad_signature": 2}
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(url), 30, "gunicorn to answer /healthz")
+        wait_for(lambda: answers(f"{url}/healthz"), 30, "gunicorn to answer /healthz")
         with requests.Session() as session:
             codes = [
                 session.post(f"{url}/webhooks/instruqt", data=body, headers=headers).status_code
@@ -175,13 +175,6 @@ def test_the_background_writer_writes_held_counts(redis_conn: redis.Redis) -> No
     tally.incr("webhook_requests", "queued")
     assert counts(redis_conn) == {"queued": 1}
     wait_for(lambda: counts(redis_conn) == {"queued": 2}, 20, "the writer thread")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_observe_adds_to_cumulative_buckets_and_the_sum(redis_conn: redis.Redis) -> None:

@@ -27,7 +27,7 @@ from instruqt_crm.engine.inbox import enqueue_event
 from instruqt_crm.engine.queueing import connect, unreachable
 from instruqt_crm.receiver import create_app
 from samples.signing import SECRET, signed, track_event
-from tests.processes import ROOT, Workers, start_web, wait_for
+from tests.processes import ROOT, Workers, answers, start_web, wait_for
 from tests.redis_process import TlsRedisProcess, free_port
 
 LOGIN = {"RQ_DASHBOARD_USERNAME": "ops", "RQ_DASHBOARD_PASSWORD": "dashboard-pass"}
@@ -155,7 +155,7 @@ def test_web_and_worker_run_on_the_platforms_url_with_app_json_defaults(
     web = start_web(port, env, tmp_path / "web.log")
     try:
         watcher.start()
-        wait_for(lambda: _answers(f"{base}/readyz"), 30, "gunicorn to be ready")
+        wait_for(lambda: answers(f"{base}/readyz"), 30, "gunicorn to be ready")
         with Workers(env, 1, tmp_path) as workers, requests.Session() as session:
             login = basic(LOGIN["RQ_DASHBOARD_USERNAME"], LOGIN["RQ_DASHBOARD_PASSWORD"])
             for number in range(20):
@@ -178,13 +178,6 @@ def test_web_and_worker_run_on_the_platforms_url_with_app_json_defaults(
         os.killpg(web.pid, signal.SIGTERM)
         web.wait(timeout=20)
     assert 0 < peak[0] <= 20, f"{peak[0]} Redis connections"
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def _records(folder: Path) -> int:

@@ -14,7 +14,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
-import requests
 from flask.testing import FlaskClient
 
 from instruqt_crm.config import Settings
@@ -35,7 +34,7 @@ from tests.browser import browser
 from tests.engine_helpers import drain, dry_run_batches, engine_env, installed
 from tests.fakes.hubspot import FakeHubSpot
 from tests.html_tables import row, table_rows
-from tests.processes import start_web, wait_for
+from tests.processes import answers, start_web, wait_for
 from tests.redis_process import free_port
 from tests.test_hubspot_daily import change
 from tests.test_requeue import event, write_mapping
@@ -342,7 +341,7 @@ def test_the_status_page_in_a_real_browser(
     web = start_web(port, {**env, **LOGIN}, tmp_path / "web.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(f"{url}/healthz"), 30, "gunicorn to answer /healthz")
+        wait_for(lambda: answers(f"{url}/healthz"), 30, "gunicorn to answer /healthz")
         with browser(tmp_path) as page:
             login = base64.b64encode(f"ops:{PASSWORD}".encode()).decode()
             page.send_header("Authorization", f"Basic {login}")
@@ -370,10 +369,3 @@ def test_the_status_page_in_a_real_browser(
         os.killpg(web.pid, signal.SIGTERM)
         web.wait(timeout=30)
     assert failures.every(redis_conn) == [] and inbox.depth(redis_conn) == 1
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False

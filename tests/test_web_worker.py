@@ -22,7 +22,7 @@ import requests
 from instruqt_crm import keys
 from instruqt_crm.receiver.web_worker import KeepAliveWorker
 from samples.signing import SECRET, signed, track_event
-from tests.processes import answer_of, procfile_web, start_web, wait_for
+from tests.processes import answer_of, answers, procfile_web, start_web, wait_for
 from tests.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -37,13 +37,8 @@ class Web:
         self.port = free_port()
         env = {"INSTRUQT_WEBHOOK_SECRET": SECRET, "REDIS_URL": redis_url}
         self.process = start_web(self.port, env, log, processes)
-        wait_for(self.answers, 30, "gunicorn to answer /healthz")
-
-    def answers(self) -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).ok
-        except requests.RequestException:
-            return False
+        healthz = f"http://127.0.0.1:{self.port}/healthz"
+        wait_for(lambda: answers(healthz), 30, "gunicorn to answer /healthz")
 
     def post(self, msg_id: str, timeout: float = 10) -> requests.Response:
         body, headers = signed(track_event(user_id=f"u-{msg_id}"), msg_id=msg_id)
